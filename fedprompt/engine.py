@@ -1,0 +1,215 @@
+"""Local training and evaluation under a DeepSpeed engine. Reads top to bottom.
+
+The only importer of deepspeed. The same code runs on CPU and GPU; on CPU nothing is
+JIT-compiled: the optimizer is a plain torch AdamW (DeepSpeed's own Adam compiles ~70 s) and
+the shared-memory communication op (~60 s to build) is skipped, since one process has no peer
+to share memory with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fedprompt.config import Config
+from fedprompt.methods.base import Adapted
+from fedprompt.tasks import Encoded, Generation, Task, collate, macro_f1
+
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed  # noqa: E402
+import deepspeed.ops  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+deepspeed.utils.logger.setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """One single-rank process group per process (gloo on CPU), set up once."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return
+    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if get_accelerator().device_name() == "cpu" and os.environ["WORLD_SIZE"] == "1":
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else "nccl", verbose=False)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the base LR at optimizer step `step` (0-based): linear warmup, then decay."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    frac = min((step - warmup) / max(total - warmup, 1), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * frac))
+    return max(1.0 - frac, 0.0)
+
+
+def ds_config(cfg: Config) -> dict:
+    d = cfg.deepspeed
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "gradient_accumulation_steps": d.gradient_accumulation_steps,
+        "gradient_clipping": d.gradient_clipping,
+        "zero_optimization": {"stage": d.zero_stage},
+        "zero_allow_untested_optimizer": True,  # a torch AdamW: nothing to JIT-compile
+        "bf16": {"enabled": d.precision == "bf16"},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def make_engine(model: Adapted, cfg: Config, total_steps: int):
+    """A DeepSpeed engine around `model`, training only its payload tensors."""
+    init_distributed()
+    params = list(model.trainable().values())
+    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule),
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg)
+    )
+    return engine
+
+
+@contextlib.contextmanager
+def full_params(model: Adapted, modify: bool = False) -> Iterator[None]:
+    """Under ZeRO-3 the payload parameters are partitioned: gather them to read or write."""
+    params = [p for p in model.trainable().values() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
+        yield
+
+
+def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless seeded reshuffles of range(n), cut into batches (the last short one dropped
+    unless it is the only one)."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(n, generator=g).tolist()
+        stop = max(n - batch_size + 1, 1)
+        for i in range(0, stop, batch_size):
+            yield order[i : i + batch_size]
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    lr: float
+
+
+def train_steps(
+    engine,
+    task: Task,
+    data: Encoded,
+    cfg: Config,
+    *,
+    steps: int,
+    seed: int,
+    pad_id: int,
+    device: torch.device,
+    start_step: int = 0,
+    on_step: Callable[[StepLog], None] | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+) -> float:
+    """Run `steps` optimizer steps (each of gradient_accumulation_steps micro-batches).
+    Returns the mean training loss."""
+    engine.train()
+    gas = cfg.deepspeed.gradient_accumulation_steps
+    stream = batches(len(data), cfg.train.batch_size, seed)
+    total = 0.0
+    for step in range(start_step, start_step + steps):
+        step_loss = 0.0
+        for _ in range(gas):
+            batch = collate(data, next(stream), pad_id, device)
+            logits = engine(batch["input_ids"], batch["attention_mask"])
+            loss = task.loss(logits, batch)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            engine.backward(loss)
+            engine.step()
+            step_loss += float(loss.detach()) / gas
+        total += step_loss
+        if on_step is not None:
+            on_step(StepLog(step + 1, step_loss, engine.get_lr()[0]))
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, pad_id: int, device: torch.device, limit: int = 0) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 (classification) or loss and exact match (generation).
+    `model` is anything mapping (input_ids, attention_mask) to logits."""
+    was_training = model.training
+    model.eval()
+    n = len(data) if not limit else min(limit, len(data))
+    bs = cfg.train.eval_batch_size
+    loss_sum, preds, golds = 0.0, [], []
+    for i in range(0, n, bs):
+        index = list(range(i, min(i + bs, n)))
+        batch = collate(data, index, pad_id, device)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        loss_sum += float(task.loss(logits, batch)) * len(index)
+        if not isinstance(task, Generation):
+            preds.append(task.predict(logits, batch).cpu())
+            golds.append(batch["labels"].cpu())
+    out = {"loss": loss_sum / max(n, 1)}
+    if isinstance(task, Generation):
+        em = exact_match(model, task, data, n, device)
+        out.update(accuracy=em, exact_match=em)
+    else:
+        p, g = torch.cat(preds), torch.cat(golds)
+        out.update(accuracy=float((p == g).float().mean()), macro_f1=macro_f1(p, g, int(g.max()) + 1 if len(g) else 0))
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def exact_match(model, task: Generation, data: Encoded, n: int, device: torch.device) -> float:
+    """Greedy decoding without a KV cache (so it works the same for every method), one example
+    at a time: the fraction whose response equals the reference after stripping whitespace."""
+    hits = 0
+    for i in range(n):
+        ids = data.ids[i][: data.prompt_len[i]]
+        out: list[int] = []
+        for _ in range(task.max_new_tokens):
+            x = torch.tensor([ids + out], device=device)
+            nxt = int(model(x, torch.ones_like(x))[0, -1].argmax())
+            if nxt == task.eos:
+                break
+            out.append(nxt)
+        hits += task.tok.decode(out, skip_special_tokens=True).strip() == data.responses[i].strip()
+    return hits / max(n, 1)
+
+
+class Timer:
+    def __enter__(self) -> "Timer":
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a) -> None:
+        self.seconds = time.perf_counter() - self.t0

@@ -1,0 +1,44 @@
+"""The interface every method implements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+class Adapted(nn.Module):
+    """A frozen backbone plus the trainable tiny tensors.
+
+    forward(input_ids (B, T), attention_mask (B, T)) -> logits: (B, C) for an encoder with a
+    classification head, (B, P + T, V) for a causal LM where P >= 0 positions were prepended
+    (soft prompt) before the real tokens.
+    """
+
+    method: str = ""
+    causal: bool = False
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """Payload name (the key in adapter_model.safetensors) -> the live parameter."""
+        raise NotImplementedError
+
+    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
+        """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+        raise NotImplementedError
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The frozen pretrained model inside."""
+        raise NotImplementedError
+
+
+def strip_adapter_name(name: str, adapter: str = "default") -> str:
+    """peft parameter name -> the key peft writes in adapter_model.safetensors."""
+    if name == f"prompt_encoder.{adapter}.embedding.weight":
+        return "prompt_embeddings"
+    return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
+
+
+def count(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in tensors.values())

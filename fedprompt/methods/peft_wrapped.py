@@ -1,0 +1,36 @@
+"""Methods implemented by Hugging Face peft itself (prefix, LoRA): a thin adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import TaskType, get_peft_model
+
+from fedprompt.methods.base import Adapted, strip_adapter_name
+
+
+class PeftAdapted(Adapted):
+    def __init__(self, backbone, peft_config, method: str):
+        super().__init__()
+        self.method = method
+        self.causal = backbone.causal
+        peft_config.task_type = TaskType.CAUSAL_LM if backbone.causal else TaskType.SEQ_CLS
+        self.peft_model = get_peft_model(backbone.model, peft_config)
+        self._names = {
+            strip_adapter_name(n): p for n, p in self.peft_model.named_parameters() if p.requires_grad
+        }
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.peft_model.get_base_model()
+
+    def trainable(self) -> dict[str, torch.nn.Parameter]:
+        return dict(self._names)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
+        self.peft_model.peft_config["default"].base_model_name_or_path = base_model_path
+        self.peft_model.save_pretrained(str(folder))

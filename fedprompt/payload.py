@@ -1,0 +1,100 @@
+"""The wire contract: exactly which tensors leave a client, checked on both ends.
+
+A manifest lists the payload's tensor names, shapes and dtypes for a config. Every payload is
+validated against it before anything is loaded; a mismatch is a `PayloadError` naming the
+source and the tensor. Loading copies into the live parameters by name, so nothing is ever
+partially or silently skipped (peft's `set_peft_model_state_dict` is strict=False).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from fedprompt.methods.base import Adapted
+
+
+class PayloadError(ValueError):
+    """A payload that does not match the manifest (names the source and the tensor)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # torch dtype name, e.g. "float32"
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+
+
+Manifest = tuple[TensorSpec, ...]
+
+
+def manifest_of(model: Adapted) -> Manifest:
+    """The payload contract of a built model, sorted by name."""
+    specs = [
+        TensorSpec(name, tuple(p.shape), str(p.dtype).removeprefix("torch."))
+        for name, p in model.trainable().items()
+    ]
+    return tuple(sorted(specs, key=lambda s: s.name))
+
+
+def raw_bytes(manifest: Manifest) -> int:
+    """Bytes of the tensors' data alone (the floor for anything sent on the wire)."""
+    return sum(s.nbytes for s in manifest)
+
+
+def extract(model: Adapted) -> dict[str, torch.Tensor]:
+    """Detached CPU copies of the payload tensors (safe to send or keep)."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.trainable().items()}
+
+
+def validate(tensors: dict[str, torch.Tensor], manifest: Manifest, *, source: str) -> None:
+    """Raise PayloadError unless `tensors` has exactly the manifest's names, shapes, dtypes,
+    and only finite values."""
+    if not isinstance(tensors, dict):
+        raise PayloadError(f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}")
+    expected = {s.name: s for s in manifest}
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown:
+        raise PayloadError(f"payload from {source}: unexpected tensor {unknown[0]!r} (not in the manifest of {len(expected)} tensors)")
+    if missing:
+        raise PayloadError(f"payload from {source}: missing tensor {missing[0]!r}")
+    for name, spec in expected.items():
+        t = tensors[name]
+        if not isinstance(t, torch.Tensor):
+            raise PayloadError(f"payload from {source}: tensor {name!r} is a {type(t).__name__}, not a tensor")
+        if tuple(t.shape) != spec.shape:
+            raise PayloadError(f"payload from {source}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
+        dtype = str(t.dtype).removeprefix("torch.")
+        if dtype != spec.dtype:
+            raise PayloadError(f"payload from {source}: tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise PayloadError(f"payload from {source}: tensor {name!r} holds NaN or Inf values")
+
+
+def load(model: Adapted, tensors: dict[str, torch.Tensor], *, source: str) -> None:
+    """Validate against the model's own manifest, then copy every tensor in (all or nothing)."""
+    validate(tensors, manifest_of(model), source=source)
+    live = model.trainable()
+    with torch.no_grad():
+        for name, t in tensors.items():
+            live[name].copy_(t.to(live[name].device))
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short content hash (names, dtypes, shapes and bytes) to compare global states."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]

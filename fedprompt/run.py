@@ -1,0 +1,159 @@
+"""The jobs the CLI runs: centralized training, evaluation of an adapter, config validation.
+
+Each `run_*` takes a validated Config and does the work; the CLI only parses arguments.
+Everything that can fail on user input (data, model name, label words) is checked before the
+output directory is created, so a failed start never leaves a directory that looks like a result.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from fedprompt import payload
+from fedprompt.config import Config
+from fedprompt.report import Table, append_jsonl, peak_memory_mb, plot_curves, summary
+
+
+class RunError(ValueError):
+    """A user-facing problem with the run itself (e.g. output directory already used)."""
+
+
+@dataclass
+class Setup:
+    """Everything one client holds: its data, the frozen backbone with the method, the task."""
+
+    cfg: Config
+    data: object  # fedprompt.data.TaskData
+    backbone: object  # fedprompt.backbone.Backbone
+    model: object  # fedprompt.methods.Adapted
+    task: object  # fedprompt.tasks.Task
+    train: object  # fedprompt.tasks.Encoded
+    test: object
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.backbone.tokenizer.pad_token_id)
+
+
+def setup(cfg: Config, *, data=None) -> Setup:
+    """Load data, backbone and method (seeded by train.seed), and tokenize both splits."""
+    from fedprompt import methods
+    from fedprompt.backbone import load_backbone
+    from fedprompt.data import load_task_data
+    from fedprompt.tasks import make_task, task_kind
+
+    data = data if data is not None else load_task_data(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    backbone = load_backbone(cfg.model, num_labels=len(data.labels) or None, task=data.task)
+    model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
+    task = make_task(task_kind(data.task, backbone.causal), backbone.tokenizer, cfg, data.labels)
+    return Setup(cfg, data, backbone, model, task, task.encode(data.train), task.encode(data.test))
+
+
+def prepare_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """Centralized baseline: one client holding all the data, same engine. Returns the last
+    metrics row plus summary figures."""
+    from fedprompt.engine import StepLog, evaluate, full_params, make_engine, train_steps
+
+    out = Path(output)
+    t_start = time.perf_counter()
+    s = setup(cfg)
+    prepare_output(out, overwrite)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    manifest = payload.manifest_of(s.model)
+    steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
+    device = s.backbone.device
+    engine = make_engine(s.model, cfg, steps)
+    limit = cfg.train.max_eval_examples
+
+    table = Table([("round", 5), ("step", 6), ("train_loss", 10), ("test_loss", 9), ("accuracy", 8), ("macro_f1", 8), ("wall_s", 8)])
+    rows: list[dict] = []
+
+    def record(k: int, step: int, train_loss: float | None) -> dict:
+        m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=device, limit=limit)
+        row = {"round": k, "step": step, "accuracy": m["accuracy"], "loss": m["loss"], **{x: m[x] for x in m if x not in ("accuracy", "loss")},
+               "train_loss": train_loss, "bytes_up": 0, "bytes_down": 0, "wall_s": round(time.perf_counter() - t_start, 3)}
+        append_jsonl(out / "metrics.jsonl", row)
+        rows.append(row)
+        table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), row["wall_s"]])
+        return row
+
+    if not quiet:
+        print(f"fedprompt train: {cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method} on {s.data.name}: "
+              f"{len(s.train)} train / {len(s.test)} test examples, {steps} steps, payload {payload.raw_bytes(manifest):,} bytes")
+    table.header()
+    record(0, 0, None)
+    bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
+    done, k = 0, 0
+    train_time = 0.0
+    while done < steps:
+        chunk = min(every, steps - done)
+        t0 = time.perf_counter()
+        loss = train_steps(engine, s.task, s.train, cfg, steps=chunk, seed=cfg.train.seed * 100003 + k, pad_id=s.pad_id,
+                           device=device, start_step=done,
+                           on_step=lambda log: (bar.update(1), bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{log.lr:.2g}")))
+        train_time += time.perf_counter() - t0
+        done += chunk
+        k += 1
+        record(k, done, loss)
+    bar.close()
+
+    with full_params(s.model):
+        s.model.save_adapter(out / "adapter", s.backbone.path)
+    if cfg.output.plots:
+        plot_curves(rows, out / "curves.png", x="step", title=f"{s.data.name}: {cfg.model.name} + {cfg.peft.method}")
+    last = rows[-1]
+    result = {
+        **last,
+        "start_accuracy": rows[0]["accuracy"],
+        "steps": steps,
+        "train_s": round(train_time, 2),
+        "total_s": round(time.perf_counter() - t_start, 2),
+        "peak_mem_mb": round(peak_memory_mb(), 1),
+        "trainable_params": sum(int(torch.Size(sp.shape).numel()) for sp in manifest),
+        "payload_bytes": payload.raw_bytes(manifest),
+    }
+    if not quiet:
+        summary("Summary", [
+            ("test accuracy", f"{last['accuracy']:.4f} (start {rows[0]['accuracy']:.4f})"),
+            ("steps", steps), ("wall time", f"{result['total_s']:.1f} s (training {result['train_s']:.1f} s)"),
+            ("peak memory", f"{result['peak_mem_mb']:.0f} MiB"), ("trainable params", f"{result['trainable_params']:,}"),
+            ("payload bytes", f"{result['payload_bytes']:,}"),
+            ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
+        ])
+    return result
+
+
+def load_adapter(model, folder: str | Path) -> None:
+    """Load an exported adapter folder into `model`, checked against its manifest."""
+    from safetensors.torch import load_file
+
+    f = Path(folder) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
+    payload.load(model, load_file(str(f)), source=str(f))
+
+
+def run_eval(cfg: Config, adapter: str | Path) -> dict:
+    """Evaluate an exported adapter on the config's test split."""
+    from fedprompt.engine import evaluate
+
+    s = setup(cfg)
+    load_adapter(s.model, adapter)
+    m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples)
+    summary(f"Evaluation of {adapter} on {s.data.name} ({len(s.test)} test examples)", list(m.items()))
+    return m
