@@ -50,6 +50,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DataError, BackboneError, PayloadError, RunError, TaskError)
 
 
+def _one_line(msg: str) -> str:
+    """Messages are one line each; a library's multi-line text (e.g. a native-library load
+    failure quoted in a BackboneError) must not break that."""
+    return " ".join(msg.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -68,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ConfigError as e:
         for line in e.problems:
-            print(f"fedprompt: config error: {line}", file=sys.stderr)
+            print(f"fedprompt: config error: {_one_line(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedprompt: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
         if isinstance(e, _user_errors()):
-            print(f"fedprompt: error: {e}", file=sys.stderr)
+            print(f"fedprompt: error: {_one_line(str(e))}", file=sys.stderr)
             return 2
         raise
 

@@ -183,7 +183,11 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer literal too large for a float
+                problems.append(f"{where}: {value!r} is too large; expected a number")
+                return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -252,13 +256,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError([f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"])
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})"]) from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([f"config file {str(p)!r} is not valid YAML{at}: {getattr(e, 'problem', e)}"]) from None
+            detail = " ".join(str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).split())
+            raise ConfigError([f"config file {str(p)!r} is not valid YAML{at}: {detail}"]) from None
+        except RecursionError:
+            raise ConfigError([f"config file {str(p)!r} is nested too deeply to be a config"]) from None
+        except OSError as e:
+            raise ConfigError([f"config file {str(p)!r} cannot be read: {e.strerror or e}"]) from None
+        if raw is None:  # an empty file (or only comments): all defaults
+            raw = {}
         if not isinstance(raw, dict):
             raise ConfigError([f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"])
     for ov in overrides:

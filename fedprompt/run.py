@@ -7,6 +7,7 @@ output directory is created, so a failed start never leaves a directory that loo
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from dataclasses import dataclass
@@ -127,6 +128,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
         "trainable_params": sum(int(torch.Size(sp.shape).numel()) for sp in manifest),
         "payload_bytes": payload.raw_bytes(manifest),
     }
+    (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
         summary("Summary", [
             ("test accuracy", f"{last['accuracy']:.4f} (start {rows[0]['accuracy']:.4f})"),
