@@ -7,7 +7,7 @@ collected and reported together (one `ConfigError` whose lines are printed by th
 from __future__ import annotations
 
 import dataclasses
-import types
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,10 +184,13 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             try:
-                return float(value)
+                value = float(value)
             except OverflowError:  # an integer literal too large for a float
-                problems.append(f"{where}: {value!r} is too large; expected a number")
-                return None
+                value = math.inf
+            if math.isfinite(value):
+                return value
+            problems.append(f"{where}: {value!r} is not a finite number")
+            return None
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -205,8 +208,9 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
+            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # one line, visible
             problems.append(
-                f"{where + '.' if where else ''}{key}: unknown key; allowed keys: {', '.join(names)}"
+                f"{where + '.' if where else ''}{shown}: unknown key; allowed keys: {', '.join(names)}"
             )
     kwargs = {}
     for name in names:
@@ -233,7 +237,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise ConfigError([f"--set {text!r}: the key must name a section and a field, e.g. model.quantization"])
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import socket
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -205,11 +204,3 @@ def exact_match(model, task: Generation, data: Encoded, n: int, device: torch.de
         hits += task.tok.decode(out, skip_special_tokens=True).strip() == data.responses[i].strip()
     return hits / max(n, 1)
 
-
-class Timer:
-    def __enter__(self) -> "Timer":
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *a) -> None:
-        self.seconds = time.perf_counter() - self.t0

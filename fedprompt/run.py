@@ -68,7 +68,7 @@ def prepare_output(out: Path, overwrite: bool) -> None:
 def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
     """Centralized baseline: one client holding all the data, same engine. Returns the last
     metrics row plus summary figures."""
-    from fedprompt.engine import StepLog, evaluate, full_params, make_engine, train_steps
+    from fedprompt.engine import evaluate, full_params, make_engine, train_steps
 
     out = Path(output)
     t_start = time.perf_counter()

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -238,8 +237,3 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / max(len(f1s), 1)
 
-
-def cache_path_for_tests() -> Path:  # pragma: no cover - debugging aid
-    from fedprompt.backbone import cache_dir
-
-    return cache_dir() / "tokens"

@@ -8,7 +8,6 @@ format, so `PeftModel.from_pretrained` loads it on the same backbone.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
