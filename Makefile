@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/fedprompt train --config configs/bbc-minilm-prompt.yaml --output runs/demo
+	$(BIN)/fedprompt train --config configs/bbc-minilm-prompt.yaml --output runs/demo --overwrite
 
 test: install
 	$(BIN)/pytest -q

@@ -98,10 +98,9 @@ def resolve(name: str) -> str:
         return str(p)
     if "/" in name and not name.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
         return name  # a hub id; transformers fetches it
+    hint = " (hub downloads are off: set HF_HUB_OFFLINE=0 to allow them)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
     raise BackboneError(
-        f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder,"
-        " or a hub id (needs a network; HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") == "1"
-        else f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder or a hub id"
+        f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder, or a hub id{hint}"
     )
 
 

@@ -90,13 +90,15 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
                "train_loss": train_loss, "bytes_up": 0, "bytes_down": 0, "wall_s": round(time.perf_counter() - t_start, 3)}
         append_jsonl(out / "metrics.jsonl", row)
         rows.append(row)
-        table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), row["wall_s"]])
+        if not quiet:
+            table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), row["wall_s"]])
         return row
 
     if not quiet:
         print(f"fedprompt train: {cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method} on {s.data.name}: "
               f"{len(s.train)} train / {len(s.test)} test examples, {steps} steps, payload {payload.raw_bytes(manifest):,} bytes")
-    table.header()
+    if not quiet:
+        table.header()
     record(0, 0, None)
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     done, k = 0, 0
