@@ -182,7 +182,7 @@ def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, 
         out.update(accuracy=em, exact_match=em)
     else:
         p, g = torch.cat(preds), torch.cat(golds)
-        out.update(accuracy=int((p == g).sum()) / max(len(g), 1), macro_f1=macro_f1(p, g, int(g.max()) + 1 if len(g) else 0))
+        out.update(accuracy=int((p == g).sum()) / max(len(g), 1), macro_f1=macro_f1(p, g, len(task.labels)))
     model.train(was_training)
     return out
 

@@ -1,0 +1,50 @@
+"""Task math with hand-computed values: verbalizer position, SFT masking, macro-F1, batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fedprompt.tasks import Encoded, collate, last_real_logits, macro_f1
+
+
+def test_macro_f1_hand_computed():
+    gold = torch.tensor([0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0])
+    # class 0: tp1 fp1 fn1 -> 0.5; class 1: tp2 fp1 fn0 -> 0.8; class 2: tp0 fp0 fn1 -> 0
+    assert macro_f1(pred, gold, 3) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert macro_f1(gold, gold, 3) == 1.0
+
+
+def test_last_real_logits_accounts_for_padding_and_prepended_positions():
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    p = 3  # a soft prompt of 3 positions before the 4 real/padded ones
+    logits = torch.arange(2 * (p + 4) * 2, dtype=torch.float).view(2, p + 4, 2)
+    out = last_real_logits(logits, mask)
+    assert torch.equal(out[0], logits[0, p + 2]) and torch.equal(out[1], logits[1, p + 0])
+    assert torch.equal(last_real_logits(logits[:, p:], mask)[0], logits[0, p + 2])  # nothing prepended
+
+
+def test_collate_right_pads_and_masks():
+    enc = Encoded(ids=[[5, 6, 7], [8]], target=[1, 0])
+    b = collate(enc, [0, 1], pad_id=0, device=torch.device("cpu"))
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [1, 0]
+
+
+def test_generation_loss_only_on_response_tokens():
+    from types import SimpleNamespace
+
+    from fedprompt.tasks import Generation
+
+    tok = SimpleNamespace(eos_token_id=9)
+    cfg = SimpleNamespace(model=SimpleNamespace(max_length=16))
+    task = Generation(tok, cfg, [])
+    enc = Encoded(ids=[[1, 2, 3, 4]], target=[[-100, -100, 3, 4]])
+    batch = collate(enc, [0], pad_id=0, device=torch.device("cpu"))
+    logits = torch.zeros(1, 4, 10, requires_grad=True)
+    task.loss(logits, batch).backward()
+    # Position t predicts token t+1: only positions 1 and 2 (predicting 3 and 4) get gradient.
+    touched = (logits.grad.abs().sum(-1) > 0)[0].tolist()
+    assert touched == [False, True, True, False]
