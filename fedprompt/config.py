@@ -235,11 +235,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
         raise ConfigError([f"--set {text!r}: the key must name a section and a field, e.g. model.quantization"])
+    if _field_type(parts) is str:
+        # A string field takes the text as is ("Article: {text}" is not a YAML mapping here),
+        # minus one pair of surrounding quotes; a typed \n or \t becomes a newline or tab.
+        text_value = raw.strip()
+        if len(text_value) >= 2 and text_value[0] == text_value[-1] and text_value[0] in "'\"":
+            text_value = text_value[1:-1]
+        return parts, text_value.replace("\\n", "\n").replace("\\t", "\t")  # shell-typed escapes
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
+
+
+def _field_type(parts: list[str]) -> Any:
+    """The annotated type at `section.field` of Config, or None if there is no such field."""
+    cls: Any = Config
+    for p in parts:
+        if not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if p not in hints:
+            return None
+        cls = hints[p]
+    return cls
 
 
 def _apply_override(raw: dict, parts: list[str], value: Any) -> None:

@@ -48,3 +48,27 @@ def test_generation_loss_only_on_response_tokens():
     # Position t predicts token t+1: only positions 1 and 2 (predicting 3 and 4) get gradient.
     touched = (logits.grad.abs().sum(-1) > 0)[0].tolist()
     assert touched == [False, True, True, False]
+
+
+def test_verbalizer_truncates_the_text_never_the_template_tail():
+    import transformers
+    from datasets import Dataset
+
+    from fedprompt.backbone import resolve
+    from fedprompt.config import load_config
+    from fedprompt.tasks import TaskError, VerbalizerClassification
+
+    tok = transformers.AutoTokenizer.from_pretrained(resolve("smollm2-135m"))
+    cfg = load_config(None, ["model.max_length=16", "data.template=Article: {text}\nTopic:"])
+    task = VerbalizerClassification(tok, cfg, ["business", "sport"])
+    ds = Dataset.from_dict({"text": ["word " * 100, "short"], "label": [0, 1]})
+    enc = task.encode(ds)
+    tail = tok("\nTopic:", add_special_tokens=False)["input_ids"]
+    head = tok("Article: ", add_special_tokens=False)["input_ids"]
+    assert len(enc.ids[0]) == 16 and enc.ids[0][-len(tail):] == tail and enc.ids[0][: len(head)] == head
+    assert enc.ids[1][-len(tail):] == tail
+    assert task.label_ids.tolist() == [tok(" business", add_special_tokens=False)["input_ids"][0],
+                                       tok(" sport", add_special_tokens=False)["input_ids"][0]]
+    bad = load_config(None, ["data.label_words=[' business news', ' sport']"])
+    with pytest.raises(TaskError, match="exactly one token"):
+        VerbalizerClassification(tok, bad, ["business", "sport"])
