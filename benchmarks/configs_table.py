@@ -25,27 +25,35 @@ RUNS = [
 ]
 
 
+def _tag(name: str, sets: list[str]) -> str:
+    return name + "".join("-" + s.split("=")[1] for s in sets)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", nargs="*", default=None, help="config names to run")
     ap.add_argument("--out", default=str(ROOT / "runs" / "configs-table"))
     ap.add_argument("--report", default=str(ROOT / "benchmarks" / "CONFIGS.md"))
     args = ap.parse_args()
-    rows = []
     for name, sets in RUNS:
         if args.only and name not in args.only:
             continue
-        tag = name + "".join("-" + s.split("=")[1] for s in sets)
-        out = Path(args.out) / tag
+        out = Path(args.out) / _tag(name, sets)
         cmd = [sys.executable, "-m", "fedprompt", "train", "--config", str(ROOT / "configs" / f"{name}.yaml"),
                "--output", str(out), "--overwrite"] + [x for s in sets for x in ("--set", s)]
         print("$", " ".join(cmd[1:]), flush=True)
         t = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         r = json.loads((out / "summary.json").read_text())
-        r["config"] = f"`{name}`" + "".join(f" `{s}`" for s in sets)
-        rows.append(r)
         print(f"  accuracy {r['accuracy']:.4f} (start {r['start_accuracy']:.4f}) in {time.time() - t:.0f} s", flush=True)
+    # The table holds every run present, so `--only` refreshes some rows and keeps the rest.
+    rows = []
+    for name, sets in RUNS:
+        f = Path(args.out) / _tag(name, sets) / "summary.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            r["config"] = f"`{name}`" + "".join(f" `{s}`" for s in sets)
+            rows.append(r)
     lines = [
         "# Results of every shipped config (`fedprompt train`, centralized)",
         "",

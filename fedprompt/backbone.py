@@ -164,7 +164,7 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
     device = pick_device(cfg)
     try:
         config = transformers.AutoConfig.from_pretrained(path)
-    except OSError as e:
+    except (OSError, ValueError, KeyError) as e:
         raise BackboneError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
     causal = is_causal(config)
     if task == "generation" and not causal:
@@ -180,11 +180,12 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
             if not num_labels:
                 raise BackboneError("an encoder backbone needs a label set (classification task)")
             model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
-    except (ImportError, RuntimeError, ValueError) as e:
+    except (ImportError, RuntimeError, ValueError, OSError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if quant is None:
-            raise
+            raise BackboneError(f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}") from None
         raise BackboneError(
-            f"model.quantization: {cfg.quantization!r} failed on {device.type}: {str(e).splitlines()[0]}; use model.quantization=none"
+            f"model.quantization: {cfg.quantization!r} failed on {device.type}: {first}; use model.quantization=none"
         ) from None
     if quant is None:
         model.to(device)
@@ -192,8 +193,16 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise BackboneError(f"model.name: {cfg.name!r} has no usable tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise BackboneError(f"model.name: the tokenizer of {cfg.name!r} has neither a pad nor an eos token")
         tok.pad_token = tok.eos_token
+    # Sequence classifiers on decoders find the last token through the config's pad id.
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tok.pad_token_id
     tok.padding_side = "right"  # peft puts virtual tokens first and ignores position ids
     return Backbone(model=model, tokenizer=tok, causal=causal, device=device, path=path)

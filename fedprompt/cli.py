@@ -35,8 +35,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
     p = sub.add_parser("validate", help="check a config file and print it fully resolved")
-    p.add_argument("file", metavar="FILE")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("file", metavar="FILE", nargs="?", help="the config (or use --config FILE)")
+    _common(p)
     return ap
 
 
@@ -60,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         if args.command == "validate":
-            cfg = load_config(args.file, args.overrides)
+            file = args.file or args.config
+            cfg = load_config(file, args.overrides)
             print(cfg.to_yaml(), end="")
-            print(f"# {args.file}: valid", file=sys.stderr)
+            print(f"# {file or 'defaults'}: valid", file=sys.stderr)
             return 0
         cfg = load_config(args.config, args.overrides)
         from fedprompt import run

@@ -106,7 +106,8 @@ def full_params(model: Adapted, modify: bool = False) -> Iterator[None]:
 
 def batches(n: int, batch_size: int, seed: int) -> Iterator[list[int]]:
     """Endless seeded reshuffles of range(n), cut into batches (the last short one dropped
-    unless it is the only one)."""
+    unless it is the only one). The generator is private, so the stream does not depend on
+    (or disturb) torch's global RNG used for initialisation and dropout."""
     g = torch.Generator().manual_seed(seed)
     while True:
         order = torch.randperm(n, generator=g).tolist()
@@ -129,18 +130,18 @@ def train_steps(
     cfg: Config,
     *,
     steps: int,
-    seed: int,
+    stream: Iterator[list[int]],
     pad_id: int,
     device: torch.device,
     start_step: int = 0,
     on_step: Callable[[StepLog], None] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
 ) -> float:
-    """Run `steps` optimizer steps (each of gradient_accumulation_steps micro-batches).
-    Returns the mean training loss."""
+    """Run `steps` optimizer steps (each of gradient_accumulation_steps micro-batches) on
+    index batches drawn from `stream` (see `batches`; one stream per run, so evaluating in
+    between never changes the batch order). Returns the mean training loss."""
     engine.train()
     gas = cfg.deepspeed.gradient_accumulation_steps
-    stream = batches(len(data), cfg.train.batch_size, seed)
     total = 0.0
     for step in range(start_step, start_step + steps):
         step_loss = 0.0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedprompt.methods.base import Adapted
+from fedprompt.methods.base import Adapted, wire_tensor
 
 
 class PayloadError(ValueError):
@@ -37,12 +37,16 @@ class TensorSpec:
 Manifest = tuple[TensorSpec, ...]
 
 
+def _wire_dtype(p: torch.Tensor) -> str:
+    # Floating tensors travel as float32 whatever the training precision (bf16 engines cast
+    # parameters in place), so every client and the server agree on one contract.
+    return "float32" if p.is_floating_point() else str(p.dtype).removeprefix("torch.")
+
+
 def manifest_of(model: Adapted) -> Manifest:
-    """The payload contract of a built model, sorted by name."""
-    specs = [
-        TensorSpec(name, tuple(p.shape), str(p.dtype).removeprefix("torch."))
-        for name, p in model.trainable().items()
-    ]
+    """The payload contract of a built model, sorted by name. Under ZeRO-3 read it inside
+    `engine.full_params` (partitioned parameters have no shape of their own)."""
+    specs = [TensorSpec(name, tuple(p.shape), _wire_dtype(p)) for name, p in model.trainable().items()]
     return tuple(sorted(specs, key=lambda s: s.name))
 
 
@@ -52,8 +56,8 @@ def raw_bytes(manifest: Manifest) -> int:
 
 
 def extract(model: Adapted) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of the payload tensors (safe to send or keep)."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.trainable().items()}
+    """Detached CPU copies of the payload tensors in the wire dtype (safe to send or keep)."""
+    return {name: wire_tensor(p) for name, p in model.trainable().items()}
 
 
 def validate(tensors: dict[str, torch.Tensor], manifest: Manifest, *, source: str) -> None:
@@ -82,12 +86,14 @@ def validate(tensors: dict[str, torch.Tensor], manifest: Manifest, *, source: st
 
 
 def load(model: Adapted, tensors: dict[str, torch.Tensor], *, source: str) -> None:
-    """Validate against the model's own manifest, then copy every tensor in (all or nothing)."""
+    """Validate against the model's own manifest, then copy every tensor in (all or nothing),
+    cast to each parameter's own dtype. Load before building a DeepSpeed engine: ZeRO and bf16
+    keep fp32 master copies in the optimizer that a later step would write back."""
     validate(tensors, manifest_of(model), source=source)
     live = model.trainable()
     with torch.no_grad():
         for name, t in tensors.items():
-            live[name].copy_(t.to(live[name].device))
+            live[name].copy_(t.to(device=live[name].device, dtype=live[name].dtype))
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -8,6 +8,7 @@ output directory is created, so a failed start never leaves a directory that loo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ class Setup:
 
     @property
     def pad_id(self) -> int:
-        return int(self.backbone.tokenizer.pad_token_id)
+        return int(self.backbone.tokenizer.pad_token_id)  # load_backbone guarantees one
 
 
 def setup(cfg: Config, *, data=None) -> Setup:
@@ -52,33 +53,61 @@ def setup(cfg: Config, *, data=None) -> Setup:
     data = data if data is not None else load_task_data(cfg.data)
     torch.manual_seed(cfg.train.seed)
     backbone = load_backbone(cfg.model, num_labels=len(data.labels) or None, task=data.task)
+    # DeepSpeed picks its accelerator once, at import: make it match the backbone's device.
+    os.environ["DS_ACCELERATOR"] = "cuda" if backbone.device.type == "cuda" else "cpu"
+    positions = getattr(backbone.model.config, "max_position_embeddings", None)
+    extra = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "prefix") else 0
+    if positions and cfg.model.max_length + extra > positions:
+        raise RunError(f"model.max_length: {cfg.model.max_length} + {extra} virtual tokens exceeds the backbone's "
+                       f"{positions} positions; lower model.max_length to at most {positions - extra}")
     model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
     task = make_task(task_kind(data.task, backbone.causal), backbone.tokenizer, cfg, data.labels)
     return Setup(cfg, data, backbone, model, task, task.encode(data.train), task.encode(data.test))
 
 
+RUN_MARKERS = ("config.yaml", "metrics.jsonl")
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    """Refuse an output that is a file, a non-empty folder (without --overwrite), or, even with
+    --overwrite, a folder that is not a previous run or that holds the working directory."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {str(out)!r} is a file; pass a folder path")
+    if not (out.is_dir() and any(out.iterdir())):
+        return
+    if not overwrite:
+        raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
+    if not any((out / m).is_file() for m in RUN_MARKERS):
+        raise RunError(f"--overwrite refused: {str(out)!r} is not a fedprompt run directory (no config.yaml or metrics.jsonl); pick another --output")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise RunError(f"--overwrite refused: {str(out)!r} contains the current directory")
+
+
 def prepare_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
+    check_output(out, overwrite)
+    if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"--output {str(out)!r} cannot be created: {e.strerror}") from None
 
 
 def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
     """Centralized baseline: one client holding all the data, same engine. Returns the last
     metrics row plus summary figures."""
-    from fedprompt.engine import evaluate, full_params, make_engine, train_steps
+    from fedprompt.engine import batches, evaluate, full_params, make_engine, train_steps
 
     out = Path(output)
     t_start = time.perf_counter()
+    check_output(out, overwrite)  # before the expensive part; prepare_output acts on it
     s = setup(cfg)
-    prepare_output(out, overwrite)
-    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     manifest = payload.manifest_of(s.model)
     steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
     device = s.backbone.device
     engine = make_engine(s.model, cfg, steps)
+    prepare_output(out, overwrite)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     limit = cfg.train.max_eval_examples
 
     table = Table([("round", 5), ("step", 6), ("train_loss", 10), ("test_loss", 9), ("accuracy", 8), ("macro_f1", 8), ("wall_s", 8)])
@@ -102,11 +131,13 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     record(0, 0, None)
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     done, k = 0, 0
+    # A batch-order stream separate from the init seed (so the two are not correlated).
+    stream = batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
     train_time = 0.0
     while done < steps:
         chunk = min(every, steps - done)
         t0 = time.perf_counter()
-        loss = train_steps(engine, s.task, s.train, cfg, steps=chunk, seed=cfg.train.seed * 100003 + k, pad_id=s.pad_id,
+        loss = train_steps(engine, s.task, s.train, cfg, steps=chunk, stream=stream, pad_id=s.pad_id,
                            device=device, start_step=done,
                            on_step=lambda log: (bar.update(1), bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{log.lr:.2g}")))
         train_time += time.perf_counter() - t0
@@ -149,13 +180,19 @@ def load_adapter(model, folder: str | Path) -> None:
     f = Path(folder) / "adapter_model.safetensors"
     if not f.is_file():
         raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
-    payload.load(model, load_file(str(f)), source=str(f))
+    try:
+        tensors = load_file(str(f))
+    except Exception as e:  # safetensors raises its own error type on a corrupt header
+        raise RunError(f"{str(f)!r} is not a readable safetensors file ({e}); re-export the adapter") from None
+    payload.load(model, tensors, source=str(f))
 
 
 def run_eval(cfg: Config, adapter: str | Path) -> dict:
     """Evaluate an exported adapter on the config's test split."""
     from fedprompt.engine import evaluate
 
+    if not (Path(adapter) / "adapter_model.safetensors").is_file():
+        raise RunError(f"--adapter {str(adapter)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
     s = setup(cfg)
     load_adapter(s.model, adapter)
     m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples)

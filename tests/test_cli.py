@@ -201,3 +201,33 @@ def test_subprocess_one_line_no_traceback(tmp_path):
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith("fedprompt: ") and "train.local_stepz" in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tmp_path, small_csv):
+    """--overwrite deletes only previous run directories: never a folder of other files."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("do not delete")
+    user_error(capsys, ["train", "--output", str(precious), "--overwrite", *file_args(small_csv), *CHEAP],
+               "not a fedprompt run directory")
+    assert (precious / "thesis.tex").read_text() == "do not delete"
+
+
+def test_output_that_is_a_file(capsys, tmp_path, small_csv):
+    f = tmp_path / "out.txt"
+    f.write_text("x")
+    user_error(capsys, ["train", "--output", str(f), *file_args(small_csv), *CHEAP], "is a file")
+
+
+def test_sequence_longer_than_the_backbone_positions(capsys, tmp_path, small_csv):
+    user_error(capsys, ["train", "--output", str(tmp_path / "o"), *file_args(small_csv), "--set", "model.max_length=510",
+                        "--set", "train.local_steps=1"], "exceeds the backbone's 512 positions")
+    assert not (tmp_path / "o").exists()
+
+
+def test_validate_takes_config_flag_and_scientific_floats(capsys, tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 3e-4\nprivacy:\n  delta: 1e-5\n")
+    assert main(["validate", "--config", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0003" in out and "delta: 1.0e-05" in out

@@ -23,9 +23,21 @@ class Adapted(nn.Module):
         """Payload name (the key in adapter_model.safetensors) -> the live parameter."""
         raise NotImplementedError
 
-    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
-        """Write a standard PEFT adapter folder (adapter_config.json + adapter_model.safetensors)."""
+    def adapter_config(self, base_model_path: str):
+        """The peft config object describing this adapter (written as adapter_config.json)."""
         raise NotImplementedError
+
+    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
+        """Write a standard PEFT adapter folder: adapter_config.json + adapter_model.safetensors
+        holding exactly the payload tensors, in float32 whatever the training precision (so a
+        bf16 run exports the same contract as an fp32 one)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.adapter_config(base_model_path).save_pretrained(str(folder))
+        tensors = {k: wire_tensor(v) for k, v in self.trainable().items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     @property
     def backbone(self) -> nn.Module:
@@ -40,5 +52,7 @@ def strip_adapter_name(name: str, adapter: str = "default") -> str:
     return name.replace(f".modules_to_save.{adapter}.", ".").replace(f".{adapter}.", ".")
 
 
-def count(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() for t in tensors.values())
+def wire_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A detached, contiguous CPU copy; floating tensors in float32 (the wire dtype)."""
+    t = t.detach().to("cpu", copy=True)
+    return (t.float() if t.is_floating_point() else t).contiguous()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import TaskType, get_peft_model
 
@@ -31,6 +29,7 @@ class PeftAdapted(Adapted):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
-        self.peft_model.peft_config["default"].base_model_name_or_path = base_model_path
-        self.peft_model.save_pretrained(str(folder))
+    def adapter_config(self, base_model_path: str):
+        config = self.peft_model.peft_config["default"]
+        config.base_model_name_or_path = base_model_path
+        return config

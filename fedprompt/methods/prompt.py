@@ -8,11 +8,8 @@ format, so `PeftModel.from_pretrained` loads it on the same backbone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from peft import PromptTuningConfig, TaskType
-from safetensors.torch import save_file
 from torch import nn
 
 from fedprompt.methods import register
@@ -41,7 +38,9 @@ class SoftPrompt(Adapted):
         if not self.causal:
             self.head_name = next((h for h in HEAD_NAMES if hasattr(self.model, h)), None)
             if self.head_name is None:
-                raise ValueError(f"{type(self.model).__name__} has no classification head named {HEAD_NAMES}")
+                from fedprompt.backbone import BackboneError
+
+                raise BackboneError(f"model.name: {type(self.model).__name__} has no classification head named {HEAD_NAMES}")
             for p in getattr(self.model, self.head_name).parameters():
                 p.requires_grad_(True)
 
@@ -79,9 +78,7 @@ class SoftPrompt(Adapted):
         mask = torch.cat([attention_mask.new_ones(b, self.n), attention_mask], dim=1)
         return self.model(inputs_embeds=embeds, attention_mask=mask).logits
 
-    def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
+    def adapter_config(self, base_model_path: str) -> PromptTuningConfig:
         mcfg = self.model.config
         config = PromptTuningConfig(
             task_type=TaskType.CAUSAL_LM if self.causal else TaskType.SEQ_CLS,
@@ -95,9 +92,7 @@ class SoftPrompt(Adapted):
         )
         if self.head_name:
             config.modules_to_save = [self.head_name]
-        config.save_pretrained(str(folder))
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.trainable().items()}
-        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+        return config
 
 
 @register("prompt")
