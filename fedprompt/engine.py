@@ -39,17 +39,23 @@ def _free_port() -> int:
 
 
 def init_distributed() -> None:
-    """One single-rank process group per process (gloo on CPU), set up once."""
+    """One single-rank process group per process (gloo on CPU), set up once. Under a
+    distributed launcher (MASTER_PORT set) its environment is used as is; otherwise a private
+    TCP rendezvous on a free loopback port, so nothing leaks into child processes' env."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    if get_accelerator().device_name() == "cpu" and os.environ["WORLD_SIZE"] == "1":
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu and os.environ.get("WORLD_SIZE", "1") == "1":
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is not None:
+        if builder is not None:  # one process has no peer to share memory with: skip the JIT build
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
-    deepspeed.init_distributed(dist_backend="gloo" if get_accelerator().device_name() == "cpu" else "nccl", verbose=False)
+    backend = "gloo" if on_cpu else "nccl"
+    os.environ.setdefault("LOCAL_RANK", "0")  # the engine asserts it; alone it launches nothing
+    if "MASTER_PORT" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, auto_mpi_discovery=False,
+                                   init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:

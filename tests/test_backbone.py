@@ -50,7 +50,7 @@ def test_gradient_after_evaluation_equals_gradient_without(kind, quantization):
 
 
 def test_real_backbone_is_frozen_and_training_leaves_it_untouched():
-    from fedprompt.engine import make_engine, train_steps
+    from fedprompt.engine import batches, make_engine, train_steps
 
     cfg = tiny_config("bert", "prompt", model__name="minilm-l6", train__local_steps=2)
     s = setup(cfg)
