@@ -120,7 +120,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
         append_jsonl(out / "metrics.jsonl", row)
         rows.append(row)
         if not quiet:
-            table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), row["wall_s"]])
+            table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), f"{row['wall_s']:.1f}"])
         return row
 
     if not quiet:
