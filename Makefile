@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow bench clean
+.PHONY: install demo test test-fast test-slow bench results clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -42,3 +42,7 @@ bench: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Re-measure every shipped config (about 30 minutes on 2 cores) into benchmarks/CONFIGS.md.
+results: install
+	$(BIN)/python benchmarks/configs_table.py
