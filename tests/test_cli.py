@@ -8,7 +8,6 @@ minilm-l6 on a 40-row CSV (a few seconds).
 
 from __future__ import annotations
 
-import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +15,9 @@ from pathlib import Path
 import pytest
 
 from fedprompt.cli import main
+from tests.files import write_csv
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def rows(n: int = 40, labels: tuple[str, ...] = ("a", "b")) -> list[tuple]:

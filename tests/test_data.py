@@ -13,6 +13,7 @@ import pytest
 
 from fedprompt.config import DataConfig
 from fedprompt.data import DataError, TaskData, load_task_data, package_dir, partition
+from tests.files import write_csv
 
 BBC_LABELS = ["business", "entertainment", "politics", "sport", "tech"]
 
@@ -22,15 +23,6 @@ def _cache(tmp_path, monkeypatch):
     # Keep datasets' arrow cache out of the user's home.
     monkeypatch.setenv("FEDPROMPT_CACHE", str(tmp_path / "cache"))
 
-
-def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
-    import csv
-
-    with path.open("w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return path
 
 
 def file_cfg(path: Path, **kw) -> DataConfig:
