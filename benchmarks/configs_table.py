@@ -1,7 +1,7 @@
 """Train every shipped config (each in its own process, so peak memory is its own) and write
 benchmarks/CONFIGS.md: the results table README quotes.
 
-    python benchmarks/configs_table.py [--only NAME ...] [--set key=value ...]
+    python benchmarks/configs_table.py [--only NAME ...]
 """
 
 from __future__ import annotations

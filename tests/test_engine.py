@@ -117,3 +117,33 @@ def test_bf16_training_exports_the_fp32_contract(tmp_path):
     load_adapter(fresh.model, tmp_path)
     for k, v in payload.extract(s.model).items():
         assert torch.equal(payload.extract(fresh.model)[k], v), k
+
+
+def test_lr_schedule_steps_once_per_optimizer_step_with_accumulation():
+    """DeepSpeed steps the scheduler at accumulation boundaries only: the LR seen at optimizer
+    step k is base * lr_factor(k), whatever gradient_accumulation_steps is."""
+    cfg = tiny_config("bert", "prompt", deepspeed__gradient_accumulation_steps=3, train__warmup_steps=2,
+                      train__local_steps=5, train__lr=0.01)
+    s = setup(cfg)
+    engine = make_engine(s.model, cfg, 5)
+    stream = batches(len(s.train), cfg.train.batch_size, 0)
+    seen = []
+    train_steps(engine, s.task, s.train, cfg, steps=5, stream=stream, pad_id=s.pad_id, device=s.backbone.device,
+                on_step=lambda log: seen.append(log.lr))
+    # on_step reports the LR after the step, i.e. the one the next step will use.
+    expected = [0.01 * lr_factor(k, warmup=2, total=5, schedule="linear") for k in range(1, 6)]
+    assert seen == pytest.approx(expected)
+
+
+def test_zero3_run_exports_an_adapter_that_loads(tmp_path):
+    from fedprompt.run import load_adapter, run_train
+
+    cfg = tiny_config("bert", "lora", deepspeed__zero_stage=3, train__lr=0.05, output__plots=False)
+    res = run_train(cfg, tmp_path / "run", quiet=True)
+    fresh = setup(cfg)
+    load_adapter(fresh.model, tmp_path / "run" / "adapter")  # names, shapes, dtypes all checked
+    from fedprompt.engine import evaluate
+
+    m = evaluate(fresh.model, fresh.task, fresh.test, cfg, pad_id=fresh.pad_id, device=fresh.backbone.device,
+                 limit=cfg.train.max_eval_examples)
+    assert m["accuracy"] == pytest.approx(res["accuracy"])

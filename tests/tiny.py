@@ -7,12 +7,14 @@ They are saved as ordinary Hugging Face folders so that tests go through the sam
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from fedprompt.backbone import resolve
+from fedprompt.backbone import cache_dir, resolve
 from fedprompt.config import load_config
 
 
@@ -21,8 +23,13 @@ def tiny_folder(kind: str) -> str:
     """A saved tiny 'llama' (SmolLM2 tokenizer) or 'bert' (MiniLM tokenizer) model folder."""
     import transformers
 
+    # A stable folder in the cache (not a new temp dir per run): the token cache is keyed by
+    # the tokenizer's path, so stable paths keep it from growing with every test session.
+    out = cache_dir() / "tiny" / f"{kind}-v1"
+    if (out / "config.json").is_file():
+        return str(out)
     torch.manual_seed(0)
-    out = Path(tempfile.mkdtemp(prefix=f"fedprompt-tiny-{kind}-"))
+    tmp = Path(tempfile.mkdtemp(dir=out.parent.mkdir(parents=True, exist_ok=True) or out.parent, prefix=".build-"))
     if kind == "llama":
         src = resolve("smollm2-135m")
         tok = transformers.AutoTokenizer.from_pretrained(src)
@@ -38,8 +45,12 @@ def tiny_folder(kind: str) -> str:
                                       num_attention_heads=4, max_position_embeddings=512)
         model = transformers.BertModel(cfg)
         model.config.architectures = ["BertModel"]
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    try:
+        os.replace(tmp, out)  # atomic: a concurrent session either sees all of it or none
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process got there first
     return str(out)
 
 
