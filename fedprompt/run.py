@@ -7,6 +7,7 @@ output directory is created, so a failed start never leaves a directory that loo
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -61,7 +62,10 @@ def setup(cfg: Config, *, data=None) -> Setup:
         raise RunError(f"model.max_length: {cfg.model.max_length} + {extra} virtual tokens exceeds the backbone's "
                        f"{positions} positions; lower model.max_length to at most {positions - extra}")
     model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
-    task = make_task(task_kind(data.task, backbone.causal), backbone.tokenizer, cfg, data.labels)
+    kind = task_kind(data.task, backbone.causal)
+    task = make_task(kind, backbone.tokenizer, cfg, data.labels)
+    if kind == "verbalizer" and "logits_to_keep" in inspect.signature(backbone.model.forward).parameters:
+        model.last_only = True
     return Setup(cfg, data, backbone, model, task, task.encode(data.train), task.encode(data.test))
 
 

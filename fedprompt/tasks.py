@@ -170,7 +170,8 @@ class VerbalizerClassification(HeadClassification):
         return _cached(self.tok, settings, texts, build)
 
     def class_logits(self, logits, batch):
-        last = last_real_logits(logits, batch["attention_mask"])
+        # (B, V): the model already projected only the last real position (Adapted.last_only).
+        last = logits if logits.dim() == 2 else last_real_logits(logits, batch["attention_mask"])
         return last[:, self.label_ids.to(last.device)].float()
 
 

@@ -114,3 +114,26 @@ def test_prompt_init_modes(init):
         assert all(bool(((vocab - row).abs().sum(1) == 0).any()) for row in w)
     else:  # random, at the scale of the word embeddings
         assert abs(float(w.std()) - float(vocab.std())) < 0.2 * float(vocab.std())
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_last_only_projection_equals_full_logits_at_the_last_real_token(built, method):
+    """The verbalizer's fast path (LM head at the last real token only) changes no number."""
+    s = built("llama", method)
+    assert s.model.last_only  # setup turned it on for the verbalizer task
+    from fedprompt.tasks import Encoded, collate
+
+    ids = [s.test.ids[0][:20], s.test.ids[1][:32], s.test.ids[2][:11]]  # unequal: right padding in play
+    batch = collate(Encoded(ids=ids, target=[0, 1, 2]), [0, 1, 2], s.pad_id, s.backbone.device)
+    assert int(batch["attention_mask"].sum(1).min()) < batch["attention_mask"].shape[1]
+    s.model.eval()
+    with torch.no_grad():
+        fast = s.task.class_logits(s.model(batch["input_ids"], batch["attention_mask"]), batch)
+        s.model.last_only = False
+        try:
+            full_logits = s.model(batch["input_ids"], batch["attention_mask"])
+        finally:
+            s.model.last_only = True
+        full = s.task.class_logits(full_logits, batch)
+    assert full_logits.dim() == 3
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)

@@ -13,11 +13,25 @@ class Adapted(nn.Module):
 
     forward(input_ids (B, T), attention_mask (B, T)) -> logits: (B, C) for an encoder with a
     classification head, (B, P + T, V) for a causal LM where P >= 0 positions were prepended
-    (soft prompt) before the real tokens.
+    (soft prompt) before the real tokens, or (B, V) at the last real token when `last_only`.
     """
 
     method: str = ""
     causal: bool = False
+    prepended: int = 0  # positions placed before the real tokens in the logits (soft prompt)
+    # Causal LM only: compute the vocabulary projection at each example's last real token
+    # alone, returning (B, V). A verbalizer needs nothing else, and the LM head over every
+    # position is ~20% of a small LM's step. Set by `run.setup` when the task allows it.
+    last_only: bool = False
+
+    def _keep(self, attention_mask: torch.Tensor) -> dict:
+        """forward kwargs that restrict the LM head to the last real position (B, 1)."""
+        if not self.last_only:
+            return {}
+        return {"logits_to_keep": (attention_mask.sum(1) - 1 + self.prepended).unsqueeze(1)}
+
+    def _out(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, 0] if self.last_only else logits
 
     def trainable(self) -> dict[str, nn.Parameter]:
         """Payload name (the key in adapter_model.safetensors) -> the live parameter."""

@@ -27,7 +27,8 @@ class PeftAdapted(Adapted):
         return dict(self._names)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.peft_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        out = self.peft_model(input_ids=input_ids, attention_mask=attention_mask, **self._keep(attention_mask))
+        return self._out(out.logits)
 
     def adapter_config(self, base_model_path: str):
         config = self.peft_model.peft_config["default"]

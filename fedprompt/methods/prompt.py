@@ -26,7 +26,7 @@ class SoftPrompt(Adapted):
         self.model = backbone.model
         self.causal = backbone.causal
         self.tokenizer = backbone.tokenizer
-        self.n = cfg.num_virtual_tokens
+        self.n = self.prepended = cfg.num_virtual_tokens
         self.init_kind = cfg.prompt_init
         self.init_text = cfg.prompt_init_text
         words = self.model.get_input_embeddings()
@@ -76,7 +76,7 @@ class SoftPrompt(Adapted):
         prompts = self.prompt(self.positions.unsqueeze(0).expand(b, -1)).to(words.dtype)
         embeds = torch.cat([prompts, words], dim=1)
         mask = torch.cat([attention_mask.new_ones(b, self.n), attention_mask], dim=1)
-        return self.model(inputs_embeds=embeds, attention_mask=mask).logits
+        return self._out(self.model(inputs_embeds=embeds, attention_mask=mask, **self._keep(attention_mask)).logits)
 
     def adapter_config(self, base_model_path: str) -> PromptTuningConfig:
         mcfg = self.model.config
