@@ -78,3 +78,24 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
 def test_builtin_names_resolve_offline():
     assert resolve("minilm-l6").endswith("model")
     assert (torch.__version__ and resolve("smollm2-135m"))
+
+
+def test_soft_prompt_refused_on_a_decoder_sequence_classifier(tmp_path):
+    """Given inputs_embeds, decoder classifiers pool the last position (padding under right
+    padding), so a soft prompt would silently read the wrong token: refused with a reason."""
+    import json
+    import shutil
+
+    from fedprompt import methods
+    from fedprompt.config import PeftConfig
+    from tests.tiny import tiny_folder
+
+    folder = tmp_path / "llama-cls"
+    shutil.copytree(tiny_folder("llama"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["architectures"] = ["LlamaForSequenceClassification"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    bb = load_backbone(ModelConfig(name=str(folder)), num_labels=3)
+    assert not bb.causal and bb.model.config.pad_token_id is not None
+    with pytest.raises(BackboneError, match="not supported on LlamaForSequenceClassification.*prefix or lora"):
+        methods.build(bb, PeftConfig(method="prompt"), num_labels=3)
