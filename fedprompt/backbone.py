@@ -170,16 +170,16 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
     if task == "generation" and not causal:
         raise BackboneError(f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})")
     quant = _quantization(cfg, device)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
     if quant is not None:
         kwargs.update(quantization_config=quant, device_map={"": str(device)})
     try:
         if causal:
-            model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
         else:
             if not num_labels:
                 raise BackboneError("an encoder backbone needs a label set (classification task)")
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     except (ImportError, RuntimeError, ValueError, OSError, KeyError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         if quant is None:
@@ -187,6 +187,14 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
         raise BackboneError(
             f"model.quantization: {cfg.quantization!r} failed on {device.type}: {first}; use model.quantization=none"
         ) from None
+    # Weights absent from the checkpoint start random. The head is trained and exported; anything
+    # else would stay random and frozen, and an exported adapter could not reproduce the run.
+    missing = sorted(k for k in info.get("missing_keys", []) if k.split(".")[0] not in ("classifier", "score"))
+    if missing:
+        raise BackboneError(
+            f"model.name: {cfg.name!r} lacks {len(missing)} weights the model needs ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}); they would be random and not exported; use a complete checkpoint"
+        )
     if quant is None:
         model.to(device)
     _disable_cpu_inference_repack(model)

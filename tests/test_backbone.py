@@ -99,3 +99,19 @@ def test_soft_prompt_refused_on_a_decoder_sequence_classifier(tmp_path):
     assert not bb.causal and bb.model.config.pad_token_id is not None
     with pytest.raises(BackboneError, match="not supported on LlamaForSequenceClassification.*prefix or lora"):
         methods.build(bb, PeftConfig(method="prompt"), num_labels=3)
+
+
+def test_checkpoint_missing_non_head_weights_is_refused(tmp_path):
+    """A BERT saved without its pooler would get a random, frozen, unexported pooler: no
+    adapter could reproduce the run, so loading it is refused with the missing names."""
+    import transformers
+
+    from tests.tiny import tiny_folder
+
+    src = tiny_folder("bert")
+    model = transformers.BertModel(transformers.BertConfig.from_pretrained(src), add_pooling_layer=False)
+    model.config.architectures = ["BertModel"]
+    model.save_pretrained(tmp_path)
+    transformers.AutoTokenizer.from_pretrained(src).save_pretrained(tmp_path)
+    with pytest.raises(BackboneError, match=r"lacks 2 weights.*pooler"):
+        load_backbone(ModelConfig(name=str(tmp_path)), num_labels=2)
