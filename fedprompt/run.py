@@ -106,7 +106,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     t_start = time.perf_counter()
     check_output(out, overwrite)  # before the expensive part; prepare_output acts on it
     s = setup(cfg)
-    manifest = payload.manifest_of(s.model)
+    manifest = payload.manifest_of(s.model)  # before the engine: ZeRO-3 would partition the tensors
     steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
     device = s.backbone.device
     engine = make_engine(s.model, cfg, steps)
@@ -130,7 +130,6 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     if not quiet:
         print(f"fedprompt train: {cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method} on {s.data.name}: "
               f"{len(s.train)} train / {len(s.test)} test examples, {steps} steps, payload {payload.raw_bytes(manifest):,} bytes")
-    if not quiet:
         table.header()
     record(0, 0, None)
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
