@@ -82,6 +82,12 @@ def _convert_smollm2(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _first_line(e: BaseException) -> str:
+    """A library exception as one short line for a user-facing message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def resolve(name: str) -> str:
     """Built-in name, local folder or hub id -> something `from_pretrained` accepts."""
     if name == "minilm-l6":
@@ -126,7 +132,7 @@ def _quantization(cfg: ModelConfig, device: torch.device) -> Any:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # an ImportError or a native library failing to load
         raise BackboneError(
-            f"model.quantization: {cfg.quantization!r} needs bitsandbytes, which cannot run here ({type(e).__name__}: {e});"
+            f"model.quantization: {cfg.quantization!r} needs bitsandbytes, which cannot run here ({type(e).__name__}: {_first_line(e)});"
             " use model.quantization=none"
         ) from None
     dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
@@ -165,7 +171,7 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
     try:
         config = transformers.AutoConfig.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
-        raise BackboneError(f"model.name: cannot load {cfg.name!r}: {str(e).splitlines()[0]}") from None
+        raise BackboneError(f"model.name: cannot load {cfg.name!r}: {_first_line(e)}") from None
     causal = is_causal(config)
     if task == "generation" and not causal:
         raise BackboneError(f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})")
@@ -181,7 +187,7 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
                 raise BackboneError("an encoder backbone needs a label set (classification task)")
             model, info = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     except (ImportError, RuntimeError, ValueError, OSError, KeyError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = _first_line(e)
         if quant is None:
             raise BackboneError(f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}") from None
         raise BackboneError(
@@ -204,7 +210,7 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
     try:
         tok = transformers.AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise BackboneError(f"model.name: {cfg.name!r} has no usable tokenizer: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise BackboneError(f"model.name: {cfg.name!r} has no usable tokenizer: {_first_line(e)}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise BackboneError(f"model.name: the tokenizer of {cfg.name!r} has neither a pad nor an eos token")

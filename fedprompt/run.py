@@ -176,13 +176,19 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     return result
 
 
+def adapter_file(folder: str | Path) -> Path:
+    """The weights file of an exported adapter folder, or a RunError saying what to pass."""
+    f = Path(folder) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
+    return f
+
+
 def load_adapter(model, folder: str | Path) -> None:
     """Load an exported adapter folder into `model`, checked against its manifest."""
     from safetensors.torch import load_file
 
-    f = Path(folder) / "adapter_model.safetensors"
-    if not f.is_file():
-        raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
+    f = adapter_file(folder)
     try:
         tensors = load_file(str(f))
     except Exception as e:  # safetensors raises its own error type on a corrupt header
@@ -194,8 +200,7 @@ def run_eval(cfg: Config, adapter: str | Path) -> dict:
     """Evaluate an exported adapter on the config's test split."""
     from fedprompt.engine import evaluate
 
-    if not (Path(adapter) / "adapter_model.safetensors").is_file():
-        raise RunError(f"--adapter {str(adapter)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
+    adapter_file(adapter)  # fail before loading data and backbone
     s = setup(cfg)
     load_adapter(s.model, adapter)
     m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples)
