@@ -31,6 +31,16 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("train", help="centralized baseline: one client holding all the data")
     _common(p, output=True)
+    p = sub.add_parser("simulate", help="federated run of federation.num_clients virtual clients on one machine")
+    _common(p, output=True)
+    p = sub.add_parser("server", help="the federation server: a SuperLink and the round loop (resumes from its checkpoint)")
+    _common(p, output=True)
+    p = sub.add_parser("client", help="a federation client: loads the backbone once and serves every round")
+    _common(p)
+    p.add_argument("--server", metavar="HOST:PORT", help="the server's address (default: client.server of the config)")
+    p.add_argument("--partition-id", type=int, default=0, metavar="I", help="this client's partition of built-in data (default 0)")
+    p.add_argument("--num-partitions", type=int, default=1, metavar="N",
+                   help="how many partitions the built-in data is cut into (default 1: all of it, e.g. with --set data.path=...)")
     p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
@@ -42,12 +52,18 @@ def parser() -> argparse.ArgumentParser:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from fedprompt.backbone import BackboneError
+    from fedprompt.checkpoint import CheckpointError
     from fedprompt.data import DataError
     from fedprompt.payload import PayloadError
     from fedprompt.run import RunError
     from fedprompt.tasks import TaskError
 
-    return (ConfigError, DataError, BackboneError, PayloadError, RunError, TaskError)
+    errors: tuple[type[BaseException], ...] = (ConfigError, DataError, BackboneError, PayloadError, RunError, TaskError, CheckpointError)
+    if "fedprompt.federation.processes" in sys.modules:  # imports flwr: only when a federated command ran
+        from fedprompt.federation.processes import ProcessError
+
+        errors += (ProcessError,)
+    return errors
 
 
 def _one_line(msg: str) -> str:
@@ -70,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.command == "train":
             run.run_train(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
+        elif args.command in ("simulate", "server"):
+            from fedprompt.federation import runner
+
+            job = runner.run_simulate if args.command == "simulate" else runner.run_server
+            job(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
+        elif args.command == "client":
+            from fedprompt.federation.worker import run_client
+
+            run_client(cfg, partition_id=args.partition_id, num_partitions=args.num_partitions, server=args.server)
         elif args.command == "eval":
             run.run_eval(cfg, args.adapter)
         return 0

@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = 200  # optimizer steps (train) or per client per round (federated)
+    local_steps: int = 200  # optimizer steps of `fedprompt train` (federated: federation.local_steps)
     batch_size: int = 16
     lr: float = 3e-2
     weight_decay: float = 0.0
@@ -84,13 +84,19 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    num_clients: int = 8
+    num_clients: int = 8  # simulation: virtual clients (= data partitions)
     rounds: int = 10
-    fraction_fit: float = 1.0
-    min_clients: int = 2
+    local_steps: int = 0  # optimizer steps per sampled client per round; 0: train.local_steps
+    fraction_fit: float = 1.0  # share of connected clients sampled to train each round
+    fraction_evaluate: float = 1.0  # share sampled to evaluate on their local test split; 0: off
+    centralized_eval: bool = True  # simulation: also evaluate on the whole held-out test split
+    min_clients: int = 2  # the server waits for this many connected clients before a round
     strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean"] = "fedavg"
-    proximal_mu: float = 0.0
-    server_lr: float = 1e-2
+    proximal_mu: float = 0.0  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
+    server_lr: float = 1e-2  # fedadam / fedyogi: server learning rate (eta)
+    trim_fraction: float = 0.2  # trimmedmean: share cut from each end, per coordinate
+    round_timeout: float = 0.0  # seconds to wait for replies in a round; 0: no limit
+    workers: int = 1  # simulation: worker processes, each holding one backbone
 
 
 @dataclass
@@ -138,6 +144,11 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def round_steps(self) -> int:
+        """Local optimizer steps of one client in one federated round."""
+        return self.federation.local_steps or self.train.local_steps
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -362,6 +373,12 @@ def _validate(c: Config) -> list[str]:
     need(f.rounds >= 1, f"federation.rounds: {f.rounds} must be >= 1")
     need(0 < f.fraction_fit <= 1, f"federation.fraction_fit: {f.fraction_fit} is out of range; allowed (0, 1]")
     need(1 <= f.min_clients, f"federation.min_clients: {f.min_clients} must be >= 1")
+    need(f.min_clients <= f.num_clients, f"federation.min_clients: {f.min_clients} exceeds federation.num_clients ({f.num_clients}); lower it or add clients")
+    need(f.local_steps >= 0, f"federation.local_steps: {f.local_steps} must be >= 0 (0: train.local_steps)")
+    need(0 <= f.fraction_evaluate <= 1, f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)")
+    need(0 <= f.trim_fraction < 0.5, f"federation.trim_fraction: {f.trim_fraction} is out of range; allowed [0, 0.5)")
+    need(f.round_timeout >= 0, f"federation.round_timeout: {f.round_timeout} must be >= 0 seconds (0: no limit)")
+    need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
     need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
 

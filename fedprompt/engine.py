@@ -84,14 +84,16 @@ def ds_config(cfg: Config) -> dict:
     }
 
 
-def make_engine(model: Adapted, cfg: Config, total_steps: int):
-    """A DeepSpeed engine around `model`, training only its payload tensors."""
+def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: int = 0):
+    """A DeepSpeed engine around `model`, training only its payload tensors. The LR schedule
+    spans `total_steps` and begins at `start_step` (a federated round continues the schedule
+    of the whole run, so warmup happens once, not every round)."""
     init_distributed()
     params = list(model.trainable().values())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
-        lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule),
+        lambda s: lr_factor(s + start_step, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule),
     )
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg)

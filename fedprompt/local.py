@@ -1,19 +1,26 @@
-"""One federated client's work, as plain code: no Flower here.
+"""A federated client's work, as plain code: no Flower here.
 
-A `LocalClient` loads its backbone once and keeps it for its whole life; each round only the
-tiny tensors, the optimizer and the batch order change. The Flower glue (federation/) calls
-`fit` and `evaluate` with the global payload and sends back what they return.
+A `LocalClient` loads its backbone once and keeps it for its whole life. It can serve several
+data partitions (a simulation worker serves many virtual clients with one backbone); each call
+only changes the tiny tensors, the optimizer and the batch order. The Flower glue
+(federation/) calls `fit` and `evaluate` with the global payload and sends back what they return.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from fedprompt import payload
 from fedprompt.config import Config
+
+# Backbones loaded by this process: the test of "one backbone per worker" counts it.
+BACKBONE_LOADS = 0
 
 
 @dataclass
@@ -23,37 +30,67 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)  # train_loss, steps, train_s
 
 
-class LocalClient:
-    """Client `partition_id` of `num_partitions`: its slice of the training data, the shared
-    test split of the config (or its own files), and the frozen backbone with the method."""
+@dataclass
+class Shard:
+    """One client's data: its slice of the training split and of the test split."""
 
-    def __init__(self, cfg: Config, *, partition_id: int = 0, num_partitions: int = 1, setup_fn=None):
-        from fedprompt.data import load_task_data, partition
+    train: object  # fedprompt.tasks.Encoded
+    test: object
+
+
+class LocalClient:
+    """Clients of one config in this process: the frozen backbone with the method, loaded
+    once, and the data partitions of `num_partitions` (built on first use, then cached)."""
+
+    def __init__(self, cfg: Config, *, num_partitions: int = 1, setup_fn=None):
+        from fedprompt.data import load_task_data
         from fedprompt.run import setup
 
-        data = load_task_data(cfg.data)
-        if num_partitions > 1:
-            data.train = partition(data.train, cfg.data, num_partitions, partition_id)
+        global BACKBONE_LOADS
         self.cfg = cfg
-        self.partition_id = partition_id
-        self.state = (setup_fn or setup)(cfg, data=data)
+        self.num_partitions = num_partitions
+        self.state = (setup_fn or setup)(cfg, data=load_task_data(cfg.data))
+        BACKBONE_LOADS += 1
         self.manifest = payload.manifest_of(self.state.model)
+        self._shards: dict[int, Shard] = {}
 
-    @property
-    def num_examples(self) -> int:
-        return len(self.state.train)
+    def shard(self, partition_id: int) -> Shard:
+        """Partition `partition_id`: the same partitioner cuts the training and the test split,
+        so a client's local test data follows its own label skew."""
+        from fedprompt.data import partition
 
-    def fit(self, tensors: dict[str, torch.Tensor], *, round_num: int, source: str = "server",
+        if partition_id not in self._shards:
+            s, n = self.state, self.num_partitions
+            if n == 1:
+                self._shards[partition_id] = Shard(s.train, s.test)
+            else:
+                train = partition(s.data.train, self.cfg.data, n, partition_id)
+                test = partition(s.data.test, self.cfg.data, n, partition_id)
+                self._shards[partition_id] = Shard(s.task.encode(train), s.task.encode(test))
+        return self._shards[partition_id]
+
+    def initial_payload(self) -> dict[str, torch.Tensor]:
+        """The method's seeded initial tensors (the global state of round 0)."""
+        return payload.extract(self.state.model)
+
+    def adapter_config_json(self) -> str:
+        """adapter_config.json of this method on this backbone, for the server's export."""
+        with tempfile.TemporaryDirectory() as d:
+            self.state.model.adapter_config(self.state.backbone.path).save_pretrained(d)
+            return (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
+
+    def fit(self, tensors: dict[str, torch.Tensor], *, partition_id: int = 0, round_num: int, source: str = "server",
             proximal_mu: float = 0.0) -> FitResult:
-        """Load the global payload, train `train.local_steps` steps with a fresh optimizer,
-        return the updated payload. With `proximal_mu` > 0 the loss gains
-        mu/2 * ||w - w_global||^2 (FedProx)."""
+        """Load the global payload, train `cfg.round_steps` steps with a fresh optimizer (the LR
+        schedule continues across rounds), return the updated payload. With `proximal_mu` > 0
+        the loss gains mu/2 * ||w - w_global||^2 (FedProx)."""
         from fedprompt.engine import batches, make_engine, train_steps
 
-        s, cfg = self.state, self.cfg
+        s, cfg, steps = self.state, self.cfg, self.cfg.round_steps
+        data = self.shard(partition_id).train
         # Load before building the engine: ZeRO/bf16 keep master copies in the optimizer.
         payload.load(s.model, tensors, source=source)
-        engine = make_engine(s.model, cfg, cfg.train.local_steps)
+        engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps)
         live = s.model.trainable()
         anchor = {k: t.to(live[k].device) for k, t in tensors.items()} if proximal_mu > 0 else None
 
@@ -62,22 +99,25 @@ class LocalClient:
 
         # A distinct, reproducible batch order and dropout per (seed, client, round): a round's
         # update depends on the global payload only, so a resumed run repeats it exactly.
-        round_seed = (cfg.train.seed * 1_000_003 + self.partition_id) * 10_007 + round_num
-        stream = batches(len(s.train), cfg.train.batch_size, round_seed)
+        round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
+        stream = batches(len(data), cfg.train.batch_size, round_seed)
         torch.manual_seed(round_seed)
         t0 = time.perf_counter()
-        loss = train_steps(engine, s.task, s.train, cfg, steps=cfg.train.local_steps, stream=stream, pad_id=s.pad_id,
+        loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
                            device=s.backbone.device, extra_loss=proximal if anchor is not None else None)
-        metrics = {"train_loss": loss, "steps": cfg.train.local_steps, "train_s": time.perf_counter() - t0}
-        return FitResult(payload.extract(s.model), self.num_examples, metrics)
+        metrics = {"train_loss": loss, "steps": steps, "train_s": time.perf_counter() - t0,
+                   "pid": os.getpid(), "backbone_loads": BACKBONE_LOADS}
+        return FitResult(payload.extract(s.model), len(data), metrics)
 
-    def evaluate(self, tensors: dict[str, torch.Tensor], *, source: str = "server") -> tuple[dict[str, float], int]:
-        """Accuracy/loss of the global payload on this client's test split; (metrics, examples)."""
+    def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None,
+                 source: str = "server") -> tuple[dict[str, float], int]:
+        """Metrics of the global payload on partition `partition_id`'s test split, or on the
+        whole held-out test split when None (centralized evaluation); (metrics, examples)."""
         from fedprompt.engine import evaluate
 
-        s = self.state
+        s, limit = self.state, self.cfg.train.max_eval_examples
+        data = s.test if partition_id is None else self.shard(partition_id).test
         payload.load(s.model, tensors, source=source)
-        n = len(s.test) if not self.cfg.train.max_eval_examples else min(len(s.test), self.cfg.train.max_eval_examples)
-        m = evaluate(s.model, s.task, s.test, self.cfg, pad_id=s.pad_id, device=s.backbone.device,
-                     limit=self.cfg.train.max_eval_examples)
+        n = len(data) if not limit else min(len(data), limit)
+        m = evaluate(s.model, s.task, data, self.cfg, pad_id=s.pad_id, device=s.backbone.device, limit=limit)
         return m, n

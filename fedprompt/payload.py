@@ -50,6 +50,13 @@ def manifest_of(model: Adapted) -> Manifest:
     return tuple(sorted(specs, key=lambda s: s.name))
 
 
+def manifest_from(tensors: dict[str, torch.Tensor]) -> Manifest:
+    """The contract a payload itself defines (the server, which has no model, takes the
+    initial global payload's as the one every later reply must match)."""
+    specs = [TensorSpec(k, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for k, t in tensors.items()]
+    return tuple(sorted(specs, key=lambda s: s.name))
+
+
 def raw_bytes(manifest: Manifest) -> int:
     """Bytes of the tensors' data alone (the floor for anything sent on the wire)."""
     return sum(s.nbytes for s in manifest)

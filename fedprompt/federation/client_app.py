@@ -1,0 +1,69 @@
+"""The ClientApp: a thin bridge from Flower messages to `handler.handle`.
+
+In simulation the handler runs right here, in the long-lived Ray worker, on a LocalClient
+cached per process. In deployment Flower starts a fresh ClientApp process for every message,
+so the heavy state lives in the `fedprompt client` process (worker.py) and this forwards the
+request to it over a local socket; the import chain on this path stays light (no torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedprompt.federation.wire import from_record, to_record
+
+WORKER_KEY = "fedprompt-worker"  # node config: the folder of the `fedprompt client` socket
+
+app = ClientApp()
+
+
+def _request(kind: str, msg: Message, context: Context) -> dict:
+    config = dict(msg.content.get("config", ConfigRecord()))
+    request = {"kind": kind, "round": int(config.get("server-round", 0)),
+               "proximal_mu": float(config.get("proximal-mu", 0.0)), "scope": str(config.get("scope", "local"))}
+    if "arrays" in msg.content:
+        request["tensors"] = from_record(msg.content["arrays"])
+    if "partition-id" in context.node_config:  # simulation: Flower gives each virtual node one
+        request["partition_id"] = int(context.node_config["partition-id"])
+    return request
+
+
+def _serve(request: dict, context: Context) -> dict:
+    folder = context.node_config.get(WORKER_KEY)
+    if folder:  # deployment: the `fedprompt client` process holds the backbone
+        from fedprompt.federation.worker import call
+
+        return call(str(folder), request)
+    from fedprompt.federation.handler import client_for, handle
+
+    config_file = Path(str(context.run_config["output"])) / "config.yaml"
+    num_partitions = int(context.node_config.get("num-partitions", 1))
+    return handle(client_for(config_file, num_partitions), request)
+
+
+def _reply(msg: Message, reply: dict) -> Message:
+    content = RecordDict({"metrics": MetricRecord(reply["metrics"])})
+    if "tensors" in reply:
+        content["arrays"] = to_record(reply["tensors"])
+    if "adapter_config" in reply:
+        content["adapter"] = ConfigRecord({"config": reply["adapter_config"]})
+    return Message(content=content, reply_to=msg)
+
+
+@app.query()
+def init(msg: Message, context: Context) -> Message:
+    """The method's initial tensors (round 0's global state) and its adapter config."""
+    return _reply(msg, _serve(_request("init", msg, context), context))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return _reply(msg, _serve(_request("fit", msg, context), context))
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _reply(msg, _serve(_request("evaluate", msg, context), context))

@@ -1,0 +1,177 @@
+"""Flower's processes (SuperLink, SuperNode, `flwr run`) as supervised subprocesses.
+
+Flower has no supported in-process API to start them, so fedprompt runs its binaries. Each
+is started with the parent-death signal set (a killed fedprompt takes its Flower processes
+with it), with telemetry and update checks off, and is stopped with its whole process tree
+(SuperLink and SuperNode start SuperExec and app processes of their own).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+APP_DIR = Path(__file__).parent / "app"
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",  # telemetry and update checks try to reach the internet
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # silences a Ray FutureWarning on every worker
+    "RAY_DEDUP_LOGS": "0",
+    "PYTHONWARNINGS": "ignore::FutureWarning,ignore::DeprecationWarning",
+    "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+    "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class ProcessError(RuntimeError):
+    """A Flower process could not be started or died (the message quotes its log)."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def split_address(address: str, what: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ProcessError(f"{what}: {address!r} is not HOST:PORT (for example 0.0.0.0:9092)")
+    return host.strip("[]"), int(port)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def binary(name: str) -> str:
+    """A Flower console script of the environment fedprompt runs in."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else name
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
+    e = {**os.environ, **QUIET_ENV, **extra}
+    # SuperLink and SuperNode start `flower-superexec` and app processes by name: from here.
+    e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
+    if flwr_home is not None:
+        e["FLWR_HOME"] = str(flwr_home)
+    return e
+
+
+def spawn(args: list[str], *, log: Path, environ: dict[str, str]) -> subprocess.Popen:
+    """Start `args` with stdout and stderr to `log` (appended)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ,
+                                preexec_fn=_die_with_parent)
+
+
+def tail(log: Path, lines: int = 5) -> str:
+    try:
+        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])
+
+
+def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    """Terminate `proc` and every process it started, then kill what is left."""
+    if proc is None:
+        return
+    try:
+        tree = [psutil.Process(proc.pid)]
+        tree += tree[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+    if proc.poll() is None:
+        proc.wait(timeout)
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60.0) -> None:
+    """Block until `host:port` accepts connections, or raise if `proc` died or time ran out."""
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else ("::1" if host == "::" else host)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with status {proc.returncode}: {tail(log)}")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise ProcessError(f"{what} did not start listening on {host}:{port} within {timeout:.0f} s: {tail(log)}")
+
+
+def start_superlink(host: str, port: int, *, simulation: bool, flwr_home: Path, log: Path) -> subprocess.Popen:
+    """A SuperLink serving its Fleet, Control and Runtime APIs on `host:port`. Runtime
+    dependency installation is off: the app's code is this installed package."""
+    args = [binary("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+            "--host", host, "--port", str(port)]
+    if simulation:
+        args.append("--simulation")
+    proc = spawn(args, log=log, environ=env(flwr_home))
+    wait_listening(host, port, proc, log, "flower-superlink")
+    return proc
+
+
+def write_connection(flwr_home: Path, address: str) -> None:
+    """A Flower config with one SuperLink connection, "fedprompt", to `address`."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\ninsecure = true\n',
+        encoding="utf-8")
+
+
+def _toml(v: int | bool | str) -> str:
+    return str(v).lower() if isinstance(v, bool) else (str(v) if isinstance(v, int) else f'"{v}"')
+
+
+def submit(flwr_home: Path, run_config: dict[str, str], *, log: Path,
+           federation_config: dict[str, int | bool | str] | None = None) -> subprocess.Popen:
+    """`flwr run` of the fedprompt Flower App; it streams the run's log to `log` and exits
+    when the run ends."""
+    args = [binary("flwr"), "run", str(APP_DIR), "fedprompt", "--stream",
+            "--run-config", " ".join(f'{k}="{v}"' for k, v in run_config.items())]
+    if federation_config:
+        args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
+    return spawn(args, log=log, environ=env(flwr_home))
+
+
+def start_supernode(superlink: str, *, node_config: dict[str, str], flwr_home: Path, log: Path) -> subprocess.Popen:
+    """A SuperNode connected to `superlink` (retrying for ever), its ClientAppIo API on a free
+    loopback port."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    args = [binary("flower-supernode"), "--insecure", "--superlink", superlink, "--port", str(free_port()),
+            "--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
+    return spawn(args, log=log, environ=env(flwr_home))

@@ -1,0 +1,207 @@
+"""`fedprompt simulate` and `fedprompt server`: start Flower, follow the run, summarise.
+
+Both start a SuperLink of their own (simulation or deployment), submit the fedprompt Flower
+App with `flwr run`, then follow the run directory the ServerApp writes: each new metrics row
+is printed as it lands, and status.json says how the run ended. Restarted on a run directory
+that holds a checkpoint, they resume from its last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from fedprompt import checkpoint
+from fedprompt.config import Config
+from fedprompt.federation import processes
+from fedprompt.federation.server_app import STATUS
+from fedprompt.report import Table, summary
+from fedprompt.run import RunError, prepare_output
+
+# Keys a resumed run may change: how long it runs, where it listens, where it writes.
+RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout", "server.", "client.", "output.")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resumable(saved_yaml: str, cfg: Config, out: Path) -> None:
+    import yaml
+
+    old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(cfg.to_dict())
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        k = changed[0]
+        raise RunError(f"{out} holds a checkpoint of a different configuration ({k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                       f"{f', and {len(changed) - 1} more' if len(changed) > 1 else ''}); resume with the same config, "
+                       "or pass a new --output (or --overwrite to start over)")
+
+
+def prepare(cfg: Config, out: Path, overwrite: bool) -> int:
+    """Create (or reopen, to resume) the run directory; the round to resume after (0: new)."""
+    state = None
+    if out.is_dir() and not overwrite and any((out / f).exists() for f in (checkpoint.FILE, checkpoint.PREVIOUS)):
+        state, notes = checkpoint.load_latest(out)
+        if state is None:
+            raise RunError(f"{out}: no usable checkpoint ({'; '.join(notes)}); pass --overwrite to start over")
+        _check_resumable(state.config_yaml, cfg, out)
+        if state.round >= cfg.federation.rounds and (out / "summary.json").exists():
+            raise RunError(f"{out} already holds a finished run of {state.round} rounds; raise federation.rounds to "
+                           "continue it, or pass a new --output")
+        (out / STATUS).unlink(missing_ok=True)
+    else:
+        prepare_output(out, overwrite)
+    (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+    (out / "logs").mkdir(exist_ok=True)
+    return state.round if state else 0
+
+
+def _rows(path: Path) -> list[dict]:
+    """metrics.jsonl as written so far (a line being written is skipped, read next time)."""
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def _kb(n) -> str:
+    return "-" if not n else f"{n / 1024:.1f}"
+
+
+def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False) -> list[dict]:
+    """Print each metrics row as the ServerApp appends it; return all rows once the run ended
+    well, or raise RunError with the reason it did not."""
+    table = Table([("round", 5), ("clients", 7), ("train_loss", 10), ("accuracy", 8), ("fed_acc", 8),
+                   ("up_KiB", 8), ("down_KiB", 8), ("round_s", 8)])
+    printed: set[int] = set()
+    bar = tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=quiet, leave=False, dynamic_ncols=True)
+    if not quiet:
+        table.header()
+    while True:
+        done = run.poll() is not None
+        rows = _rows(out / "metrics.jsonl")
+        for row in rows:
+            if row["round"] in printed:
+                continue
+            printed.add(row["round"])
+            if row["round"] > 0:
+                bar.update(row["round"] - bar.n)
+            if not quiet:
+                table.row([row["round"], row["clients"], row.get("train_loss"), row.get("accuracy"), row.get("fed_accuracy"),
+                           _kb(row["bytes_up"]), _kb(row["bytes_down"]), f"{row['round_s']:.1f}"])
+        if done:
+            break
+        time.sleep(0.5)
+    bar.close()
+    status = {}
+    if (out / STATUS).is_file():
+        status = json.loads((out / STATUS).read_text(encoding="utf-8"))
+    if status.get("state") != "done":
+        why = status.get("error") or f"the run ended without a result ({processes.tail(log, 3)})"
+        raise RunError(f"federated run failed: {why} (full log: {log})")
+    return rows
+
+
+def _summarise(cfg: Config, out: Path, t0: float, title: str) -> dict:
+    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    ratio = s["bytes_up_max"] / s["payload_bytes"] if s["payload_bytes"] else 0.0
+    acc = s.get("accuracy")
+    summary(title, [
+        ("test accuracy", "-" if acc is None else f"{acc:.4f} (start {s['start_accuracy']:.4f})"),
+        ("rounds", s["rounds"]), ("local steps", f"{s['total_local_steps']} in all ({cfg.round_steps} per client per round)"),
+        ("bytes up per client", f"{s['bytes_up_max']:,} max (payload {s['payload_bytes']:,} raw: x{ratio:.3f})"),
+        ("wall time", f"{time.perf_counter() - t0:.1f} s"),
+        ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
+    ])
+    return s
+
+
+def _preflight(cfg: Config) -> None:
+    """Fail on data or model problems now, before any process starts (simulation: the
+    workers would otherwise hit them one by one)."""
+    from fedprompt.backbone import resolve
+    from fedprompt.data import load_task_data, partition
+
+    data = load_task_data(cfg.data)
+    if cfg.federation.num_clients > 1:
+        partition(data.train, cfg.data, cfg.federation.num_clients, 0)
+        partition(data.test, cfg.data, cfg.federation.num_clients, 0)
+    resolve(cfg.model.name)
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool) -> dict:
+    t0 = time.perf_counter()
+    home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
+    link = run = None
+    logs = out / "logs"
+    try:
+        link = processes.start_superlink(host, port, simulation=simulation, flwr_home=home, log=logs / "superlink.log")
+        processes.write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")
+        fed = None
+        if simulation:
+            per_worker = max(1, _cpus() // cfg.federation.workers)
+            fed = {"num-supernodes": cfg.federation.num_clients, "client-resources-num-cpus": per_worker,
+                   "init-args-logging-level": "ERROR", "verbose": False}
+        run = processes.submit(home, {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment"},
+                               log=logs / "run.log", federation_config=fed)
+        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet)
+    finally:
+        processes.stop(run)
+        processes.stop(link)
+        shutil.rmtree(home, ignore_errors=True)
+    if quiet:
+        return json.loads((out / "summary.json").read_text(encoding="utf-8")) | {"rows": rows}
+    return _summarise(cfg, out, t0, "Summary") | {"rows": rows}
+
+
+def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """`federation.num_clients` virtual clients on Flower's simulation engine."""
+    out = Path(output)
+    f = cfg.federation
+    _preflight(cfg)
+    after = prepare(cfg, out, overwrite)
+    if not quiet:
+        per_round = max(int(f.num_clients * f.fraction_fit), 1)
+        print(f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
+              f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
+              f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}, {f.strategy}"
+              + (f"; resuming after round {after}" if after else ""))
+    return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
+
+
+def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
+    """A SuperLink on `server.address` and the ServerApp; waits for `federation.min_clients`."""
+    out = Path(output)
+    host, port = processes.split_address(cfg.server.address, "server.address")
+    if processes.port_in_use(host, port):
+        raise RunError(f"server.address {cfg.server.address}: port {port} is already in use; pick another with "
+                       f"--set server.address={host}:PORT")
+    after = prepare(cfg, out, overwrite)
+    if not quiet:
+        print(f"fedprompt server: listening on {host}:{port}; waiting for {cfg.federation.min_clients} clients; "
+              f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else ""))
+    return _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet)

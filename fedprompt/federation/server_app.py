@@ -1,0 +1,231 @@
+"""The ServerApp: fedprompt's round loop around a Flower strategy.
+
+Each round: sample and message clients (the strategy), validate every reply against the
+payload manifest (ours), aggregate (the strategy), evaluate (federated, and centralized in
+simulation), checkpoint, then append the metrics row. The server never loads a backbone: the
+initial tensors come from one client (a "query" message) and it only ever holds the payload.
+It reads everything from the run directory (`output` in the run config): config.yaml in,
+checkpoint, metrics.jsonl, adapter/, curves.png, summary.json and status.json out.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedprompt import checkpoint, payload
+from fedprompt.config import Config, load_config
+from fedprompt.federation.strategy import WEIGHT_KEY, make_strategy, restore_strategy, strategy_state
+from fedprompt.federation.wire import from_record, to_record, wire_bytes
+from fedprompt.report import append_jsonl, plot_curves
+
+app = ServerApp()
+STATUS = "status.json"
+
+
+class FederationError(RuntimeError):
+    """The federation cannot go on (no usable update in a round, no client ever connected)."""
+
+
+def log(text: str) -> None:
+    print(f"fedprompt server: {text}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    out = Path(str(context.run_config["output"]))
+    simulation = str(context.run_config["mode"]) == "simulation"
+    try:
+        serve(grid, load_config(out / "config.yaml"), out, centralized=simulation)
+    except BaseException as e:
+        # The CLI follows the run from outside this process: leave it the reason in one line.
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        (out / STATUS).write_text(json.dumps({"state": "failed", "error": f"{type(e).__name__}: {reason}"}))
+        raise
+    (out / STATUS).write_text(json.dumps({"state": "done"}))
+
+
+def _torch(tensors: dict[str, np.ndarray]) -> dict:
+    import torch
+
+    return {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
+
+
+def _wait_for_nodes(grid: Grid, n: int, timeout: float | None) -> list[int]:
+    t0, said = time.monotonic(), False
+    while len(nodes := sorted(grid.get_node_ids())) < n:
+        if not said:
+            log(f"waiting for {n} client(s) to connect ({len(nodes)} connected)")
+            said = True
+        if timeout and time.monotonic() - t0 > timeout:
+            raise FederationError(f"only {len(nodes)} of {n} clients connected within {timeout:.0f} s")
+        time.sleep(0.5)
+    return nodes
+
+
+def _ask(grid: Grid, node: int, kind: str, content: RecordDict, timeout: float | None) -> Message:
+    """One message to one node, its reply or a FederationError saying why there is none."""
+    msg = Message(content=content, dst_node_id=node, message_type=kind)
+    replies = list(grid.send_and_receive([msg], timeout=timeout))
+    if not replies:
+        raise FederationError(f"node {node} did not answer the {kind} request within {timeout} s")
+    if replies[0].has_error():
+        raise FederationError(f"node {node} failed the {kind} request: {replies[0].error.reason}")
+    return replies[0]
+
+
+def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerState:
+    """Round 0: the initial payload from one client (clients seed it identically)."""
+    node = _wait_for_nodes(grid, 1, None)[0]
+    rep = _ask(grid, node, "query", RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
+    tensors = from_record(rep.content["arrays"])
+    payload.validate(_torch(tensors), payload.manifest_from(_torch(tensors)), source=f"node {node} (initial payload)")
+    log(f"initial payload from node {node}: {len(tensors)} tensors, "
+        f"{sum(v.nbytes for v in tensors.values()):,} bytes")
+    return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]),
+                                  config_yaml=cfg.to_yaml())
+
+
+def _check_reply(rep: Message, manifest: payload.Manifest) -> dict:
+    """The reply's metrics once its payload matches the manifest exactly; else PayloadError."""
+    node = rep.metadata.src_node_id
+    if "arrays" not in rep.content or "metrics" not in rep.content:
+        raise payload.PayloadError(f"payload from node {node}: the reply has no tensors or no metrics")
+    payload.validate(_torch(from_record(rep.content["arrays"])), manifest, source=f"node {node}")
+    metrics = dict(rep.content["metrics"])
+    if not float(metrics.get(WEIGHT_KEY, 0)) > 0:
+        raise payload.PayloadError(f"payload from node {node}: {WEIGHT_KEY} must be > 0, got {metrics.get(WEIGHT_KEY)}")
+    return metrics
+
+
+def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: bool, timeout: float | None) -> dict:
+    """accuracy/loss of the global payload: federated (clients' local test splits, weighted by
+    examples) and, in simulation, centralized (the whole held-out test split, by one worker)."""
+    row: dict = {}
+    msgs = list(strategy.configure_evaluate(rnd, to_record(tensors), ConfigRecord({}), grid))
+    if msgs:
+        replies = [m for m in grid.send_and_receive(msgs, timeout=timeout) if not m.has_error()]
+        agg = strategy.aggregate_evaluate(rnd, replies) if replies else None
+        if agg is not None:
+            row.update({f"fed_{k}": float(v) for k, v in agg.items() if k != WEIGHT_KEY})
+            row["fed_examples"] = int(agg[WEIGHT_KEY])
+    if centralized:
+        node = sorted(grid.get_node_ids())[0]
+        content = RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})})
+        m = dict(_ask(grid, node, "evaluate", content, timeout).content["metrics"])
+        row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, "pid", "backbone_loads")})
+    else:  # deployment: the server holds no data; the federated figures are the figures
+        row.update({k[4:]: v for k, v in list(row.items()) if k.startswith("fed_") and k != "fed_examples"})
+    row.setdefault("accuracy", None)
+    row.setdefault("loss", None)
+    return row
+
+
+def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd: int, manifest: payload.Manifest,
+           *, centralized: bool, timeout: float | None) -> tuple[dict, dict]:
+    """One round: (new global tensors, metrics row)."""
+    t0 = time.perf_counter()
+    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
+    down = wire_bytes(msgs[0]) if msgs else 0
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    good, ups, workers, problems = [], [], {}, []
+    for rep in replies:
+        node = rep.metadata.src_node_id
+        if rep.has_error():
+            problems.append(f"node {node} failed: {rep.error.reason}")
+            continue
+        try:
+            metrics = _check_reply(rep, manifest)
+        except payload.PayloadError as e:
+            problems.append(f"rejected: {e}")
+            continue
+        good.append(rep)
+        ups.append(wire_bytes(rep))
+        if "pid" in metrics:
+            workers[str(int(metrics["pid"]))] = int(metrics.get("backbone_loads", 0))
+    if len(replies) < len(msgs):
+        problems.append(f"{len(msgs) - len(replies)} of {len(msgs)} sampled clients did not reply within {timeout} s")
+    for p in problems:
+        log(f"round {rnd}: {p}")
+    if not good:
+        why = problems[0] if problems else "no client was sampled"
+        raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
+    arrays, train = strategy.aggregate_train(rnd, good)
+    tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
+    payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+    t_train = time.perf_counter() - t0
+    row = {"round": rnd, "step": rnd * cfg.round_steps}
+    row.update(_evaluate(grid, strategy, rnd, tensors, centralized=centralized, timeout=timeout))
+    row.update({
+        "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
+        "clients": len(good), "failures": len(msgs) - len(good),
+        "examples": int(sum(float(dict(r.content["metrics"])[WEIGHT_KEY]) for r in good)),
+        "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
+        "train_s": round(t_train, 3), "round_s": round(time.perf_counter() - t0, 3), "backbone_loads": workers,
+    })
+    return tensors, row
+
+
+def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
+    """Run (or resume) the federation described by `cfg`, writing the run directory `out`."""
+    f = cfg.federation
+    timeout = f.round_timeout or None
+    strategy = make_strategy(cfg)
+    state, notes = checkpoint.load_latest(out)
+    for note in notes:
+        log(f"checkpoint not usable, falling back: {note}")
+    if state is None:
+        t0 = time.perf_counter()
+        state = _start(grid, cfg, timeout)
+        row = {"round": 0, "step": 0}
+        row.update(_evaluate(grid, strategy, 0, state.tensors, centralized=centralized, timeout=timeout))
+        row.update({"train_loss": None, "clients": 0, "failures": 0, "examples": 0, "bytes_up": 0, "bytes_up_total": 0,
+                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "round_s": round(time.perf_counter() - t0, 3),
+                    "backbone_loads": {}, "wall_s": round(time.perf_counter() - t0, 3)})
+        state.rows = [row]
+        checkpoint.save(out, state)
+    else:
+        restore_strategy(strategy, state.strategy)
+        log(f"resuming after round {state.round} of {f.rounds} (global payload {payload.digest(_torch(state.tensors))})")
+    # metrics.jsonl is rewritten from the checkpoint: a row appended after the last checkpoint
+    # by a server that then died is dropped here and produced again, so each round is there once.
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows), encoding="utf-8")
+    tmp.replace(out / "metrics.jsonl")
+    manifest = payload.manifest_from(_torch(state.tensors))
+    for rnd in range(state.round + 1, f.rounds + 1):
+        tensors, row = _round(grid, cfg, strategy, state, rnd, manifest, centralized=centralized, timeout=timeout)
+        row["wall_s"] = round(state.rows[-1]["wall_s"] + row["round_s"], 3)
+        row["digest"] = payload.digest(_torch(tensors))
+        state.round, state.tensors, state.rows = rnd, tensors, state.rows + [row]
+        state.strategy = strategy_state(strategy)
+        checkpoint.save(out, state)  # first the checkpoint, then the row: see above
+        append_jsonl(out / "metrics.jsonl", row)
+    _finish(cfg, out, state, manifest)
+
+
+def _finish(cfg: Config, out: Path, state: checkpoint.ServerState, manifest: payload.Manifest) -> None:
+    checkpoint.export_adapter(out / "adapter", state.tensors, state.adapter_config)
+    rows = state.rows
+    if cfg.output.plots and all(r.get("accuracy") is not None for r in rows):
+        plot_curves(rows, out / "curves.png", x="round", title=f"{cfg.data.dataset}: {cfg.model.name} + {cfg.peft.method}, "
+                    f"{cfg.federation.strategy}, {cfg.federation.num_clients} clients")
+    last = rows[-1]
+    summary = {
+        **last,
+        "start_accuracy": rows[0].get("accuracy"),
+        "rounds": state.round,
+        "total_local_steps": sum(r["clients"] for r in rows) * cfg.round_steps,
+        "payload_bytes": payload.raw_bytes(manifest),
+        "trainable_params": int(sum(np.prod(s.shape) for s in manifest)),
+        "bytes_up_max": max(r["bytes_up"] for r in rows),
+        "bytes_up_sum": sum(r["bytes_up_total"] for r in rows),
+        "bytes_down_sum": sum(r["bytes_down_total"] for r in rows),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    log(f"done: {state.round} rounds, accuracy {last.get('accuracy')}")

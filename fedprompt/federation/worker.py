@@ -1,0 +1,145 @@
+"""`fedprompt client`: the long-lived process that holds a client's backbone.
+
+Flower's SuperNode starts a new ClientApp process for every message, so loading the backbone
+there would cost a load per round. Instead this process loads it once, listens on a Unix
+socket in a private folder (0700, with a random key), and the ClientApp forwards each request
+to it (`call`). It also runs the SuperNode and restarts it whenever it exits (for example
+when the server went away), so the client outlives server restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+SOCKET, KEY = "worker.sock", "authkey"
+
+
+class WorkerError(RuntimeError):
+    """The request failed in the `fedprompt client` process (its message, one line)."""
+
+
+def call(folder: str, request: dict) -> dict:
+    """Send `request` to the `fedprompt client` serving `folder`; its reply."""
+    from multiprocessing.connection import Client
+
+    d = Path(folder)
+    try:
+        conn = Client(str(d / SOCKET), family="AF_UNIX", authkey=(d / KEY).read_bytes())
+    except OSError as e:
+        raise WorkerError(f"the fedprompt client process at {folder} is not reachable ({e.strerror or e})") from None
+    with conn:
+        conn.send(request)
+        reply = conn.recv()
+    if "error" in reply:
+        raise WorkerError(reply["error"])
+    return reply
+
+
+def _user_error(e: BaseException) -> bool:
+    from fedprompt.cli import _user_errors
+
+    return isinstance(e, _user_errors())
+
+
+class Worker:
+    """Serve `client` (a LocalClient) as partition `partition_id` to the ClientApp bridge."""
+
+    def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False):
+        self.client, self.partition_id, self.superlink, self.quiet = client, partition_id, superlink, quiet
+        self.folder = Path(tempfile.mkdtemp(prefix="fedprompt-client-"))  # mkdtemp: mode 0700
+        self.key = secrets.token_bytes(32)
+        (self.folder / KEY).write_bytes(self.key)
+        os.chmod(self.folder / KEY, 0o600)
+        self.stopping = threading.Event()
+        self.supernode = None
+        self.requests = 0
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"fedprompt client: {text}", flush=True)
+
+    def _supervise(self) -> None:
+        """Keep one SuperNode running; restart it (after a pause) whenever it exits."""
+        from fedprompt.federation import processes
+        from fedprompt.federation.client_app import WORKER_KEY
+
+        log, home = self.folder / "supernode.log", self.folder / "flwr"
+        while not self.stopping.is_set():
+            self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
+                                                       flwr_home=home, log=log)
+            while self.supernode.poll() is None and not self.stopping.is_set():
+                time.sleep(0.5)
+            if not self.stopping.is_set():
+                self.say(f"SuperNode exited ({processes.tail(log, 1)}); reconnecting to {self.superlink}")
+                self.stopping.wait(2.0)
+
+    def serve(self) -> None:
+        """Answer requests until SIGTERM/SIGINT; then stop the SuperNode and remove the folder."""
+        from multiprocessing.connection import Listener
+
+        from fedprompt.federation import processes
+        from fedprompt.federation.handler import handle
+
+        def on_term(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGTERM, on_term)
+        listener = Listener(str(self.folder / SOCKET), family="AF_UNIX", authkey=self.key)
+        supervisor = threading.Thread(target=self._supervise, daemon=True)
+        supervisor.start()
+        self.say(f"partition {self.partition_id}: {len(self.client.shard(self.partition_id).train)} training examples; "
+                 f"serving {self.superlink}")
+        try:
+            while True:
+                try:
+                    conn = listener.accept()
+                except OSError:  # a connection that failed the key check: ignore it
+                    continue
+                with conn:
+                    request = conn.recv()
+                    request["partition_id"] = self.partition_id  # the bridge does not know it
+                    t0 = time.perf_counter()
+                    try:
+                        reply = handle(self.client, request)
+                    except Exception as e:  # reported to the server as this client's error; we live on
+                        if not _user_error(e):
+                            traceback.print_exc()
+                        reply = {"error": f"{type(e).__name__}: {e}"}
+                    conn.send(reply)
+                    self.requests += 1
+                    m = reply.get("metrics", {})
+                    detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (
+                        f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else reply.get("error", "ok"))
+                    self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+        except KeyboardInterrupt:
+            self.say("stopping")
+        finally:
+            self.stopping.set()
+            processes.stop(self.supernode)
+            supervisor.join(timeout=5)
+            listener.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | None = None, quiet: bool = False) -> None:
+    """`fedprompt client`: load the backbone and this partition once, then serve until stopped."""
+    from fedprompt.federation.processes import split_address
+    from fedprompt.local import LocalClient
+
+    superlink = server or cfg.client.server
+    split_address(superlink, "--server")
+    if not 0 <= partition_id < num_partitions:
+        from fedprompt.run import RunError
+
+        raise RunError(f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}")
+    client = LocalClient(cfg, num_partitions=num_partitions)
+    client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
+    Worker(client, partition_id=partition_id, superlink=superlink, quiet=quiet).serve()
