@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from fedprompt.config import ConfigError, load_config
@@ -72,6 +73,10 @@ def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -88,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             run.run_train(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
         elif args.command in ("simulate", "server"):
             from fedprompt.federation import runner
+
+            signal.signal(signal.SIGTERM, _interrupt)  # stop Flower's processes on SIGTERM too
 
             job = runner.run_simulate if args.command == "simulate" else runner.run_server
             job(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)

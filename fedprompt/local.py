@@ -52,6 +52,7 @@ class LocalClient:
         self.state = (setup_fn or setup)(cfg, data=load_task_data(cfg.data))
         BACKBONE_LOADS += 1
         self.manifest = payload.manifest_of(self.state.model)
+        self._initial = payload.extract(self.state.model)  # the seeded init, before any round
         self._shards: dict[int, Shard] = {}
 
     def shard(self, partition_id: int) -> Shard:
@@ -70,8 +71,9 @@ class LocalClient:
         return self._shards[partition_id]
 
     def initial_payload(self) -> dict[str, torch.Tensor]:
-        """The method's seeded initial tensors (the global state of round 0)."""
-        return payload.extract(self.state.model)
+        """The method's seeded initial tensors (the global state of round 0), whatever rounds
+        this client has served since."""
+        return {k: t.clone() for k, t in self._initial.items()}
 
     def adapter_config_json(self) -> str:
         """adapter_config.json of this method on this backbone, for the server's export."""

@@ -22,18 +22,23 @@ def test_rounds_reuse_the_backbone_and_move_only_the_payload(monkeypatch):
         return setup(cfg, data=data)
 
     cfg = tiny_config("bert", "prompt", train__lr=0.05, data__partition="iid")
-    client = LocalClient(cfg, partition_id=1, num_partitions=2, setup_fn=counting_setup)
-    assert 30 <= client.num_examples <= 50  # half of the ~80 training examples
+    client = LocalClient(cfg, num_partitions=2, setup_fn=counting_setup)
+    n_train = len(client.shard(1).train)
+    assert 30 <= n_train <= 50  # half of the ~80 training examples
     start = payload.extract(client.state.model)
     frozen = {n: p.detach().clone() for n, p in client.state.model.backbone.named_parameters() if not p.requires_grad}
     g = start
     for r in range(1, 4):
-        res = client.fit(g, round_num=r)
-        assert set(res.tensors) == set(start) and res.num_examples == client.num_examples
+        res = client.fit(g, partition_id=1, round_num=r)
+        assert set(res.tensors) == set(start) and res.num_examples == n_train
         assert _distance(res.tensors, g) > 0 and res.metrics["steps"] == cfg.train.local_steps
         g = res.tensors
-        metrics, n = client.evaluate(g)
+        metrics, n = client.evaluate(g)  # centralized: the whole (capped) test split
         assert 0.0 <= metrics["accuracy"] <= 1.0 and n == 16
+        _, n_local = client.evaluate(g, partition_id=1)
+        assert 0 < n_local <= len(client.state.test)
+    assert client.initial_payload().keys() == start.keys()
+    assert payload.digest(client.initial_payload()) == payload.digest(start)  # round 0 stays round 0
     assert len(loads) == 1
     after = dict(client.state.model.backbone.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())

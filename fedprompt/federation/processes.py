@@ -50,7 +50,10 @@ def split_address(address: str, what: str) -> tuple[str, int]:
 
 
 def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port (connections of a killed server lingering in
+    TIME_WAIT do not count: the SuperLink binds with SO_REUSEADDR too)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -157,12 +160,12 @@ def _toml(v: int | bool | str) -> str:
     return str(v).lower() if isinstance(v, bool) else (str(v) if isinstance(v, int) else f'"{v}"')
 
 
-def submit(flwr_home: Path, run_config: dict[str, str], *, log: Path,
+def submit(flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Path,
            federation_config: dict[str, int | bool | str] | None = None) -> subprocess.Popen:
     """`flwr run` of the fedprompt Flower App; it streams the run's log to `log` and exits
     when the run ends."""
     args = [binary("flwr"), "run", str(APP_DIR), "fedprompt", "--stream",
-            "--run-config", " ".join(f'{k}="{v}"' for k, v in run_config.items())]
+            "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
     return spawn(args, log=log, environ=env(flwr_home))

@@ -166,7 +166,8 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
             per_worker = max(1, _cpus() // cfg.federation.workers)
             fed = {"num-supernodes": cfg.federation.num_clients, "client-resources-num-cpus": per_worker,
                    "init-args-logging-level": "ERROR", "verbose": False}
-        run = processes.submit(home, {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment"},
+        run = processes.submit(home, {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment",
+                                      "superlink-pid": link.pid},
                                log=logs / "run.log", federation_config=fed)
         rows = follow(out, run, cfg, logs / "run.log", quiet=quiet)
     finally:

@@ -36,10 +36,52 @@ def log(text: str) -> None:
     print(f"fedprompt server: {text}", flush=True)
 
 
+def _die_with(pid: int) -> None:
+    """Exit this process as soon as process `pid` (our SuperLink) is gone. Flower starts the
+    ServerApp in a session of its own, so a killed `fedprompt server` would otherwise leave it
+    running, and a restarted server would find it still writing to the run directory."""
+    import os
+    import threading
+
+    import psutil
+
+    try:
+        link = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        os._exit(3)
+
+    def watch() -> None:
+        while link.is_running() and link.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.5)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _lock(out: Path):
+    """An exclusive lock on the run directory for this ServerApp's lifetime (a stale one from
+    a killed server is waited for, never raced)."""
+    import fcntl
+
+    f = open(out / ".server.lock", "w")
+    t0 = time.monotonic()
+    while True:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except BlockingIOError:
+            if time.monotonic() - t0 > 60:
+                raise FederationError(f"{out} is in use by another fedprompt server process") from None
+            time.sleep(0.5)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config["output"]))
     simulation = str(context.run_config["mode"]) == "simulation"
+    if int(context.run_config.get("superlink-pid", 0)):
+        _die_with(int(context.run_config["superlink-pid"]))
+    lock = _lock(out)
     try:
         serve(grid, load_config(out / "config.yaml"), out, centralized=simulation)
     except BaseException as e:
@@ -48,6 +90,7 @@ def main(grid: Grid, context: Context) -> None:
         (out / STATUS).write_text(json.dumps({"state": "failed", "error": f"{type(e).__name__}: {reason}"}))
         raise
     (out / STATUS).write_text(json.dumps({"state": "done"}))
+    lock.close()
 
 
 def _torch(tensors: dict[str, np.ndarray]) -> dict:
@@ -132,7 +175,9 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     t0 = time.perf_counter()
     msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
     down = wire_bytes(msgs[0]) if msgs else 0
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    # Replies arrive in any order; aggregating in node order makes a round's result a function
+    # of who took part, not of who answered first (so a resumed run repeats it bit for bit).
+    replies = sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda m: m.metadata.src_node_id)
     good, ups, workers, problems = [], [], {}, []
     for rep in replies:
         node = rep.metadata.src_node_id
