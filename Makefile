@@ -26,7 +26,7 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/fedprompt train --config configs/bbc-minilm-prompt.yaml --output runs/demo --overwrite
+	$(BIN)/fedprompt simulate --config configs/bbc-minilm-prompt.yaml --output runs/demo --overwrite
 
 test: install
 	$(BIN)/pytest -q
@@ -39,6 +39,7 @@ test-slow: install
 
 bench: install
 	$(BIN)/python benchmarks/engine_overhead.py
+	$(BIN)/python benchmarks/round_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -27,7 +27,7 @@ BACKBONE_LOADS = 0
 class FitResult:
     tensors: dict[str, torch.Tensor]  # the updated payload (wire dtype, CPU)
     num_examples: int  # local training examples (the FedAvg weight)
-    metrics: dict[str, float] = field(default_factory=dict)  # train_loss, steps, train_s
+    metrics: dict[str, float] = field(default_factory=dict)  # train_loss, train_s, pid, backbone_loads
 
 
 @dataclass
@@ -107,7 +107,7 @@ class LocalClient:
         t0 = time.perf_counter()
         loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
                            device=s.backbone.device, extra_loss=proximal if anchor is not None else None)
-        metrics = {"train_loss": loss, "steps": steps, "train_s": time.perf_counter() - t0,
+        metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0,
                    "pid": os.getpid(), "backbone_loads": BACKBONE_LOADS}
         return FitResult(payload.extract(s.model), len(data), metrics)
 

@@ -307,3 +307,15 @@ def test_any_yaml_loads_or_raises_config_error(scratch, text):
     # whatever loads also survives its own resolved YAML
     scratch.write_text(cfg.to_yaml(), encoding="utf-8")
     assert load_config(scratch).to_dict() == cfg.to_dict()
+
+
+def test_federation_checks_are_collected_and_named():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["federation.num_clients=3", "federation.min_clients=5", "federation.trim_fraction=0.5",
+                           "federation.fraction_evaluate=1.5", "federation.local_steps=-1", "federation.workers=0"])
+    text = "\n".join(e.value.problems)
+    for needle in ("federation.min_clients: 5 exceeds federation.num_clients (3)", "federation.trim_fraction: 0.5",
+                   "federation.fraction_evaluate: 1.5", "federation.local_steps: -1", "federation.workers: 0"):
+        assert needle in text
+    cfg = load_config(None, ["train.local_steps=30"])
+    assert cfg.round_steps == 30 and load_config(None, ["federation.local_steps=7"]).round_steps == 7

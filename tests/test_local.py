@@ -31,7 +31,7 @@ def test_rounds_reuse_the_backbone_and_move_only_the_payload(monkeypatch):
     for r in range(1, 4):
         res = client.fit(g, partition_id=1, round_num=r)
         assert set(res.tensors) == set(start) and res.num_examples == n_train
-        assert _distance(res.tensors, g) > 0 and res.metrics["steps"] == cfg.train.local_steps
+        assert _distance(res.tensors, g) > 0 and res.metrics["train_s"] > 0
         g = res.tensors
         metrics, n = client.evaluate(g)  # centralized: the whole (capped) test split
         assert 0.0 <= metrics["accuracy"] <= 1.0 and n == 16

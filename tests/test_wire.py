@@ -25,7 +25,7 @@ def test_a_client_reply_costs_at_most_1_10_x_the_raw_payload(config):
     down = Message(RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}),
                    dst_node_id=5, message_type="train")
     # The metrics a real fit reply carries (see LocalClient.fit).
-    metrics = {"num-examples": 123, "train_loss": 0.5, "steps": 25, "train_s": 12.5, "pid": 4242, "backbone_loads": 1}
+    metrics = {"num-examples": 123, "train_loss": 0.5, "train_s": 12.5, "pid": 4194303, "backbone_loads": 1}
     up = _reply(down, {"tensors": tensors, "metrics": metrics})
     assert wire_bytes(up) <= 1.10 * raw, (config, wire_bytes(up), raw)
     assert wire_bytes(down) <= 1.10 * raw

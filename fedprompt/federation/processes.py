@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -30,6 +31,11 @@ QUIET_ENV = {
     "HF_DATASETS_OFFLINE": os.environ.get("HF_DATASETS_OFFLINE", "1"),
     "TOKENIZERS_PARALLELISM": "false",
 }
+
+
+# Every process we start, and every process those start (Ray daemonises some of its own, out
+# of the process tree), inherits this tag in its environment: `reap` finds them all by it.
+TAG_VAR, TAG = "FEDPROMPT_PROCESS_TAG", uuid.uuid4().hex
 
 
 class ProcessError(RuntimeError):
@@ -73,7 +79,7 @@ def _die_with_parent() -> None:
 
 
 def env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
-    e = {**os.environ, **QUIET_ENV, **extra}
+    e = {**os.environ, **QUIET_ENV, **extra, TAG_VAR: TAG}
     # SuperLink and SuperNode start `flower-superexec` and app processes by name: from here.
     e["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), e.get("PATH", "")])
     if flwr_home is not None:
@@ -119,6 +125,19 @@ def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
     psutil.wait_procs(alive, timeout=timeout)
     if proc.poll() is None:
         proc.wait(timeout)
+
+
+def reap() -> None:
+    """Kill whatever is left of the processes this process started (by their tag)."""
+    me, left = os.getpid(), []
+    for p in psutil.process_iter():
+        try:
+            if p.pid != me and p.environ().get(TAG_VAR) == TAG:
+                p.kill()
+                left.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    psutil.wait_procs(left, timeout=10)
 
 
 def wait_listening(host: str, port: int, proc: subprocess.Popen, log: Path, what: str, timeout: float = 60.0) -> None:

@@ -173,6 +173,7 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
     finally:
         processes.stop(run)
         processes.stop(link)
+        processes.reap()
         shutil.rmtree(home, ignore_errors=True)
     if quiet:
         return json.loads((out / "summary.json").read_text(encoding="utf-8")) | {"rows": rows}

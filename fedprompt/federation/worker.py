@@ -81,6 +81,25 @@ class Worker:
                 self.say(f"SuperNode exited ({processes.tail(log, 1)}); reconnecting to {self.superlink}")
                 self.stopping.wait(2.0)
 
+    def _answer(self, conn, handle) -> None:
+        """One request from the bridge: handled, answered, logged in one line."""
+        with conn:
+            request = conn.recv()
+            request["partition_id"] = self.partition_id  # the bridge does not know it
+            t0 = time.perf_counter()
+            try:
+                reply = handle(self.client, request)
+            except Exception as e:  # reported to the server as this client's error; we live on
+                if not _user_error(e):
+                    traceback.print_exc()
+                reply = {"error": f"{type(e).__name__}: {e}"}
+            conn.send(reply)
+            self.requests += 1
+            m = reply.get("metrics", {})
+            detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (
+                f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else reply.get("error", "ok"))
+            self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+
     def serve(self) -> None:
         """Answer requests until SIGTERM/SIGINT; then stop the SuperNode and remove the folder."""
         from multiprocessing.connection import Listener
@@ -103,28 +122,17 @@ class Worker:
                     conn = listener.accept()
                 except OSError:  # a connection that failed the key check: ignore it
                     continue
-                with conn:
-                    request = conn.recv()
-                    request["partition_id"] = self.partition_id  # the bridge does not know it
-                    t0 = time.perf_counter()
-                    try:
-                        reply = handle(self.client, request)
-                    except Exception as e:  # reported to the server as this client's error; we live on
-                        if not _user_error(e):
-                            traceback.print_exc()
-                        reply = {"error": f"{type(e).__name__}: {e}"}
-                    conn.send(reply)
-                    self.requests += 1
-                    m = reply.get("metrics", {})
-                    detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (
-                        f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else reply.get("error", "ok"))
-                    self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+                try:
+                    self._answer(conn, handle)
+                except (OSError, EOFError) as e:  # the bridge process went away mid-request
+                    self.say(f"a request was dropped: {e}")
         except KeyboardInterrupt:
             self.say("stopping")
         finally:
             self.stopping.set()
             processes.stop(self.supernode)
             supervisor.join(timeout=5)
+            processes.reap()
             listener.close()
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -1,0 +1,198 @@
+"""Federation end to end: real `fedprompt simulate` / `server` / `client` processes, real Flower
+SuperLink and SuperNodes on loopback (free ports), real backbones (slow; `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedprompt.config import load_config
+from fedprompt.federation.processes import free_port
+from fedprompt.report import read_jsonl
+from tests.tiny import tiny_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+TINY = ["model.max_length=32", "peft.num_virtual_tokens=4", "peft.lora_r=4", "train.batch_size=4", "train.eval_batch_size=16",
+        "train.local_steps=3", "train.warmup_steps=1", "data.max_examples=100", "train.max_eval_examples=16"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def _start(args: list[str], log: Path, *, threads: int | None = None) -> subprocess.Popen:
+    env = dict(os.environ)
+    if threads:  # several torch processes share this machine's cores: do not oversubscribe
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, cwd=ROOT)
+
+
+def _wait_for_round(out: Path, rnd: int, procs: list[subprocess.Popen], timeout: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if any(r["round"] >= rnd for r in _rows(out)):
+            return
+        assert all(p.poll() is None for p in procs), "a process died"
+        time.sleep(0.5)
+    raise AssertionError(f"round {rnd} not reached in {timeout} s")
+
+
+def _rows(out: Path) -> list[dict]:
+    try:
+        return read_jsonl(out / "metrics.jsonl")
+    except (json.JSONDecodeError, OSError):
+        return []
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _flower_processes_of(port: int) -> list[str]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if str(port) in cmd and ("flower" in cmd or "flwr" in cmd):
+            found.append(cmd)
+    return found
+
+
+def test_server_and_two_clients_on_minilm(tmp_path):
+    """A real server and two real clients on loopback complete 3 rounds on MiniLM; each client
+    loads its backbone once; the final adapter loads with peft and gives the last row's accuracy."""
+    import torch
+    from peft import PeftModel
+
+    from fedprompt.backbone import load_backbone
+    from fedprompt.engine import evaluate
+    from fedprompt.local import LocalClient
+    from tests.test_e2e import PeftForward
+
+    port, out = free_port(), tmp_path / "run"
+    common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + _sets(
+        ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2",
+         "federation.fraction_evaluate=1.0", "train.max_eval_examples=0"])
+    server = _start(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out)], tmp_path / "server.log")
+    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
+                      tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    try:
+        assert server.wait(timeout=1200) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert all(c.poll() is None for c in clients)  # clients are services: still up
+    finally:
+        _stop(clients + [server])
+    assert not _flower_processes_of(port), "Flower processes left behind"
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    loads = [r["backbone_loads"] for r in rows[1:]]
+    assert len(loads[0]) == 2 and all(x == loads[0] for x in loads) and set(loads[0].values()) == {1}
+    summary = json.loads((out / "summary.json").read_text())
+    assert max(r["bytes_up"] for r in rows) <= 1.10 * summary["payload_bytes"]
+    assert "Summary" in (tmp_path / "server.log").read_text()
+
+    # The adapter, through peft on a fresh backbone, over both clients' local test splits.
+    cfg = load_config(out / "config.yaml")
+    lc = LocalClient(cfg, num_partitions=2)
+    torch.manual_seed(999)  # another head init: the adapter must bring the trained one
+    bb = load_backbone(cfg.model, num_labels=len(lc.state.data.labels), task=lc.state.data.task)
+    pm = PeftForward(PeftModel.from_pretrained(bb.model, str(out / "adapter")))
+    correct = total = 0.0
+    for i in range(2):
+        test = lc.shard(i).test
+        m = evaluate(pm, lc.state.task, test, cfg, pad_id=lc.state.pad_id, device=bb.device)
+        correct, total = correct + m["accuracy"] * len(test), total + len(test)
+    assert correct / total == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+
+
+def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
+    port, out = free_port(), tmp_path / "run"
+    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
+    server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out)]
+    server = _start(server_args, tmp_path / "server1.log")
+    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
+                      tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    try:
+        _wait_for_round(out, 2, [server, *clients], timeout=600)
+        os.killpg(server.pid, signal.SIGKILL)  # the whole server side dies at once, like a pod
+        server.wait()
+        before = {r["round"]: r["digest"] for r in _rows(out) if r["round"] > 0}
+        assert 2 in before
+        server = _start(server_args, tmp_path / "server2.log")
+        assert server.wait(timeout=600) == 0, (tmp_path / "server2.log").read_text()[-3000:]
+    finally:
+        _stop(clients + [server])
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # each round exactly once
+    assert {r["round"]: r["digest"] for r in rows if r["round"] in before} == before
+    log = (out / "logs" / "run.log").read_text()
+    assert f"resuming after round {max(before)} of 4 (global payload {before[max(before)]})" in log
+    assert "resuming after round" in (tmp_path / "server2.log").read_text()
+
+
+@pytest.mark.parametrize("kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")])
+def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
+    """6 virtual clients on one worker: one backbone load in all; every method and
+    quantization trains federated; the run directory is complete."""
+    out = tmp_path / "run"
+    sets = [f"model.name={tiny_folder(kind)}", *TINY, f"peft.method={method}", f"model.quantization={quant}",
+            "federation.num_clients=6", "federation.rounds=2", "federation.fraction_fit=0.5", "federation.fraction_evaluate=0.5",
+            "data.partition=dirichlet", "data.alpha=1.0", "train.lr=0.05"]
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets(sets), "--output", str(out)],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [x["round"] for x in rows] == [0, 1, 2]
+    assert all(x["clients"] == 3 for x in rows[1:])
+    pids = {pid for x in rows[1:] for pid in x["backbone_loads"]}
+    assert len(pids) == 1 and all(list(x["backbone_loads"].values()) == [1] for x in rows[1:])
+    assert rows[1]["digest"] != rows[2]["digest"]
+    for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
+              "checkpoint.safetensors"):
+        assert (out / f).is_file(), f
+    assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
+
+
+def test_simulation_of_generation_on_a_user_file(tmp_path):
+    """Generation (prompt -> response, exact match) federated, from the user's own JSONL."""
+    f = tmp_path / "pairs.jsonl"
+    words = ["red", "green", "blue"]
+    with f.open("w") as fh:
+        for i in range(60):
+            fh.write(json.dumps({"prompt": f"Item {i} colour:", "response": f" {words[i % 3]}"}) + "\n")
+    sets = [f"model.name={tiny_folder('llama')}", *TINY, "peft.method=lora", "data.dataset=file", f"data.path={f}",
+            "data.task=generation", "data.partition=iid", "federation.num_clients=3", "federation.rounds=2"]
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets(sets), "--output", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    assert "exact_match" in rows[-1] and rows[-1]["round"] == 2
+
+
+def test_bad_input_is_one_line_before_anything_starts(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets([f"model.name={tiny_folder('bert')}", *TINY,
+                        "data.dataset=file", f"data.path={tmp_path / 'missing.csv'}"]), "--output", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.csv" in r.stderr
+    assert not (tmp_path / "run").exists()
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "client", "--server", "nohost", "--partition-id", "3",
+                        "--num-partitions", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "HOST:PORT" in r.stderr and r.stderr.count("\n") == 1
