@@ -90,7 +90,7 @@ def test_server_and_two_clients_on_minilm(tmp_path):
 
     port, out = free_port(), tmp_path / "run"
     common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + _sets(
-        ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2",
+        ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2", "federation.fraction_fit=1.0",
          "federation.fraction_evaluate=1.0", "train.max_eval_examples=0"])
     server = _start(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out)], tmp_path / "server.log")
     clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
