@@ -83,7 +83,8 @@ def main(grid: Grid, context: Context) -> None:
         _die_with(int(context.run_config["superlink-pid"]))
     lock = _lock(out)
     try:
-        serve(grid, load_config(out / "config.yaml"), out, centralized=simulation)
+        cfg = load_config(out / "config.yaml")
+        serve(grid, cfg, out, centralized=simulation and cfg.federation.centralized_eval)
     except BaseException as e:
         # The CLI follows the run from outside this process: leave it the reason in one line.
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -205,13 +206,16 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
     t_train = time.perf_counter() - t0
     row = {"round": rnd, "step": rnd * cfg.round_steps}
+    t1 = time.perf_counter()
     row.update(_evaluate(grid, strategy, rnd, tensors, centralized=centralized, timeout=timeout))
+    t_eval = time.perf_counter() - t1
     row.update({
         "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
         "clients": len(good), "failures": len(msgs) - len(good),
         "examples": int(sum(float(dict(r.content["metrics"])[WEIGHT_KEY]) for r in good)),
         "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
-        "train_s": round(t_train, 3), "round_s": round(time.perf_counter() - t0, 3), "backbone_loads": workers,
+        "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
+        "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
     })
     return tensors, row
 
@@ -230,7 +234,7 @@ def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
         row = {"round": 0, "step": 0}
         row.update(_evaluate(grid, strategy, 0, state.tensors, centralized=centralized, timeout=timeout))
         row.update({"train_loss": None, "clients": 0, "failures": 0, "examples": 0, "bytes_up": 0, "bytes_up_total": 0,
-                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "round_s": round(time.perf_counter() - t0, 3),
+                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "eval_s": 0.0, "client_train_s": None, "round_s": round(time.perf_counter() - t0, 3),
                     "backbone_loads": {}, "wall_s": round(time.perf_counter() - t0, 3)})
         state.rows = [row]
         checkpoint.save(out, state)
