@@ -53,12 +53,9 @@ def test_a_crashed_server_resumes_exactly(tmp_path, client, strategy):
     full = _run(cfg, tmp_path / "full", _grid(client))
     assert [r["round"] for r in full] == [0, 1, 2, 3]
 
-    trains = []
-
     def crash_in_round_3(node, respond):
         def r(msg):
             if msg.metadata.message_type == "train" and int(msg.content["config"]["server-round"]) == 3:
-                trains.append(node)
                 raise KeyboardInterrupt  # the server dies mid-round
             return respond(msg)
         return r
@@ -176,3 +173,25 @@ def test_prepare_resumes_only_the_same_configuration(tmp_path, client):
         prepare(_cfg(federation__rounds=4, peft__num_virtual_tokens=6), out, overwrite=False)
     assert prepare(_cfg(peft__num_virtual_tokens=6), out, overwrite=True) == 0  # a new run
     assert not (out / "checkpoint.safetensors").exists()
+
+
+def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
+    """main(): config from the run directory, centralized evaluation only in simulation and
+    only when asked, status.json written."""
+    from fedprompt.federation.server_app import main
+    from tests.fakegrid import FakeContext
+
+    for mode, central, expect_central in (("simulation", "true", True), ("simulation", "false", False), ("deployment", "true", False)):
+        cfg = _cfg(federation__rounds=1, federation__fraction_evaluate=1.0, federation__centralized_eval=central)
+        client.cfg = cfg
+        out = tmp_path / f"{mode}-{central}"
+        out.mkdir()
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        ctx = FakeContext({})
+        ctx.run_config = {"output": str(out), "mode": mode, "superlink-pid": 0}
+        grid = _grid(client)
+        main(grid, ctx)
+        assert json.loads((out / "status.json").read_text()) == {"state": "done"}
+        central_asked = any(m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized"
+                            for m in grid.sent)
+        assert central_asked == expect_central, (mode, central)
