@@ -6,6 +6,7 @@ models) behind each node, or with hostile ones.
 
 from __future__ import annotations
 
+import uuid
 from typing import Callable
 
 from flwr.app import Error, Message, RecordDict
@@ -47,29 +48,31 @@ class FakeGrid:
         _identity()
         self.responders = responders
         self.sent: list[Message] = []
+        self._replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> list[int]:
         return list(self.responders)
 
-    def send_and_receive(self, messages, *, timeout=None) -> list[Message]:
-        out = []
+    def push_messages(self, messages) -> list[str]:
+        """Answer each message at once (as a Flower node would, later); keep the replies."""
+        ids = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # what Flower's grids do
             self.sent.append(m)
             reply = self.responders[m.metadata.dst_node_id](m)
             if reply is not None:
-                out.append(reply)
-        return out
+                self._replies[m.metadata.message_id] = reply
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
 
 
-def replace_arrays(reply: Message, tensors: dict) -> Message:
-    """The same reply with other tensors (a tampering node)."""
+def replace_arrays(msg: Message, reply: Message, tensors: dict) -> Message:
+    """The reply to `msg` with other tensors (a tampering node)."""
     from fedprompt.federation.wire import to_record
 
     content = RecordDict({k: v for k, v in reply.content.items()})
     content["arrays"] = to_record(tensors)
-    return Message(content=content, reply_to=_original(reply))
-
-
-def _original(reply: Message) -> Message:
-    m = Message(RecordDict(), dst_node_id=reply.metadata.src_node_id, message_type=reply.metadata.message_type)
-    return m
+    return Message(content=content, reply_to=msg)

@@ -85,7 +85,7 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(tmp_path, client, capsys
                 t[name] = np.full(spec[name].shape, np.nan, dtype=np.float32)
             else:
                 t[name] = np.zeros((1, *spec[name].shape), dtype=np.float32)
-            return replace_arrays(reply, t)
+            return replace_arrays(msg, reply, t)
         return r
 
     rows = _run(cfg, tmp_path / "run", _grid(client, tamper))
