@@ -94,7 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in ("simulate", "server"):
             from fedprompt.federation import runner
 
-            signal.signal(signal.SIGTERM, _interrupt)  # stop Flower's processes on SIGTERM too
+            # Stop Flower's processes on SIGTERM too, and on SIGINT even when it was inherited as
+            # ignored (a background job of a non-interactive shell).
+            signal.signal(signal.SIGTERM, _interrupt)
+            signal.signal(signal.SIGINT, _interrupt)
 
             job = runner.run_simulate if args.command == "simulate" else runner.run_server
             job(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)

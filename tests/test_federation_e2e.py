@@ -196,3 +196,40 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "fedprompt", "client", "--server", "nohost", "--partition-id", "3",
                         "--num-partitions", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and "HOST:PORT" in r.stderr and r.stderr.count("\n") == 1
+
+
+def _marked(mark: str) -> list[str]:
+    """Live processes that inherited FEDPROMPT_TEST_MARK=mark (every descendant does)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.environ().get("FEDPROMPT_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(p.info["cmdline"] or []))
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_simulation_leaves_no_process(tmp_path, sig):
+    """Ctrl-C (or SIGTERM) in the middle of a simulation: exit 130, and no SuperLink, SuperExec,
+    ServerApp, Ray or worker process survives it."""
+    mark = f"{sig.name}-{os.getpid()}-{time.monotonic_ns()}"
+    os.environ["FEDPROMPT_TEST_MARK"] = mark
+    try:
+        out = tmp_path / "run"
+        p = _start(["simulate", *_sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=50",
+                                        "federation.num_clients=4"]), "--output", str(out)], tmp_path / "sim.log")
+    finally:
+        del os.environ["FEDPROMPT_TEST_MARK"]
+    try:
+        _wait_for_round(out, 1, [p], timeout=300)
+        p.send_signal(sig)
+        assert p.wait(timeout=60) == 130
+    finally:
+        _stop([p])
+    t0 = time.monotonic()
+    while _marked(mark) and time.monotonic() - t0 < 15:
+        time.sleep(0.5)
+    assert not _marked(mark), _marked(mark)
+    assert "fedprompt: interrupted" in (tmp_path / "sim.log").read_text()

@@ -111,6 +111,7 @@ class Worker:
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, on_term)
+        signal.signal(signal.SIGINT, on_term)  # also when inherited as ignored
         listener = Listener(str(self.folder / SOCKET), family="AF_UNIX", authkey=self.key)
         supervisor = threading.Thread(target=self._supervise, daemon=True)
         supervisor.start()
