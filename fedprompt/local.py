@@ -8,7 +8,6 @@ only changes the tiny tensors, the optimizer and the batch order. The Flower glu
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ BACKBONE_LOADS = 0
 class FitResult:
     tensors: dict[str, torch.Tensor]  # the updated payload (wire dtype, CPU)
     num_examples: int  # local training examples (the FedAvg weight)
-    metrics: dict[str, float] = field(default_factory=dict)  # train_loss, train_s, pid, backbone_loads
+    metrics: dict[str, float] = field(default_factory=dict)  # train_loss, train_s
 
 
 @dataclass
@@ -107,8 +106,7 @@ class LocalClient:
         t0 = time.perf_counter()
         loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
                            device=s.backbone.device, extra_loss=proximal if anchor is not None else None)
-        metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0,
-                   "pid": os.getpid(), "backbone_loads": BACKBONE_LOADS}
+        metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0}
         return FitResult(payload.extract(s.model), len(data), metrics)
 
     def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None,

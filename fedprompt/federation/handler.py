@@ -49,7 +49,7 @@ def handle(client, request: dict) -> dict:
     if kind == "fit":
         res = client.fit(tensors, partition_id=pid, round_num=int(request["round"]), source=source,
                          proximal_mu=float(request.get("proximal_mu", 0.0)))
-        return {"tensors": _numpy(res.tensors), "metrics": {"num-examples": res.num_examples, **res.metrics}}
+        return {"tensors": _numpy(res.tensors), "metrics": {"num-examples": res.num_examples, **res.metrics, **worker}}
     if kind == "evaluate":
         scope = None if request.get("scope") == "centralized" else pid
         metrics, n = client.evaluate(tensors, partition_id=scope, source=source)

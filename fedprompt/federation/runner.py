@@ -122,18 +122,16 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
     return rows
 
 
-def _summarise(cfg: Config, out: Path, t0: float, title: str) -> dict:
-    s = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+def _summarise(cfg: Config, out: Path, s: dict, t0: float) -> None:
     ratio = s["bytes_up_max"] / s["payload_bytes"] if s["payload_bytes"] else 0.0
     acc = s.get("accuracy")
-    summary(title, [
+    summary("Summary", [
         ("test accuracy", "-" if acc is None else f"{acc:.4f} (start {s['start_accuracy']:.4f})"),
         ("rounds", s["rounds"]), ("local steps", f"{s['total_local_steps']} in all ({cfg.round_steps} per client per round)"),
         ("bytes up per client", f"{s['bytes_up_max']:,} max (payload {s['payload_bytes']:,} raw: x{ratio:.3f})"),
         ("wall time", f"{time.perf_counter() - t0:.1f} s"),
         ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
     ])
-    return s
 
 
 def _preflight(cfg: Config) -> None:
@@ -175,9 +173,10 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         processes.stop(link)
         processes.reap()
         shutil.rmtree(home, ignore_errors=True)
-    if quiet:
-        return json.loads((out / "summary.json").read_text(encoding="utf-8")) | {"rows": rows}
-    return _summarise(cfg, out, t0, "Summary") | {"rows": rows}
+    result = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if not quiet:
+        _summarise(cfg, out, result, t0)
+    return result | {"rows": rows}
 
 
 def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:

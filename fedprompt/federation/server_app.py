@@ -20,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config, load_config
-from fedprompt.federation.strategy import WEIGHT_KEY, make_strategy, restore_strategy, strategy_state
+from fedprompt.federation.strategy import WEIGHT_KEY, WORKER_KEYS, make_strategy, restore_strategy, strategy_state
 from fedprompt.federation.wire import from_record, to_record, wire_bytes
 from fedprompt.report import append_jsonl, plot_curves
 
@@ -142,7 +142,8 @@ def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerS
     node = _wait_for_nodes(grid, 1)[0]
     rep = _ask(grid, node, "query", RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
     tensors = from_record(rep.content["arrays"])
-    payload.validate(_torch(tensors), payload.manifest_from(_torch(tensors)), source=f"node {node} (initial payload)")
+    t = _torch(tensors)
+    payload.validate(t, payload.manifest_from(t), source=f"node {node} (initial payload)")
     log(f"initial payload from node {node}: {len(tensors)} tensors, "
         f"{sum(v.nbytes for v in tensors.values()):,} bytes")
     return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]),
@@ -176,7 +177,7 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
         node = sorted(grid.get_node_ids())[0]
         content = RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})})
         m = dict(_ask(grid, node, "evaluate", content, timeout).content["metrics"])
-        row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, "pid", "backbone_loads")})
+        row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, *WORKER_KEYS)})
     else:  # deployment: the server holds no data; the federated figures are the figures
         row.update({k[4:]: v for k, v in list(row.items()) if k.startswith("fed_") and k != "fed_examples"})
     row.setdefault("accuracy", None)
@@ -226,7 +227,7 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     row.update({
         "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
         "clients": len(good), "failures": len(msgs) - len(good),
-        "examples": int(sum(float(dict(r.content["metrics"])[WEIGHT_KEY]) for r in good)),
+        "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights
         "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
         "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
         "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
