@@ -101,11 +101,21 @@ class FederationConfig:
 
 @dataclass
 class PrivacyConfig:
-    mode: Literal["none", "sample", "client"] = "none"
+    mode: Literal["none", "sample", "client", "both"] = "none"  # both: sample- and client-level at once
+    # Sample level: DP-SGD on each client (Opacus), per example.
     noise_multiplier: float = 1.0  # std of the noise / L2 sensitivity
-    max_grad_norm: float = 1.0  # L2 clipping bound C
-    target_epsilon: float = 0.0  # > 0: solve the noise multiplier for it
+    max_grad_norm: float = 1.0  # L2 clipping bound C of one example's gradient
+    target_epsilon: float = 0.0  # > 0: solve the noise multiplier for it over the planned rounds and steps
     delta: float = 1e-5
+    accountant: Literal["rdp", "prv"] = "rdp"
+    max_noise_multiplier: float = 20.0  # refuse a target epsilon that would need more noise than this
+    # Client level: Flower's DP strategy wrappers, per client update (central DP at the server).
+    client_noise_multiplier: float = 1.0  # std of the noise on the summed clipped updates / clip norm
+    client_clip_norm: float = 0.1  # L2 bound on one client's update (local - global); adaptive: the initial one
+    clipping: Literal["server", "client"] = "server"  # where updates are clipped
+    adaptive_clipping: bool = False  # clip norm follows a quantile of the update norms (Andrew et al.)
+    target_quantile: float = 0.5  # adaptive: share of updates meant to fall under the clip norm
+    clip_norm_lr: float = 0.2  # adaptive: geometric learning rate of the clip norm
 
 
 @dataclass
@@ -124,6 +134,9 @@ class ServerConfig:
 @dataclass
 class ClientConfig:
     server: str = "127.0.0.1:9092"
+    # Where the client keeps its privacy ledger (DP accountant). "": <output>/clients in a
+    # simulation, ~/.local/state/fedprompt for `fedprompt client`.
+    state_dir: str = ""
 
 
 @dataclass
@@ -387,7 +400,28 @@ def _validate(c: Config) -> list[str]:
     need(pr.max_grad_norm > 0, f"privacy.max_grad_norm: {pr.max_grad_norm} must be > 0")
     need(pr.target_epsilon >= 0, f"privacy.target_epsilon: {pr.target_epsilon} must be >= 0 (0: use noise_multiplier)")
     need(0 < pr.delta < 1, f"privacy.delta: {pr.delta} is out of range; allowed (0, 1)")
-    need(pr.mode == "none", f"privacy.mode: {pr.mode!r} is not available in this release; only 'none' is (differential privacy is being built)")
+    need(pr.max_noise_multiplier > 0, f"privacy.max_noise_multiplier: {pr.max_noise_multiplier} must be > 0")
+    need(pr.client_noise_multiplier > 0, f"privacy.client_noise_multiplier: {pr.client_noise_multiplier} must be > 0")
+    need(pr.client_clip_norm > 0, f"privacy.client_clip_norm: {pr.client_clip_norm} must be > 0")
+    need(0 < pr.target_quantile < 1, f"privacy.target_quantile: {pr.target_quantile} is out of range; allowed (0, 1)")
+    need(pr.clip_norm_lr > 0, f"privacy.clip_norm_lr: {pr.clip_norm_lr} must be > 0")
+    if pr.mode in ("sample", "both"):
+        need(pr.noise_multiplier > 0 or pr.target_epsilon > 0,
+             "privacy.noise_multiplier: 0 with privacy.mode 'sample' adds no noise (no DP guarantee); set it > 0 or set privacy.target_epsilon")
+        # The DeepSpeed settings under which what DeepSpeed steps is what Opacus clipped and noised.
+        d = c.deepspeed
+        need(d.zero_stage == 0, f"deepspeed.zero_stage: {d.zero_stage} with privacy.mode {pr.mode!r}: ZeRO partitions the gradients "
+             "into flat buffers the per-example clipping never sees; use zero_stage 0 (the payload is tiny)")
+        need(d.precision == "fp32", f"deepspeed.precision: {d.precision!r} with privacy.mode {pr.mode!r}: DeepSpeed's bf16 optimizer "
+             "steps fp32 master copies that carry no per-example gradients; use fp32 (the backbone may still be quantized)")
+        need(d.gradient_accumulation_steps == 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} with "
+             f"privacy.mode {pr.mode!r}: a Poisson-sampled batch is one step; raise train.batch_size instead")
+    if pr.mode in ("client", "both"):
+        need(f.strategy in ("fedavg", "fedprox"),
+             f"federation.strategy: {f.strategy!r} with privacy.mode {pr.mode!r}: client-level DP bounds each client's share "
+             "of a plain mean; use fedavg or fedprox (a server optimizer or a robust aggregate changes the sensitivity)")
+        need(pr.delta < 1 / f.num_clients,
+             f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / f.num_clients:.3g})")
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")

@@ -70,12 +70,14 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     return max(1.0 - frac, 0.0)
 
 
-def ds_config(cfg: Config) -> dict:
+def ds_config(cfg: Config, *, private: bool = False) -> dict:
     d = cfg.deepspeed
     return {
         "train_micro_batch_size_per_gpu": cfg.train.batch_size,
         "gradient_accumulation_steps": d.gradient_accumulation_steps,
-        "gradient_clipping": d.gradient_clipping,
+        # Under DP-SGD each example's gradient is clipped by Opacus; a clip of the batch sum
+        # would act on the non-private gradient that Opacus then replaces: skip the work.
+        "gradient_clipping": 0.0 if private else d.gradient_clipping,
         "zero_optimization": {"stage": d.zero_stage},
         "zero_allow_untested_optimizer": True,  # a torch AdamW: nothing to JIT-compile
         "bf16": {"enabled": d.precision == "bf16"},
@@ -84,19 +86,25 @@ def ds_config(cfg: Config) -> dict:
     }
 
 
-def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: int = 0):
+def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: int = 0, dp=None):
     """A DeepSpeed engine around `model`, training only its payload tensors. The LR schedule
     spans `total_steps` and begins at `start_step` (a federated round continues the schedule
-    of the whole run, so warmup happens once, not every round)."""
+    of the whole run, so warmup happens once, not every round). With `dp` (a
+    privacy.SamplePlan; the model inside privacy.per_example_gradients) the optimizer DeepSpeed
+    steps is Opacus's DPOptimizer around the AdamW."""
     init_distributed()
     params = list(model.trainable().values())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if dp is not None:
+        from fedprompt.privacy import dp_optimizer
+
+        opt = dp_optimizer(opt, cfg, dp)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
         lambda s: lr_factor(s + start_step, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule),
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg)
+        model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg, private=dp is not None)
     )
     return engine
 
@@ -144,23 +152,41 @@ def train_steps(
     start_step: int = 0,
     on_step: Callable[[StepLog], None] | None = None,
     extra_loss: Callable[[], torch.Tensor] | None = None,
+    private: bool = False,
 ) -> float:
     """Run `steps` optimizer steps (each of gradient_accumulation_steps micro-batches) on
     index batches drawn from `stream` (see `batches`; one stream per run, so evaluating in
-    between never changes the batch order). Returns the mean training loss."""
+    between never changes the batch order). Returns the mean training loss.
+
+    `private`: DP-SGD (engine from make_engine(dp=...)): batches come from a Poisson stream
+    and may be empty (the step then adds noise only), and the loss is a mean of per-example
+    losses, so that each example's gradient depends on that example alone."""
     engine.train()
     gas = cfg.deepspeed.gradient_accumulation_steps
+    loss_fn = task.example_mean_loss if private else task.loss
     total = 0.0
     for step in range(start_step, start_step + steps):
         step_loss = 0.0
         for _ in range(gas):
-            batch = collate(data, next(stream), pad_id, device)
+            index = next(stream)
+            if not index:  # only a Poisson sample can be empty
+                from fedprompt.privacy import empty_step
+
+                empty_step(engine.module)
+                engine.step()
+                engine.optimizer.zero_grad(set_to_none=True)
+                continue
+            batch = collate(data, index, pad_id, device)
             logits = engine(batch["input_ids"], batch["attention_mask"])
-            loss = task.loss(logits, batch)
+            loss = loss_fn(logits, batch)
             if extra_loss is not None:
                 loss = loss + extra_loss()
             engine.backward(loss)
             engine.step()
+            if private:
+                # DeepSpeed's own zero_grad (fp32, ZeRO 0) clears p.grad only; per-example
+                # gradients left behind would be added into the next step's.
+                engine.optimizer.zero_grad(set_to_none=True)
             step_loss += float(loss.detach()) / gas
         total += step_loss
         if on_step is not None:

@@ -95,6 +95,11 @@ class Task:
     def predict(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def example_mean_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """The mean over examples of a loss that each example determines alone (DP-SGD's
+        per-example gradients need that). A classification loss already is one."""
+        return self.loss(logits, batch)
+
 
 class HeadClassification(Task):
     """Encoder + classification head: logits (B, C) come straight from the model."""
@@ -207,6 +212,14 @@ class Generation(Task):
         labels = batch["labels"]
         logits = logits[:, logits.shape[1] - labels.shape[1] :]  # drop soft-prompt positions
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+    def example_mean_loss(self, logits, batch):
+        # The token mean over the whole batch would weight an example by the others' lengths.
+        labels = batch["labels"][:, 1:]
+        logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :][:, :-1]
+        tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
+        real = (labels != -100).float()
+        return ((tok.view_as(real) * real).sum(1) / real.sum(1).clamp(min=1)).mean()
 
     def predict(self, logits, batch):
         raise NotImplementedError("generation is scored by greedy decoding (engine.exact_match)")
