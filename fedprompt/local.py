@@ -8,6 +8,9 @@ only changes the tiny tensors, the optimizer and the batch order. The Flower glu
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -41,13 +44,15 @@ class LocalClient:
     """Clients of one config in this process: the frozen backbone with the method, loaded
     once, and the data partitions of `num_partitions` (built on first use, then cached)."""
 
-    def __init__(self, cfg: Config, *, num_partitions: int = 1, setup_fn=None):
+    def __init__(self, cfg: Config, *, num_partitions: int = 1, setup_fn=None, state_dir: str | Path | None = None):
         from fedprompt.data import load_task_data
         from fedprompt.run import setup
 
         global BACKBONE_LOADS
         self.cfg = cfg
         self.num_partitions = num_partitions
+        # Where each client's privacy ledger lives (DP-SGD): it outlives rounds and restarts.
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(cfg)
         self.state = (setup_fn or setup)(cfg, data=load_task_data(cfg.data))
         BACKBONE_LOADS += 1
         self.manifest = payload.manifest_of(self.state.model)
@@ -91,7 +96,7 @@ class LocalClient:
         data = self.shard(partition_id).train
         # Load before building the engine: ZeRO/bf16 keep master copies in the optimizer.
         payload.load(s.model, tensors, source=source)
-        engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps)
+        private = cfg.privacy.mode in ("sample", "both")
         live = s.model.trainable()
         anchor = {k: t.to(live[k].device) for k, t in tensors.items()} if proximal_mu > 0 else None
 
@@ -100,14 +105,38 @@ class LocalClient:
 
         # A distinct, reproducible batch order and dropout per (seed, client, round): a round's
         # update depends on the global payload only, so a resumed run repeats it exactly.
+        # (Not under DP: its batches and noise come from the OS entropy pool.)
         round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
-        stream = batches(len(data), cfg.train.batch_size, round_seed)
         torch.manual_seed(round_seed)
-        t0 = time.perf_counter()
-        loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
-                           device=s.backbone.device, extra_loss=proximal if anchor is not None else None)
-        metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0}
+        with self._dp(data) as dp:
+            engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=dp.plan)
+            stream = dp.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
+            t0 = time.perf_counter()
+            loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
+                               device=s.backbone.device, extra_loss=proximal if anchor is not None else None,
+                               private=private)
+            metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0, **dp.spent(steps)}
         return FitResult(payload.extract(s.model), len(data), metrics)
+
+    @contextlib.contextmanager
+    def _dp(self, data):
+        """DP-SGD for one round of this partition (a no-op without privacy.mode sample):
+        plans sigma and q, refuses a round that would pass the target epsilon, attaches the
+        per-example hooks, and records the steps in the client's ledger when the round ends."""
+        if self.cfg.privacy.mode not in ("sample", "both"):
+            yield _NoDP()
+            return
+        from fedprompt import privacy
+
+        cfg, p = self.cfg, self.cfg.privacy
+        plan = privacy.plan(cfg, n=len(data), planned_steps=cfg.federation.rounds * cfg.round_steps)
+        ledger = privacy.Ledger.open(self.state_dir / f"ledger-{data_fingerprint(data)}.json", p.accountant)
+        if ledger.would_exceed(plan.sigma, plan.q, cfg.round_steps, target=p.target_epsilon, delta=p.delta):
+            raise privacy.PrivacyError(f"privacy budget exhausted: this client has spent epsilon {ledger.epsilon(p.delta):.3f} "
+                                       f"of privacy.target_epsilon {p.target_epsilon} ({ledger.steps} DP steps, ledger "
+                                       f"{ledger.path}); it trains no further")
+        with privacy.per_example_gradients(self.state.model):
+            yield _DP(plan, ledger, len(data), p.delta)
 
     def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None,
                  source: str = "server") -> tuple[dict[str, float], int]:
@@ -121,3 +150,46 @@ class LocalClient:
         n = len(data) if not limit else min(len(data), limit)
         m = evaluate(s.model, s.task, data, self.cfg, pad_id=s.pad_id, device=s.backbone.device, limit=limit)
         return m, n
+
+
+def default_state_dir(cfg: Config) -> Path:
+    """client.state_dir, or the per-user state folder of a `fedprompt client`."""
+    if cfg.client.state_dir:
+        return Path(cfg.client.state_dir).expanduser()
+    base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(base) / "fedprompt"
+
+
+def data_fingerprint(data) -> str:
+    """A short hash of a client's training examples: the privacy ledger is that data's, so a
+    restarted client (or another process serving the same data) continues the same account."""
+    h = hashlib.sha256()
+    for ids, target in zip(data.ids, data.target, strict=True):
+        h.update(repr((ids, target)).encode())
+    return h.hexdigest()[:16]
+
+
+class _NoDP:
+    plan = None
+
+    def spent(self, steps: int) -> dict:
+        return {}
+
+
+@dataclass
+class _DP:
+    plan: object  # privacy.SamplePlan
+    ledger: object  # privacy.Ledger
+    n: int
+    delta: float
+
+    def batches(self):
+        from fedprompt.privacy import poisson_batches
+
+        return poisson_batches(self.n, self.plan.q)
+
+    def spent(self, steps: int) -> dict:
+        """Record this round's steps; the client's epsilon so far (metrics of the reply)."""
+        self.ledger.record(self.plan.sigma, self.plan.q, steps)
+        return {"epsilon": self.ledger.epsilon(self.delta), "noise_multiplier": self.plan.sigma,
+                "sample_rate": self.plan.q, "dp_steps": self.ledger.steps}

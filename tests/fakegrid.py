@@ -12,7 +12,7 @@ from typing import Callable
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.federation.client_app import _reply, _request
+from fedprompt.federation.client_app import _reply, _request, clipping_mod
 from fedprompt.federation.handler import handle
 
 Responder = Callable[[Message], "Message | None"]
@@ -33,10 +33,15 @@ def client_responder(client, partition_id: int) -> Responder:
     request/reply code as the real ClientApp."""
     kinds = {"query": "init", "train": "fit", "evaluate": "evaluate"}
 
+    context = FakeContext({"partition-id": partition_id})
+
+    def serve(msg: Message, ctx: FakeContext) -> Message:
+        return _reply(msg, handle(client, _request(kinds[msg.metadata.message_type], msg, ctx)))
+
     def respond(msg: Message) -> Message:
-        req = _request(kinds[msg.metadata.message_type], msg, FakeContext({"partition-id": partition_id}))
+        mod = clipping_mod(msg) if msg.metadata.message_type == "train" else None
         try:
-            return _reply(msg, handle(client, req))
+            return mod(msg, context, serve) if mod else serve(msg, context)
         except Exception as e:  # what Flower does with an exception in a ClientApp
             return Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 

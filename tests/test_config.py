@@ -258,9 +258,20 @@ def test_deeply_nested(tmp_path):
     assert load_config(None, ["model.name=" + "[" * 5000]).model.name == "[" * 5000
 
 
-def test_privacy_sample_refused(tmp_path):
-    line = only(problems(tmp_path, "privacy: {mode: sample}\n"))
-    assert line.startswith("privacy.mode: 'sample'") and "only 'none'" in line
+def test_privacy_configs_whose_guarantee_would_be_false_are_refused(tmp_path):
+    assert load_config(None, ["privacy.mode=sample"]).privacy.mode == "sample"
+    line = only(problems(tmp_path, "privacy: {mode: sample}\ndeepspeed: {zero_stage: 2}\n"))
+    assert line.startswith("deepspeed.zero_stage: 2 with privacy.mode 'sample'") and "zero_stage 0" in line
+    line = only(problems(tmp_path, "privacy: {mode: both}\ndeepspeed: {precision: bf16}\n"))
+    assert line.startswith("deepspeed.precision: 'bf16'") and "fp32" in line
+    line = only(problems(tmp_path, "privacy: {mode: sample}\ndeepspeed: {gradient_accumulation_steps: 4}\n"))
+    assert "Poisson" in line and "train.batch_size" in line
+    line = only(problems(tmp_path, "privacy: {mode: sample, noise_multiplier: 0}\n"))
+    assert line.startswith("privacy.noise_multiplier: 0") and "no DP guarantee" in line
+    line = only(problems(tmp_path, "privacy: {mode: client}\nfederation: {strategy: fedadam}\n"))
+    assert line.startswith("federation.strategy: 'fedadam' with privacy.mode 'client'") and "fedavg" in line
+    line = only(problems(tmp_path, "privacy: {mode: client, delta: 0.2}\n"))
+    assert line.startswith("privacy.delta: 0.2") and "num_clients" in line
 
 
 def test_cross_field_checks(tmp_path):

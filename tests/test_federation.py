@@ -144,7 +144,7 @@ def test_weighted_mean_skips_worker_bookkeeping():
 
     recs = [RecordDict({"m": MetricRecord({"num-examples": 1, "train_loss": 1.0, "pid": 7, "backbone_loads": 1})}),
             RecordDict({"m": MetricRecord({"num-examples": 3, "train_loss": 2.0, "pid": 9, "backbone_loads": 1})})]
-    out = dict(fs._weighted_mean(recs, "num-examples"))
+    out = dict(fs.weighted_mean(recs, "num-examples"))
     assert out == {"train_loss": 1.75, "num-examples": 4}
 
 

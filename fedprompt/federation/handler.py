@@ -28,7 +28,10 @@ def client_for(config_file: str | Path, num_partitions: int):
     key = (text, num_partitions)
     if key not in _CLIENTS:
         _CLIENTS.clear()  # a new run in a reused worker: drop the previous backbone first
-        _CLIENTS[key] = LocalClient(load_config(config_file), num_partitions=num_partitions)
+        cfg = load_config(config_file)
+        # A simulation keeps its virtual clients' privacy ledgers in the run directory.
+        state_dir = cfg.client.state_dir or Path(config_file).parent / "clients"
+        _CLIENTS[key] = LocalClient(cfg, num_partitions=num_partitions, state_dir=state_dir)
     return _CLIENTS[key]
 
 
@@ -49,7 +52,8 @@ def handle(client, request: dict) -> dict:
     if kind == "fit":
         res = client.fit(tensors, partition_id=pid, round_num=int(request["round"]), source=source,
                          proximal_mu=float(request.get("proximal_mu", 0.0)))
-        return {"tensors": _numpy(res.tensors), "metrics": {"num-examples": res.num_examples, **res.metrics, **worker}}
+        metrics = {"num-examples": res.num_examples, "uniform-weight": 1, **res.metrics, **worker}
+        return {"tensors": _numpy(res.tensors), "metrics": metrics}
     if kind == "evaluate":
         scope = None if request.get("scope") == "centralized" else pid
         metrics, n = client.evaluate(tensors, partition_id=scope, source=source)

@@ -20,8 +20,16 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config, load_config
-from fedprompt.federation.strategy import WEIGHT_KEY, WORKER_KEYS, make_strategy, restore_strategy, strategy_state
-from fedprompt.federation.wire import from_record, to_record, wire_bytes
+from fedprompt.federation.strategy import (
+    WEIGHT_KEY,
+    WORKER_KEYS,
+    weighted_mean,
+    client_dp,
+    make_strategy,
+    restore_strategy,
+    strategy_state,
+)
+from fedprompt.federation.wire import ADAPTIVE_KEY, from_record, to_record, wire_bytes
 from fedprompt.report import append_jsonl, plot_curves
 
 app = ServerApp()
@@ -189,7 +197,9 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
            *, centralized: bool, timeout: float | None) -> tuple[dict, dict]:
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
-    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
+    pr = cfg.privacy
+    config = ConfigRecord({ADAPTIVE_KEY: 1} if client_dp(cfg) and pr.adaptive_clipping else {})
+    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), config, grid))
     down = wire_bytes(msgs[0]) if msgs else 0
     # Replies arrive in any order; aggregating in node order makes a round's result a function
     # of who took part, not of who answered first (so a resumed run repeats it bit for bit).
@@ -216,9 +226,22 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     if not good:
         why = problems[0] if problems else "no client was sampled"
         raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
-    arrays, train = strategy.aggregate_train(rnd, good)
-    tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
-    payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+    dp = _privacy_row(cfg, state.rows[-1], good)
+    if client_dp(cfg) and len(good) != len(msgs):
+        # The noise is sized for len(msgs) clients; a mean over fewer would leak more than
+        # accounted. The round releases nothing: the global state stays as it was.
+        log(f"round {rnd}: client-level DP needs all {len(msgs)} sampled updates, got {len(good)}; nothing aggregated")
+        tensors, train = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY)
+    else:
+        arrays, train = strategy.aggregate_train(rnd, good)
+        tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
+        payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+        if client_dp(cfg):
+            dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
+    if client_dp(cfg):
+        dp["clip_norm"] = float(strategy.clipping_norm)
+        if pr.mode == "client":
+            dp["epsilon"] = dp["client_epsilon"]
     t_train = time.perf_counter() - t0
     row = {"round": rnd, "step": rnd * cfg.round_steps}
     t1 = time.perf_counter()
@@ -231,8 +254,32 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
         "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
         "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
         "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
+        **dp,
     })
     return tensors, row
+
+
+def _privacy_row(cfg: Config, prev: dict, replies: list[Message]) -> dict:
+    """Privacy figures of a round, before this round's client-level release: the largest
+    sample-level epsilon any client has reported so far (each client's only grows) and the
+    client-level releases so far."""
+    out: dict = {}
+    if cfg.privacy.mode in ("sample", "both"):
+        eps = [float(r.content["metrics"]["epsilon"]) for r in replies if "epsilon" in r.content["metrics"]]
+        out["epsilon"] = max([prev.get("epsilon") or 0.0, *eps])
+    if client_dp(cfg):
+        releases = int(prev.get("dp_releases", 0))
+        out.update(_client_epsilon(cfg, releases), dp_releases=releases)
+    return out
+
+
+def _client_epsilon(cfg: Config, releases: int) -> dict:
+    """Client-level epsilon after `releases` noised aggregates (Gaussian mechanism, no
+    sampling amplification claimed: Flower samples a fixed-size subset)."""
+    from fedprompt.privacy import gaussian_epsilon
+
+    p = cfg.privacy
+    return {"client_epsilon": gaussian_epsilon(p.client_noise_multiplier, releases, p.delta)}
 
 
 def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
@@ -240,6 +287,10 @@ def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
     f = cfg.federation
     timeout = f.round_timeout or None
     strategy = make_strategy(cfg)
+    if client_dp(cfg):
+        # Flower's DP wrappers draw their noise from numpy's global generator: make sure it is
+        # seeded from the OS entropy pool, never from anything an observer could know.
+        np.random.seed(None)
     state, notes = checkpoint.load_latest(out)
     for note in notes:
         log(f"checkpoint not usable, falling back: {note}")

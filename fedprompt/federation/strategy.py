@@ -13,35 +13,69 @@ from flwr.serverapp import strategy as fl
 
 from fedprompt.config import Config
 
-# Reply metrics that describe the worker, not the update: never averaged.
-WORKER_KEYS = ("pid", "backbone_loads")
+# Reply metrics that describe the worker or its privacy account, not the update: never averaged.
+WORKER_KEYS = ("pid", "backbone_loads", "epsilon", "noise_multiplier", "sample_rate", "dp_steps")
 WEIGHT_KEY = "num-examples"
+# Client-level DP averages updates uniformly (each client's share of the mean is at most
+# clip/m): every training reply carries this weight, 1.
+UNIFORM_KEY = "uniform-weight"
 
 
-def _weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Example-weighted mean of every metric but the weight and the worker bookkeeping."""
+def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Mean of every metric but the weights and the worker bookkeeping, weighted by
+    `weight_key`; the example count is always the sum of num-examples."""
     rows = [next(iter(r.metric_records.values())) for r in records]
     total = sum(float(m[weight_key]) for m in rows) or 1.0
-    keys = [k for k in rows[0].keys() if k != weight_key and k not in WORKER_KEYS]
+    keys = [k for k in rows[0].keys() if k not in (weight_key, WEIGHT_KEY, UNIFORM_KEY, *WORKER_KEYS)]
     out = {k: sum(float(m[k]) * float(m[weight_key]) for m in rows) / total for k in keys}
-    out[weight_key] = int(total)
+    out[WEIGHT_KEY] = int(sum(float(m[WEIGHT_KEY]) for m in rows))
     return MetricRecord(out)
 
 
-def make_strategy(cfg: Config) -> fl.FedAvg:
+def client_dp(cfg: Config) -> bool:
+    return cfg.privacy.mode in ("client", "both")
+
+
+def sampled_clients(cfg: Config) -> int:
+    """Clients per training round under client-level DP (all of them connected, see make_strategy)."""
+    return max(int(cfg.federation.num_clients * cfg.federation.fraction_fit), 1)
+
+
+def make_strategy(cfg: Config) -> fl.Strategy:
     """The Flower strategy of `federation.strategy`, sampling `fraction_fit` of the connected
-    clients to train (at least `min_clients`) once `min_clients` are connected."""
+    clients to train (at least `min_clients`) once `min_clients` are connected; under
+    client-level DP wrapped in Flower's DP wrapper of `privacy.clipping` / `adaptive_clipping`."""
     f = cfg.federation
     common = dict(
         fraction_train=f.fraction_fit,
         fraction_evaluate=f.fraction_evaluate,
         min_train_nodes=1,
         min_evaluate_nodes=1,
-        min_available_nodes=f.min_clients,
-        weighted_by_key=WEIGHT_KEY,
-        train_metrics_aggr_fn=_weighted_mean,
-        evaluate_metrics_aggr_fn=_weighted_mean,
+        # Client-level DP noise is sized for a fixed number of clients per round: wait for all.
+        min_available_nodes=f.num_clients if client_dp(cfg) else f.min_clients,
+        weighted_by_key=UNIFORM_KEY if client_dp(cfg) else WEIGHT_KEY,
+        train_metrics_aggr_fn=weighted_mean,
+        evaluate_metrics_aggr_fn=weighted_mean,
     )
+    inner = _inner(cfg, common)
+    return _dp_wrap(cfg, inner) if client_dp(cfg) else inner
+
+
+def _dp_wrap(cfg: Config, inner: fl.FedAvg) -> fl.Strategy:
+    p, m = cfg.privacy, sampled_clients(cfg)
+    if p.adaptive_clipping:
+        # Flower's default count noise (m/20) only works for m >= 40 at sigma 1; with the count
+        # noise at least sigma, the update noise stays within 1.16 sigma (Andrew et al., 2021).
+        kw = dict(initial_clipping_norm=p.client_clip_norm, target_clipped_quantile=p.target_quantile,
+                  clip_norm_lr=p.clip_norm_lr, clipped_count_stddev=max(m / 20, p.client_noise_multiplier))
+        cls = fl.DifferentialPrivacyServerSideAdaptiveClipping if p.clipping == "server" else fl.DifferentialPrivacyClientSideAdaptiveClipping
+        return cls(inner, p.client_noise_multiplier, m, **kw)
+    cls = fl.DifferentialPrivacyServerSideFixedClipping if p.clipping == "server" else fl.DifferentialPrivacyClientSideFixedClipping
+    return cls(inner, p.client_noise_multiplier, p.client_clip_norm, m)
+
+
+def _inner(cfg: Config, common: dict) -> fl.FedAvg:
+    f = cfg.federation
     if f.strategy == "fedavg":
         return fl.FedAvg(**common)
     if f.strategy == "fedprox":
@@ -61,12 +95,20 @@ def make_strategy(cfg: Config) -> fl.FedAvg:
 _STATE_SLOTS = ("m_t", "v_t")
 
 
-def strategy_state(strategy: fl.FedAvg) -> dict[str, dict[str, np.ndarray]]:
-    """The strategy's state that a resumed server must restore to continue exactly."""
-    return {slot: dict(getattr(strategy, slot)) for slot in _STATE_SLOTS if getattr(strategy, slot, None)}
+def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The strategy's state that a resumed server must restore to continue exactly (and, under
+    client-level DP, the adaptive clip norm)."""
+    inner = getattr(strategy, "strategy", strategy)
+    state = {slot: dict(getattr(inner, slot)) for slot in _STATE_SLOTS if getattr(inner, slot, None)}
+    if inner is not strategy:
+        state["dp"] = {"clipping_norm": np.array([strategy.clipping_norm], dtype=np.float64)}
+    return state
 
 
-def restore_strategy(strategy: fl.FedAvg, state: dict[str, dict[str, np.ndarray]]) -> None:
+def restore_strategy(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    inner = getattr(strategy, "strategy", strategy)
     for slot, arrays in state.items():
-        if slot in _STATE_SLOTS and hasattr(strategy, slot):
-            setattr(strategy, slot, {k: np.array(v) for k, v in arrays.items()})
+        if slot in _STATE_SLOTS and hasattr(inner, slot):
+            setattr(inner, slot, {k: np.array(v) for k, v in arrays.items()})
+    if "dp" in state and inner is not strategy:
+        strategy.clipping_norm = float(state["dp"]["clipping_norm"][0])
