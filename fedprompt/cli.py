@@ -9,6 +9,7 @@ import argparse
 import os
 import signal
 import sys
+from pathlib import Path
 
 from fedprompt.config import ConfigError, load_config
 
@@ -45,6 +46,10 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
+    p = sub.add_parser("audit", help="privacy audit of a finished run: membership inference AUC and canary exposure")
+    p.add_argument("--run", required=True, metavar="DIR", help="a run directory (its config.yaml and adapter/ are used)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's config (e.g. audit.client=2)")
     p = sub.add_parser("validate", help="check a config file and print it fully resolved")
     p.add_argument("file", metavar="FILE", nargs="?", help="the config (or use --config FILE)")
     _common(p)
@@ -64,7 +69,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from fedprompt.federation.processes import ProcessError
 
         errors += (ProcessError,)
+    if "fedprompt.privacy" in sys.modules:  # imports opacus: only when a DP run got that far
+        errors += (sys.modules["fedprompt.privacy"].PrivacyError,)
     return errors
+
+
+def _run_error(msg: str) -> Exception:
+    from fedprompt.run import RunError
+
+    return RunError(msg)
 
 
 def _one_line(msg: str) -> str:
@@ -85,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(file, args.overrides)
             print(cfg.to_yaml(), end="")
             print(f"# {file or 'defaults'}: valid", file=sys.stderr)
+            return 0
+        if args.command == "audit":
+            from fedprompt.audit import run_audit
+
+            run_cfg = Path(args.run) / "config.yaml"
+            if not run_cfg.is_file():
+                raise _run_error(f"--run {args.run!r}: no config.yaml there; pass the directory of a finished run")
+            run_audit(load_config(run_cfg, args.overrides), args.run)
             return 0
         cfg = load_config(args.config, args.overrides)
         from fedprompt import run

@@ -119,6 +119,16 @@ class PrivacyConfig:
 
 
 @dataclass
+class AuditConfig:
+    """Empirical privacy audit (fedprompt audit; after every simulation with privacy on)."""
+
+    client: int = 0  # the audited client (partition id): its training examples are the members
+    canaries: int = 0  # random secrets planted in that client's training data (classification)
+    canary_repeats: int = 4  # copies of each canary in the training data
+    references: int = 255  # unplanted candidate secrets each canary is ranked against
+
+
+@dataclass
 class DeepSpeedConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16"] = "fp32"
@@ -153,6 +163,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
@@ -422,6 +433,12 @@ def _validate(c: Config) -> list[str]:
              "of a plain mean; use fedavg or fedprox (a server optimizer or a robust aggregate changes the sensitivity)")
         need(pr.delta < 1 / f.num_clients,
              f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / f.num_clients:.3g})")
+
+    a = c.audit
+    need(0 <= a.client < f.num_clients, f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)")
+    need(0 <= a.canaries <= 1000, f"audit.canaries: {a.canaries} is out of range; allowed 0..1000")
+    need(1 <= a.canary_repeats <= 100, f"audit.canary_repeats: {a.canary_repeats} is out of range; allowed 1..100")
+    need(1 <= a.references <= 100_000, f"audit.references: {a.references} is out of range; allowed 1..100000")
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")

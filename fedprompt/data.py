@@ -363,3 +363,10 @@ def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, part
             return part.load_partition(partition_id)
     except ValueError as e:
         raise DataError(f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); raise data.alpha or use fewer clients") from None
+
+
+def with_rows(ds: "datasets.Dataset", texts: list[str], labels: list[int]) -> "datasets.Dataset":
+    """`ds` (a classification split) with the rows (text, label) appended at the end."""
+    mod = _datasets()
+    extra = mod.Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=ds.features)
+    return mod.concatenate_datasets([ds, extra])

@@ -38,6 +38,7 @@ class Shard:
 
     train: object  # fedprompt.tasks.Encoded
     test: object
+    members: int = 0  # the first `members` training examples are real; audit canaries follow
 
 
 class LocalClient:
@@ -65,13 +66,18 @@ class LocalClient:
         from fedprompt.data import partition
 
         if partition_id not in self._shards:
-            s, n = self.state, self.num_partitions
-            if n == 1:
-                self._shards[partition_id] = Shard(s.train, s.test)
+            s, n, a = self.state, self.num_partitions, self.cfg.audit
+            train = s.data.train if n == 1 else partition(s.data.train, self.cfg.data, n, partition_id)
+            test = s.data.test if n == 1 else partition(s.data.test, self.cfg.data, n, partition_id)
+            members = len(train)
+            if a.canaries and partition_id == a.client:  # secrets for the audit to look for
+                from fedprompt.audit import plant
+
+                train = plant(train, self.cfg, s.data.labels)
+            if n == 1 and len(train) == members:  # all the data, already tokenized by setup
+                self._shards[partition_id] = Shard(s.train, s.test, members)
             else:
-                train = partition(s.data.train, self.cfg.data, n, partition_id)
-                test = partition(s.data.test, self.cfg.data, n, partition_id)
-                self._shards[partition_id] = Shard(s.task.encode(train), s.task.encode(test))
+                self._shards[partition_id] = Shard(s.task.encode(train), s.task.encode(test), members)
         return self._shards[partition_id]
 
     def initial_payload(self) -> dict[str, torch.Tensor]:

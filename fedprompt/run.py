@@ -7,6 +7,7 @@ output directory is created, so a failed start never leaves a directory that loo
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -109,7 +110,14 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     manifest = payload.manifest_of(s.model)  # before the engine: ZeRO-3 would partition the tensors
     steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
     device = s.backbone.device
-    engine = make_engine(s.model, cfg, steps)
+    private = cfg.privacy.mode in ("sample", "both")
+    dp, hooks = None, contextlib.ExitStack()
+    if private:  # DP-SGD on the pooled data: the upper bound of what federated DP can reach
+        from fedprompt import privacy
+
+        dp = privacy.plan(cfg, n=len(s.train), planned_steps=steps)
+        hooks.enter_context(privacy.per_example_gradients(s.model))
+    engine = make_engine(s.model, cfg, steps, dp=dp)
     prepare_output(out, overwrite)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     limit = cfg.train.max_eval_examples
@@ -121,6 +129,8 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
         m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=device, limit=limit)
         row = {"round": k, "step": step, "accuracy": m["accuracy"], "loss": m["loss"], **{x: m[x] for x in m if x not in ("accuracy", "loss")},
                "train_loss": train_loss, "bytes_up": 0, "bytes_down": 0, "wall_s": round(time.perf_counter() - t_start, 3)}
+        if private:
+            row["epsilon"] = privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
         append_jsonl(out / "metrics.jsonl", row)
         rows.append(row)
         if not quiet:
@@ -135,19 +145,20 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     done, k = 0, 0
     # A batch-order stream separate from the init seed (so the two are not correlated).
-    stream = batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
+    stream = privacy.poisson_batches(len(s.train), dp.q) if private else batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
     train_time = 0.0
     while done < steps:
         chunk = min(every, steps - done)
         t0 = time.perf_counter()
         loss = train_steps(engine, s.task, s.train, cfg, steps=chunk, stream=stream, pad_id=s.pad_id,
-                           device=device, start_step=done,
+                           device=device, start_step=done, private=private,
                            on_step=lambda log: (bar.update(1), bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{log.lr:.2g}")))
         train_time += time.perf_counter() - t0
         done += chunk
         k += 1
         record(k, done, loss)
     bar.close()
+    hooks.close()
 
     with full_params(s.model):
         s.model.save_adapter(out / "adapter", s.backbone.path)
@@ -171,6 +182,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
             ("steps", steps), ("wall time", f"{result['total_s']:.1f} s (training {result['train_s']:.1f} s)"),
             ("peak memory", f"{result['peak_mem_mb']:.0f} MiB"), ("trainable params", f"{result['trainable_params']:,}"),
             ("payload bytes", f"{result['payload_bytes']:,}"),
+            *([("epsilon", f"{last['epsilon']:.3f} at delta {cfg.privacy.delta:g} (DP-SGD, sigma {dp.sigma:.3f}, q {dp.q:.4f})")] if private else []),
             ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
         ])
     return result

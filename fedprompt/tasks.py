@@ -95,10 +95,13 @@ class Task:
     def predict(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    def example_losses(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(B,): each example's own loss, a function of that example alone."""
+        raise NotImplementedError
+
     def example_mean_loss(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        """The mean over examples of a loss that each example determines alone (DP-SGD's
-        per-example gradients need that). A classification loss already is one."""
-        return self.loss(logits, batch)
+        """The mean of `example_losses` (what DP-SGD's per-example gradients need)."""
+        return self.example_losses(logits, batch).mean()
 
 
 class HeadClassification(Task):
@@ -124,6 +127,9 @@ class HeadClassification(Task):
 
     def loss(self, logits, batch):
         return F.cross_entropy(self.class_logits(logits, batch), batch["labels"])
+
+    def example_losses(self, logits, batch):
+        return F.cross_entropy(self.class_logits(logits, batch), batch["labels"], reduction="none")
 
     def predict(self, logits, batch):
         return self.class_logits(logits, batch).argmax(-1)
@@ -213,13 +219,14 @@ class Generation(Task):
         logits = logits[:, logits.shape[1] - labels.shape[1] :]  # drop soft-prompt positions
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
-    def example_mean_loss(self, logits, batch):
-        # The token mean over the whole batch would weight an example by the others' lengths.
+    def example_losses(self, logits, batch):
+        # Each example's mean over its own response tokens (the batch's token mean would
+        # weight an example by the others' lengths).
         labels = batch["labels"][:, 1:]
         logits = logits[:, logits.shape[1] - batch["labels"].shape[1] :][:, :-1]
         tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none")
         real = (labels != -100).float()
-        return ((tok.view_as(real) * real).sum(1) / real.sum(1).clamp(min=1)).mean()
+        return (tok.view_as(real) * real).sum(1) / real.sum(1).clamp(min=1)
 
     def predict(self, logits, batch):
         raise NotImplementedError("generation is scored by greedy decoding (engine.exact_match)")

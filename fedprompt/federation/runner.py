@@ -91,8 +91,9 @@ def _kb(n) -> str:
 def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False) -> list[dict]:
     """Print each metrics row as the ServerApp appends it; return all rows once the run ended
     well, or raise RunError with the reason it did not."""
+    private = cfg.privacy.mode != "none"
     table = Table([("round", 5), ("clients", 7), ("train_loss", 10), ("accuracy", 8), ("fed_acc", 8),
-                   ("up_KiB", 8), ("down_KiB", 8), ("round_s", 8)])
+                   ("up_KiB", 8), ("down_KiB", 8), ("round_s", 8), *([("epsilon", 8)] if private else [])])
     printed: set[int] = set()
     bar = tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=quiet, leave=False, dynamic_ncols=True)
     if not quiet:
@@ -108,7 +109,8 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
                 bar.update(row["round"] - bar.n)
             if not quiet:
                 table.row([row["round"], row["clients"], row.get("train_loss"), row.get("accuracy"), row.get("fed_accuracy"),
-                           _kb(row["bytes_up"]), _kb(row["bytes_down"]), f"{row['round_s']:.1f}"])
+                           _kb(row["bytes_up"]), _kb(row["bytes_down"]), f"{row['round_s']:.1f}",
+                           *([row.get("epsilon")] if private else [])])
         if done:
             break
         time.sleep(0.5)
@@ -130,8 +132,26 @@ def _summarise(cfg: Config, out: Path, s: dict, t0: float) -> None:
         ("rounds", s["rounds"]), ("local steps", f"{s['total_local_steps']} in all ({cfg.round_steps} per client per round)"),
         ("bytes up per client", f"{s['bytes_up_max']:,} max (payload {s['payload_bytes']:,} raw: x{ratio:.3f})"),
         ("wall time", f"{time.perf_counter() - t0:.1f} s"),
+        *_privacy_lines(cfg, s),
         ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
     ])
+
+
+def _privacy_lines(cfg: Config, s: dict) -> list[tuple[str, str]]:
+    p, lines = cfg.privacy, []
+    if p.mode in ("sample", "both"):
+        lines.append(("epsilon (example)", f"{s.get('epsilon', 0.0):.3f} at delta {p.delta:g}, the largest of any client "
+                                           f"(DP-SGD, clip {p.max_grad_norm}, {p.accountant.upper()})"))
+    if p.mode in ("client", "both"):
+        lines.append(("epsilon (client)", f"{s.get('client_epsilon', 0.0):.3f} at delta {p.delta:g} after {s.get('dp_releases', 0)} "
+                                          f"noised aggregates (sigma {p.client_noise_multiplier}, {p.clipping}-side "
+                                          f"{'adaptive' if p.adaptive_clipping else 'fixed'} clipping)"))
+    if "audit" in s:
+        a = s["audit"]
+        lines.append(("audit", f"membership-inference AUC {a['mia_auc']:.3f}"
+                               + (f", canary exposure {a['canary_exposure']:.2f} bits" if a.get("canary_exposure") is not None else "")
+                               + " (audit.json)"))
+    return lines
 
 
 def _preflight(cfg: Config) -> None:
@@ -141,9 +161,20 @@ def _preflight(cfg: Config) -> None:
     from fedprompt.data import load_task_data, partition
 
     data = load_task_data(cfg.data)
-    if cfg.federation.num_clients > 1:
-        partition(data.train, cfg.data, cfg.federation.num_clients, 0)
-        partition(data.test, cfg.data, cfg.federation.num_clients, 0)
+    n = cfg.federation.num_clients
+    if n > 1:
+        partition(data.train, cfg.data, n, 0)
+        partition(data.test, cfg.data, n, 0)
+    if cfg.privacy.mode in ("sample", "both"):
+        # Every client's sampling rate and noise must be sound before any process starts.
+        from fedprompt.privacy import plan
+
+        for i in range(n):
+            size = len(partition(data.train, cfg.data, n, i)) if n > 1 else len(data.train)
+            try:
+                plan(cfg, n=size, planned_steps=cfg.federation.rounds * cfg.round_steps)
+            except ValueError as e:
+                raise RunError(f"client {i}: {e}") from None
     resolve(cfg.model.name)
 
 
@@ -174,6 +205,12 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         processes.reap()
         shutil.rmtree(home, ignore_errors=True)
     result = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    if simulation and (cfg.privacy.mode != "none" or cfg.audit.canaries):
+        # Every private simulation reports what an attacker holding its adapter learns.
+        from fedprompt.audit import run_audit
+
+        result["audit"] = run_audit(cfg, out, quiet=True)
+        (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
         _summarise(cfg, out, result, t0)
     return result | {"rows": rows}
