@@ -165,3 +165,17 @@ def test_a_trainable_raw_parameter_is_refused():
 
     with pytest.raises(privacy.PrivacyError, match="soft"):
         privacy.check_model(Wrapper())
+
+
+def test_prv_accountant_matches_opacus_and_is_tighter_than_rdp(tmp_path):
+    from opacus.accountants import PRVAccountant
+
+    sigma, q, delta = 1.0, 0.1, 1e-5
+    ledger = privacy.Ledger.open(tmp_path / "prv.json", "prv")
+    ledger.record(sigma, q, 50)
+    reference = PRVAccountant()
+    for _ in range(50):
+        reference.step(noise_multiplier=sigma, sample_rate=q)
+    assert privacy.Ledger.open(tmp_path / "prv.json").accountant == "prv"  # the kind is kept on disk
+    assert ledger.epsilon(delta) == pytest.approx(reference.get_epsilon(delta), rel=1e-3)
+    assert ledger.epsilon(delta) < privacy.epsilon([(sigma, q, 50)], delta, "rdp")

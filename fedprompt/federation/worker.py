@@ -150,5 +150,16 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
 
         raise RunError(f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}")
     client = LocalClient(cfg, num_partitions=num_partitions)
-    client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
+    shard = client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
+    if cfg.privacy.mode in ("sample", "both"):
+        from fedprompt import privacy
+        from fedprompt.local import data_fingerprint
+
+        # Refuse an unsound or unreachable plan now, not at the first round.
+        plan = privacy.plan(cfg, n=len(shard.train), planned_steps=cfg.federation.rounds * cfg.round_steps)
+        ledger = client.state_dir / f"ledger-{data_fingerprint(shard.train)}.json"
+        spent = privacy.Ledger.open(ledger, cfg.privacy.accountant).epsilon(cfg.privacy.delta)
+        if not quiet:
+            print(f"fedprompt client: DP-SGD sigma {plan.sigma:.3f}, q {plan.q:.4f}; privacy ledger {ledger} "
+                  f"(epsilon so far {spent:.3f} at delta {cfg.privacy.delta:g})", flush=True)
     Worker(client, partition_id=partition_id, superlink=superlink, quiet=quiet).serve()
