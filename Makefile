@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow bench results clean
+.PHONY: install demo test test-fast test-slow bench results dp-results clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -40,6 +40,7 @@ test-slow: install
 bench: install
 	$(BIN)/python benchmarks/engine_overhead.py
 	$(BIN)/python benchmarks/round_overhead.py
+	$(BIN)/python benchmarks/dp_overhead.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
@@ -47,3 +48,7 @@ clean:
 # Re-measure every shipped config (about 30 minutes on 2 cores) into benchmarks/CONFIGS.md.
 results: install
 	$(BIN)/python benchmarks/configs_table.py
+
+# DP utility and audit: the DP config without DP and at epsilon 8, 3, 1 (about 40 minutes).
+dp-results: install
+	$(BIN)/python benchmarks/dp_utility.py

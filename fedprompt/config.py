@@ -73,6 +73,8 @@ class TrainConfig:
     local_steps: int = 200  # optimizer steps of `fedprompt train` (federated: federation.local_steps)
     batch_size: int = 16
     lr: float = 3e-2
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with momentum; steadier under DP noise
+    momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     warmup_steps: int = 10
     schedule: Literal["constant", "linear", "cosine"] = "linear"
@@ -388,6 +390,7 @@ def _validate(c: Config) -> list[str]:
     need(t.eval_batch_size >= 1, f"train.eval_batch_size: {t.eval_batch_size} must be >= 1")
     need(0 < t.lr <= 10, f"train.lr: {t.lr} is out of range; allowed (0, 10]")
     need(t.weight_decay >= 0, f"train.weight_decay: {t.weight_decay} must be >= 0")
+    need(0 <= t.momentum < 1, f"train.momentum: {t.momentum} is out of range; allowed [0, 1)")
     need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
     need(t.eval_every >= 0, f"train.eval_every: {t.eval_every} must be >= 0 (0: only at start and end)")
     need(t.max_eval_examples >= 0, f"train.max_eval_examples: {t.max_eval_examples} must be >= 0 (0: all)")

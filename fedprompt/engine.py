@@ -94,7 +94,11 @@ def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: in
     steps is Opacus's DPOptimizer around the AdamW."""
     init_distributed()
     params = list(model.trainable().values())
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    t = cfg.train
+    if t.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     if dp is not None:
         from fedprompt.privacy import dp_optimizer
 

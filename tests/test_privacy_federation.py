@@ -142,4 +142,4 @@ def test_client_dp_releases_nothing_when_a_sampled_client_fails(tmp_path, plain_
     assert rows[1]["dp_releases"] == 0 and rows[1]["client_epsilon"] == 0.0
     assert rows[1]["digest"] == payload.digest(plain_client.initial_payload())  # the global state did not move
     assert rows[2]["dp_releases"] == 1
-    assert "client-level DP needs all 3 sampled updates, got 2" in capsys.readouterr().out
+    assert "client-level DP needs exactly 3 sampled updates, got 2 of 3 sampled" in capsys.readouterr().out

@@ -26,6 +26,7 @@ from fedprompt.federation.strategy import (
     weighted_mean,
     client_dp,
     make_strategy,
+    sampled_clients,
     restore_strategy,
     strategy_state,
 )
@@ -227,10 +228,11 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
         why = problems[0] if problems else "no client was sampled"
         raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
     dp = _privacy_row(cfg, state.rows[-1], good)
-    if client_dp(cfg) and len(good) != len(msgs):
-        # The noise is sized for len(msgs) clients; a mean over fewer would leak more than
-        # accounted. The round releases nothing: the global state stays as it was.
-        log(f"round {rnd}: client-level DP needs all {len(msgs)} sampled updates, got {len(good)}; nothing aggregated")
+    if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
+        # The noise is sized for m = sampled_clients updates; a mean over any other number
+        # would leak more than accounted. The round releases nothing: the global state stays.
+        log(f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of "
+            f"{len(msgs)} sampled; nothing aggregated")
         tensors, train = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY)
     else:
         arrays, train = strategy.aggregate_train(rnd, good)
