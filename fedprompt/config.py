@@ -141,11 +141,16 @@ class DeepSpeedConfig:
 @dataclass
 class ServerConfig:
     address: str = "0.0.0.0:9092"
+    # TLS + client authentication (`fedprompt certs`): ca.crt, server.crt, server.key and
+    # authorized/<client>.pub. Required unless `fedprompt server --insecure`.
+    certs_dir: str = ""
 
 
 @dataclass
 class ClientConfig:
     server: str = "127.0.0.1:9092"
+    root_certificates: str = ""  # the federation's CA certificate (ca.crt); required unless --insecure
+    auth_key: str = ""  # this client's private key (OpenSSH ECDSA P-384, `fedprompt certs client`)
     # Where the client keeps its privacy ledger (DP accountant). "": <output>/clients in a
     # simulation, ~/.local/state/fedprompt for `fedprompt client`.
     state_dir: str = ""

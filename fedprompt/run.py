@@ -78,7 +78,8 @@ def check_output(out: Path, overwrite: bool) -> None:
     --overwrite, a folder that is not a previous run or that holds the working directory."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--output {str(out)!r} is a file; pass a folder path")
-    if not (out.is_dir() and any(out.iterdir())):
+    # A fresh ext4 volume (a Kubernetes PVC) holds lost+found: that is still an empty run dir.
+    if not (out.is_dir() and any(p.name != "lost+found" for p in out.iterdir())):
         return
     if not overwrite:
         raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
@@ -90,7 +91,7 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def prepare_output(out: Path, overwrite: bool) -> None:
     check_output(out, overwrite)
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != "lost+found" for p in out.iterdir()):
         shutil.rmtree(out)
     try:
         out.mkdir(parents=True, exist_ok=True)

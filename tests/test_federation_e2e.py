@@ -68,6 +68,23 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.wait()
 
 
+def make_certs(d: Path, clients: list[str], *, register: bool = True) -> Path:
+    """A federation's certificate folder made by `fedprompt certs` (CA, server, client keys)."""
+    from fedprompt import certs
+
+    certs.init_ca(d)
+    certs.issue_server_cert(d, names=[])
+    for name in clients:
+        certs.new_client_key(d, name=name)
+        if register:
+            certs.register(d, name=name)
+    return d
+
+
+def client_tls(certs: Path, name: str) -> list[str]:
+    return _sets([f"client.root_certificates={certs / 'ca.crt'}", f"client.auth_key={certs / 'clients' / name}"])
+
+
 def _flower_processes_of(port: int) -> list[str]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
@@ -89,12 +106,14 @@ def test_server_and_two_clients_on_minilm(tmp_path):
     from tests.test_e2e import PeftForward
 
     port, out = free_port(), tmp_path / "run"
+    certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])  # the default: TLS + registered clients
     common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + _sets(
         ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2", "federation.fraction_fit=1.0",
          "federation.fraction_evaluate=1.0", "train.max_eval_examples=0"])
-    server = _start(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out)], tmp_path / "server.log")
-    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
-                      tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    server = _start(["server", *common, *_sets([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)],
+                    tmp_path / "server.log")
+    clients = [_start(["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i),
+                       "--num-partitions", "2"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
     try:
         assert server.wait(timeout=1200) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert all(c.poll() is None for c in clients)  # clients are services: still up
@@ -126,10 +145,10 @@ def test_server_and_two_clients_on_minilm(tmp_path):
 def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     port, out = free_port(), tmp_path / "run"
     common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
-    server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out)]
+    server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"]
     server = _start(server_args, tmp_path / "server1.log")
-    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
-                      tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2",
+                       "--insecure"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
     try:
         _wait_for_round(out, 2, [server, *clients], timeout=600)
         os.killpg(server.pid, signal.SIGKILL)  # the whole server side dies at once, like a pod

@@ -158,11 +158,18 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, log: Path, what
     raise ProcessError(f"{what} did not start listening on {host}:{port} within {timeout:.0f} s: {tail(log)}")
 
 
-def start_superlink(host: str, port: int, *, simulation: bool, flwr_home: Path, log: Path) -> subprocess.Popen:
+def start_superlink(host: str, port: int, *, simulation: bool, flwr_home: Path, log: Path,
+                    tls: dict[str, Path] | None = None) -> subprocess.Popen:
     """A SuperLink serving its Fleet, Control and Runtime APIs on `host:port`. Runtime
-    dependency installation is off: the app's code is this installed package."""
-    args = [binary("flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
-            "--host", host, "--port", str(port)]
+    dependency installation is off: the app's code is this installed package. With `tls`
+    (ca, cert, key files) it serves HTTPS and admits only registered SuperNodes; without,
+    plain HTTP (a simulation's private loopback link, or `--insecure`)."""
+    args = [binary("flower-superlink"), "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
+    if tls:
+        args += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]),
+                 "--enable-supernode-auth"]
+    else:
+        args.append("--insecure")
     if simulation:
         args.append("--simulation")
     proc = spawn(args, log=log, environ=env(flwr_home))
@@ -170,12 +177,13 @@ def start_superlink(host: str, port: int, *, simulation: bool, flwr_home: Path, 
     return proc
 
 
-def write_connection(flwr_home: Path, address: str) -> None:
-    """A Flower config with one SuperLink connection, "fedprompt", to `address`."""
+def write_connection(flwr_home: Path, address: str, *, root_certificates: Path | None = None) -> None:
+    """A Flower config with one SuperLink connection, "fedprompt", to `address` (TLS trusting
+    `root_certificates`, or plain)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
+    trust = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\ninsecure = true\n',
-        encoding="utf-8")
+        f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\n{trust}\n', encoding="utf-8")
 
 
 def _toml(v: int | bool | str) -> str:
@@ -193,10 +201,16 @@ def submit(flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Pat
     return spawn(args, log=log, environ=env(flwr_home))
 
 
-def start_supernode(superlink: str, *, node_config: dict[str, str], flwr_home: Path, log: Path) -> subprocess.Popen:
+def start_supernode(superlink: str, *, node_config: dict[str, str], flwr_home: Path, log: Path,
+                    root_certificates: str | None = None, auth_key: str | None = None) -> subprocess.Popen:
     """A SuperNode connected to `superlink` (retrying for ever), its ClientAppIo API on a free
-    loopback port."""
+    loopback port; over TLS trusting `root_certificates` and authenticated by `auth_key`, or
+    plain when both are None (`--insecure`)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    args = [binary("flower-supernode"), "--insecure", "--superlink", superlink, "--port", str(free_port()),
+    args = [binary("flower-supernode"), "--superlink", superlink, "--port", str(free_port()),
             "--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
+    if root_certificates:
+        args += ["--root-certificates", root_certificates, "--auth-supernode-private-key", str(auth_key)]
+    else:
+        args.append("--insecure")
     return spawn(args, log=log, environ=env(flwr_home))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,13 +89,15 @@ def _kb(n) -> str:
     return "-" if not n else f"{n / 1024:.1f}"
 
 
-def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False) -> list[dict]:
+def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False,
+           tick=None) -> list[dict]:
     """Print each metrics row as the ServerApp appends it; return all rows once the run ended
-    well, or raise RunError with the reason it did not."""
+    well, or raise RunError with the reason it did not. `tick()` is called every ~2 s."""
     private = cfg.privacy.mode != "none"
     table = Table([("round", 5), ("clients", 7), ("train_loss", 10), ("accuracy", 8), ("fed_acc", 8),
                    ("up_KiB", 8), ("down_KiB", 8), ("round_s", 8), *([("epsilon", 8)] if private else [])])
     printed: set[int] = set()
+    next_tick = time.monotonic() + 2.0
     bar = tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=quiet, leave=False, dynamic_ncols=True)
     if not quiet:
         table.header()
@@ -114,6 +117,9 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
         if done:
             break
         time.sleep(0.5)
+        if tick is not None and time.monotonic() >= next_tick:
+            tick()
+            next_tick = time.monotonic() + 2.0
     bar.close()
     status = {}
     if (out / STATUS).is_file():
@@ -182,14 +188,24 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool) -> dict:
+def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool,
+         tls: dict[str, Path] | None = None) -> dict:
     t0 = time.perf_counter()
     home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
     link = run = None
     logs = out / "logs"
     try:
-        link = processes.start_superlink(host, port, simulation=simulation, flwr_home=home, log=logs / "superlink.log")
-        processes.write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}")
+        link = processes.start_superlink(host, port, simulation=simulation, flwr_home=home, log=logs / "superlink.log", tls=tls)
+        processes.write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}",
+                                   root_certificates=tls["ca"] if tls else None)
+        tick = None
+        if tls:  # admit exactly the clients in authorized/, now and as it changes
+            from fedprompt.federation.security import Registry
+
+            registry = Registry(cfg.server.certs_dir, home)
+            say = (lambda m: None) if quiet else (lambda m: print(f"fedprompt server: {m}", flush=True))
+            registry.sync(say)
+            tick = lambda: registry.sync(say)  # noqa: E731
         fed = None
         if simulation:
             per_worker = max(1, _cpus() // cfg.federation.workers)
@@ -198,7 +214,7 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         run = processes.submit(home, {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment",
                                       "superlink-pid": link.pid},
                                log=logs / "run.log", federation_config=fed)
-        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet)
+        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick)
     finally:
         processes.stop(run)
         processes.stop(link)
@@ -231,10 +247,20 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
     return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
 
 
-def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
-    """A SuperLink on `server.address` and the ServerApp; waits for `federation.min_clients`."""
+def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False,
+               insecure: bool = False) -> dict:
+    """A SuperLink on `server.address` and the ServerApp; waits for `federation.min_clients`.
+    TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`."""
+    from fedprompt.federation import security
+
     out = Path(output)
     host, port = processes.split_address(cfg.server.address, "server.address")
+    tls = None
+    if insecure:
+        print("fedprompt server: " + security.INSECURE_WARNING.format(where=cfg.server.address), file=sys.stderr, flush=True)
+    else:
+        tls = security.server_files(cfg.server.certs_dir)
+        security.authorized_keys(cfg.server.certs_dir)  # unreadable keys fail now
     if processes.port_in_use(host, port):
         raise RunError(f"server.address {cfg.server.address}: port {port} is already in use; pick another with "
                        f"--set server.address={host}:PORT")
@@ -242,4 +268,4 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
     if not quiet:
         print(f"fedprompt server: listening on {host}:{port}; waiting for {cfg.federation.min_clients} clients; "
               f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else ""))
-    return _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet)
+    return _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)

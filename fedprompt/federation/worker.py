@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -52,8 +53,11 @@ def _user_error(e: BaseException) -> bool:
 class Worker:
     """Serve `client` (a LocalClient) as partition `partition_id` to the ClientApp bridge."""
 
-    def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False):
+    def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False,
+                 root_certificates: str | None = None, auth_key: str | None = None):
         self.client, self.partition_id, self.superlink, self.quiet = client, partition_id, superlink, quiet
+        self.root_certificates, self.auth_key = root_certificates, auth_key
+        self.fatal: str | None = None  # why this client can never join (set by the supervisor)
         self.folder = Path(tempfile.mkdtemp(prefix="fedprompt-client-"))  # mkdtemp: mode 0700
         self.key = secrets.token_bytes(32)
         (self.folder / KEY).write_bytes(self.key)
@@ -67,19 +71,39 @@ class Worker:
             print(f"fedprompt client: {text}", flush=True)
 
     def _supervise(self) -> None:
-        """Keep one SuperNode running; restart it (after a pause) whenever it exits."""
-        from fedprompt.federation import processes
+        """Keep one SuperNode running; restart it (after a pause) whenever it exits, unless
+        it can never connect (untrusted server, unregistered key): then stop the client."""
+        from fedprompt.federation import processes, security
         from fedprompt.federation.client_app import WORKER_KEY
 
         log, home = self.folder / "supernode.log", self.folder / "flwr"
+        refused_since = None  # an unregistered key may be registered in a moment (a server starting)
         while not self.stopping.is_set():
-            self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
-                                                       flwr_home=home, log=log)
-            while self.supernode.poll() is None and not self.stopping.is_set():
-                time.sleep(0.5)
-            if not self.stopping.is_set():
-                self.say(f"SuperNode exited ({processes.tail(log, 1)}); reconnecting to {self.superlink}")
-                self.stopping.wait(2.0)
+            why = security.check_server(self.superlink, root_certificates=self.root_certificates)
+            if why is None:
+                log.unlink(missing_ok=True)  # its tail must be this SuperNode's
+                self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
+                                                           flwr_home=home, log=log, root_certificates=self.root_certificates,
+                                                           auth_key=self.auth_key)
+                while self.supernode.poll() is None and not self.stopping.is_set():
+                    time.sleep(0.5)
+                if self.stopping.is_set():
+                    return
+                why = security.fatal_reason(processes.tail(log, 20), key=self.auth_key)
+                if why is not None and security.NOT_REGISTERED in why:
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since < security.REGISTRATION_GRACE_S:
+                        why = None
+                else:
+                    refused_since = None
+                if why is None:
+                    self.say(f"SuperNode exited ({processes.tail(log, 1)}); reconnecting to {self.superlink}")
+            if why is not None:
+                self.fatal = why
+                self.stopping.set()
+                os.kill(os.getpid(), signal.SIGTERM)  # wakes serve() out of accept()
+                return
+            self.stopping.wait(2.0)
 
     def _answer(self, conn, handle) -> None:
         """One request from the bridge: handled, answered, logged in one line."""
@@ -128,7 +152,8 @@ class Worker:
                 except (OSError, EOFError) as e:  # the bridge process went away mid-request
                     self.say(f"a request was dropped: {e}")
         except KeyboardInterrupt:
-            self.say("stopping")
+            if not self.fatal:
+                self.say("stopping")
         finally:
             self.stopping.set()
             processes.stop(self.supernode)
@@ -136,15 +161,27 @@ class Worker:
             processes.reap()
             listener.close()
             shutil.rmtree(self.folder, ignore_errors=True)
+        if self.fatal:
+            from fedprompt.federation.security import SecurityError
+
+            raise SecurityError(self.fatal)
 
 
-def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | None = None, quiet: bool = False) -> None:
-    """`fedprompt client`: load the backbone and this partition once, then serve until stopped."""
+def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | None = None, quiet: bool = False,
+               insecure: bool = False) -> None:
+    """`fedprompt client`: load the backbone and this partition once, then serve until stopped.
+    Over TLS (client.root_certificates) with this client's key (client.auth_key), unless `insecure`."""
+    from fedprompt.federation import security
     from fedprompt.federation.processes import split_address
     from fedprompt.local import LocalClient
 
     superlink = server or cfg.client.server
     split_address(superlink, "--server")
+    trust = key = None
+    if insecure:
+        print("fedprompt client: " + security.INSECURE_WARNING.format(where=superlink), file=sys.stderr, flush=True)
+    else:
+        trust, key = security.client_files(cfg.client.root_certificates, cfg.client.auth_key)
     if not 0 <= partition_id < num_partitions:
         from fedprompt.run import RunError
 
@@ -162,4 +199,4 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
         if not quiet:
             print(f"fedprompt client: DP-SGD sigma {plan.sigma:.3f}, q {plan.q:.4f}; privacy ledger {ledger} "
                   f"(epsilon so far {spent:.3f} at delta {cfg.privacy.delta:g})", flush=True)
-    Worker(client, partition_id=partition_id, superlink=superlink, quiet=quiet).serve()
+    Worker(client, partition_id=partition_id, superlink=superlink, quiet=quiet, root_certificates=trust, auth_key=key).serve()

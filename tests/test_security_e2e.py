@@ -1,0 +1,107 @@
+"""TLS and client authentication with real processes on loopback: the default deployment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedprompt.federation.processes import free_port
+from fedprompt.report import read_jsonl
+from tests.test_federation_e2e import TINY, _rows, _sets, _start, _stop, _wait_for_round, client_tls, make_certs
+from tests.tiny import tiny_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _wait_exit(p: subprocess.Popen, timeout: float) -> int:
+    try:
+        return p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -999
+
+
+def test_tls_server_admits_registered_clients_only(tmp_path):
+    """Two registered clients complete the rounds over TLS; a third client with a valid key
+    that was never registered is refused with a clear error while the run goes on; a client
+    that does not trust the server's CA, and a plain client, fail with clear errors."""
+    port, out = free_port(), tmp_path / "run"
+    certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])
+    make_certs(tmp_path / "other", [])  # another federation's CA
+    from fedprompt import certs as c
+
+    c.new_client_key(certs, name="stranger")  # a valid key in the right format, never registered
+    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=2", "data.partition=iid",
+                    "federation.num_clients=2", "federation.min_clients=2"])
+    addr = f"127.0.0.1:{port}"
+    server = _start(["server", *common, *_sets([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)],
+                    tmp_path / "server.log")
+    client = lambda name, pid, extra, log: _start(  # noqa: E731
+        ["client", *common, *extra, "--server", addr, "--partition-id", str(pid), "--num-partitions", "2"], tmp_path / log, threads=1)
+    stranger = client("stranger", 0, client_tls(certs, "stranger"), "stranger.log")
+    untrusting = client("client-1", 1, _sets([f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}",
+                                              f"client.auth_key={certs / 'clients' / 'client-1'}"]), "untrusting.log")
+    plain = client("plain", 1, ["--insecure"], "plain.log")
+    procs = [server, stranger, untrusting, plain]
+    try:
+        # The bad clients are refused by themselves, with the reason, and exit 2.
+        assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
+        assert "not registered" in (tmp_path / "stranger.log").read_text()
+        assert _wait_exit(untrusting, 300) == 2, (tmp_path / "untrusting.log").read_text()[-2000:]
+        assert "is not trusted" in (tmp_path / "untrusting.log").read_text()
+        assert _wait_exit(plain, 300) == 2, (tmp_path / "plain.log").read_text()[-2000:]
+        assert "speaks TLS" in (tmp_path / "plain.log").read_text()
+        assert server.poll() is None  # the server waits for its registered clients
+        assert all(r["round"] == 0 for r in _rows(out))
+        good = [client(f"client-{i}", i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
+        procs += good
+        assert _wait_exit(server, 900) == 0, (tmp_path / "server.log").read_text()[-3000:]
+    finally:
+        _stop(procs)
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients"] == 2 for r in rows[1:])
+    log = (tmp_path / "server.log").read_text()
+    assert "client 'client-0' registered" in log and "client 'client-1' registered" in log and "stranger" not in log
+    assert "WARNING" not in log
+
+
+def test_revoked_client_is_unregistered_while_the_server_runs(tmp_path):
+    port, out = free_port(), tmp_path / "run"
+    certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])
+    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
+                    "federation.num_clients=2", "federation.min_clients=1", "federation.round_timeout=30"])
+    addr = f"127.0.0.1:{port}"
+    server = _start(["server", *common, *_sets([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)],
+                    tmp_path / "server.log")
+    clients = [_start(["client", *common, *client_tls(certs, f"client-{i}"), "--server", addr, "--partition-id", str(i),
+                       "--num-partitions", "2"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    try:
+        _wait_for_round(out, 1, [server, *clients], timeout=600)
+        from fedprompt import certs as c
+
+        c.revoke(certs, name="client-1")
+        t0 = time.monotonic()
+        while "client 'client-1' revoked" not in (tmp_path / "server.log").read_text():
+            assert time.monotonic() - t0 < 60, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        # The revoked client's SuperNode is shut out; the federation goes on with client-0.
+        n = _rows(out)[-1]["round"]
+        _wait_for_round(out, n + 2, [server, clients[0]], timeout=600)
+        assert all(r["clients"] == 1 for r in _rows(out)[n + 2 :])
+    finally:
+        _stop([server, *clients])
+
+
+def test_the_server_refuses_to_start_without_tls_unless_told_insecure(tmp_path):
+    base = [sys.executable, "-m", "fedprompt", "server", *_sets([f"model.name={tiny_folder('bert')}", *TINY,
+                                                                  f"server.address=127.0.0.1:{free_port()}"])]
+    r = subprocess.run([*base, "--output", str(tmp_path / "a")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "requires TLS" in r.stderr and "--insecure" in r.stderr and r.stderr.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "client", "--server", "127.0.0.1:1"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "requires TLS" in r.stderr and r.stderr.count("\n") == 1
