@@ -133,7 +133,7 @@ def test_override_whole_section(tmp_path):
 def test_unknown_section(tmp_path):
     line = only(problems(tmp_path, "modle:\n  name: minilm-l6\n"))
     assert line.startswith("modle: unknown key")
-    assert "allowed keys: model, peft, data, train, federation, privacy, deepspeed" in line
+    assert "allowed keys: model, peft, data, train, federation, privacy, audit, deepspeed" in line
 
 
 def test_unknown_key_in_section(tmp_path):
