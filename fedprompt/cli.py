@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     _common(p, output=True)
     p.add_argument("--insecure", action="store_true", help="plain HTTP, no client authentication (trusted networks only); "
                    "default: TLS + registered clients from server.certs_dir")
+    p.add_argument("--keep-alive", action="store_true", help="after the last round (or on a finished run) stay up, idle, "
+                   "until stopped: for a Kubernetes Deployment, which restarts a server that exits")
     p = sub.add_parser("client", help="a federation client: loads the backbone once and serves every round")
     _common(p)
     p.add_argument("--server", metavar="HOST:PORT", help="the server's address (default: client.server of the config)")
@@ -178,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "simulate":
                 runner.run_simulate(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
             else:
-                runner.run_server(cfg, args.output or cfg.output.dir, overwrite=args.overwrite, insecure=args.insecure)
+                runner.run_server(cfg, args.output or cfg.output.dir, overwrite=args.overwrite, insecure=args.insecure,
+                                  keep_alive=args.keep_alive)
         elif args.command == "client":
             from fedprompt.federation.worker import run_client
 

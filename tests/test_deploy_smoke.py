@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 
 import pytest
 import yaml
@@ -56,9 +57,13 @@ def test_rendered_manifests_complete_a_round_as_local_processes(pki_deploy, tmp_
         for s in clients:
             logs[s["pod"]] = open(tmp_path / f"{s['pod']}.log", "wb")
             procs.append(_start(s, port, logs[s["pod"]]))
-        rc = procs[0].wait(timeout=900)
-        assert rc == 0, (tmp_path / "server.log").read_text()[-3000:]
-        assert all(p.poll() is None for p in procs[1:]), "a client died"
+        # --keep-alive: the server finishes the run, then stays up (a Deployment's pod).
+        t0 = time.monotonic()
+        while "idle until stopped" not in (tmp_path / "server.log").read_text(errors="replace"):
+            assert procs[0].poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 900, "the round did not finish"
+            time.sleep(1)
+        assert all(p.poll() is None for p in procs), "a process died"
     finally:
         for p in procs:
             if p.poll() is None:

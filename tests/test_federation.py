@@ -195,3 +195,19 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
         central_asked = any(m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized"
                             for m in grid.sent)
         assert central_asked == expect_central, (mode, central)
+
+
+def test_a_finished_run_is_recognised_for_keep_alive(tmp_path, client):
+    from fedprompt.federation import runner
+    from fedprompt.run import RunError
+
+    cfg = _cfg()
+    client.cfg = cfg
+    out = tmp_path / "run"
+    assert not runner._finished(cfg, out)
+    _run(cfg, out, _grid(client))
+    assert runner._finished(cfg, out)  # a restarted --keep-alive server idles instead of failing
+    more = _cfg(federation__rounds=5)
+    assert not runner._finished(more, out)  # more rounds: it resumes
+    with pytest.raises(RunError, match="different configuration"):
+        runner._finished(_cfg(train__lr=0.5), out)

@@ -248,12 +248,17 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
 
 
 def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False,
-               insecure: bool = False) -> dict:
+               insecure: bool = False, keep_alive: bool = False) -> dict:
     """A SuperLink on `server.address` and the ServerApp; waits for `federation.min_clients`.
-    TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`."""
+    TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`.
+    `keep_alive`: once the run is finished (now or before), stay up idle until stopped (a
+    Kubernetes Deployment restarts a server that exits)."""
     from fedprompt.federation import security
 
     out = Path(output)
+    if keep_alive and _finished(cfg, out):
+        print(f"fedprompt server: {out} holds this run, finished; results in {out}. Idle until stopped", flush=True)
+        _idle()
     host, port = processes.split_address(cfg.server.address, "server.address")
     tls = None
     if insecure:
@@ -268,4 +273,25 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
     if not quiet:
         print(f"fedprompt server: listening on {host}:{port}; waiting for {cfg.federation.min_clients} clients; "
               f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else ""))
-    return _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)
+    result = _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)
+    if keep_alive:
+        print("fedprompt server: run finished; idle until stopped (--keep-alive)", flush=True)
+        _idle()
+    return result
+
+
+def _finished(cfg: Config, out: Path) -> bool:
+    """`out` holds a finished run of this config (a restarted pod after the last round)."""
+    if not (out / "summary.json").is_file():
+        return False
+    state, _ = checkpoint.load_latest(out)
+    if state is None:
+        return False
+    _check_resumable(state.config_yaml, cfg, out)
+    return state.round >= cfg.federation.rounds
+
+
+def _idle() -> None:
+    """Sleep until SIGTERM/SIGINT (the CLI turns both into KeyboardInterrupt)."""
+    while True:
+        time.sleep(3600)
