@@ -13,7 +13,6 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +22,8 @@ def run(config: str, out: Path, sets: list[str]) -> dict:
     args = [sys.executable, "-m", "fedprompt", "simulate", "--config", config, "--output", str(out), "--overwrite"]
     for s in sets:
         args += ["--set", s]
-    t = time.perf_counter()
     subprocess.run(args, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    summary = json.loads((out / "summary.json").read_text())
-    return summary | {"wall": time.perf_counter() - t}
+    return json.loads((out / "summary.json").read_text())
 
 
 def main() -> int:
@@ -43,13 +40,13 @@ def main() -> int:
         rows.append((f"epsilon {eps}", s))
         print(f"epsilon {eps}: accuracy {s['accuracy']:.4f}, spent {s['epsilon']:.3f}", flush=True)
     base = rows[0][1]["accuracy"]
-    lines = ["| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) | wall s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) |",
+             "|---|---|---|---|---|---|"]
     for name, s in rows:
         a = s["audit"]
         eps = f"{s['epsilon']:.2f}" if "epsilon" in s else "-"
         lines.append(f"| {name} | {s['accuracy']:.4f} | {s['accuracy'] / base:.3f} | {eps} | {a['mia_auc']:.3f} | "
-                     f"{a['canary_exposure']:.2f} / {a['canary_exposure_max']:.2f} | {s['wall']:.0f} |")
+                     f"{a['canary_exposure']:.2f} / {a['canary_exposure_max']:.2f} |")
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(f"config: {args.config}\n\n{table}\n")

@@ -6,7 +6,6 @@ authentication on the real MiniLM backbone."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 
@@ -17,6 +16,7 @@ from fedprompt.federation.processes import free_port
 from fedprompt.report import read_jsonl
 from tests.k8slocal import local_specs
 from tests.test_deploy import SHIPPED_CONFIG, _render, pki_deploy  # noqa: F401 (a fixture)
+from tests.test_federation_e2e import _stop
 
 pytestmark = pytest.mark.slow
 
@@ -65,14 +65,7 @@ def test_rendered_manifests_complete_a_round_as_local_processes(pki_deploy, tmp_
             time.sleep(1)
         assert all(p.poll() is None for p in procs), "a process died"
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        _stop(procs)
         for f in logs.values():
             f.close()
     # The run directory is on the server's PVC; each client's state on its own volume.
