@@ -122,6 +122,8 @@ class LocalClient:
                                device=s.backbone.device, extra_loss=proximal if anchor is not None else None,
                                private=private)
             metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0, **dp.spent(steps)}
+        if private:  # the loss on the private examples is not noised: it stays on the client
+            del metrics["train_loss"]
         return FitResult(payload.extract(s.model), len(data), metrics)
 
     @contextlib.contextmanager

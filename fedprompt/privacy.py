@@ -192,6 +192,9 @@ def plan(cfg: Config, *, n: int, planned_steps: int) -> SamplePlan:
     """Sigma and q for a client holding `n` training examples, sized for `planned_steps` DP
     steps in all (every round it could be sampled in)."""
     q = sample_rate(cfg, n)
+    if cfg.privacy.delta >= 1 / n:
+        raise PrivacyError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1 / {n} (this client's examples): a delta "
+                           f"that large allows leaking an example outright; set it below {1 / n:.2g}")
     return SamplePlan(noise_multiplier(cfg, q=q, steps=planned_steps), q, cfg.train.batch_size)
 
 

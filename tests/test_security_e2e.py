@@ -25,75 +25,59 @@ def _wait_exit(p: subprocess.Popen, timeout: float) -> int:
         return -999
 
 
-def test_tls_server_admits_registered_clients_only(tmp_path):
-    """Two registered clients complete the rounds over TLS; a third client with a valid key
-    that was never registered is refused with a clear error while the run goes on; a client
-    that does not trust the server's CA, and a plain client, fail with clear errors."""
+def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(tmp_path):
+    """Registered clients train over TLS. A client with a valid key that was never registered
+    is refused with a clear error while the run goes on; so are a client that does not trust
+    the server's CA and a plain one. A key revoked while the server runs is unregistered and
+    the rounds go on without that client."""
     port, out = free_port(), tmp_path / "run"
     certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])
     make_certs(tmp_path / "other", [])  # another federation's CA
     from fedprompt import certs as c
 
     c.new_client_key(certs, name="stranger")  # a valid key in the right format, never registered
-    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=2", "data.partition=iid",
-                    "federation.num_clients=2", "federation.min_clients=2"])
+    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
+                    "federation.num_clients=2", "federation.min_clients=1", "federation.fraction_fit=1.0",
+                    "federation.round_timeout=30"])
     addr = f"127.0.0.1:{port}"
     server = _start(["server", *common, *_sets([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)],
                     tmp_path / "server.log")
-    client = lambda name, pid, extra, log: _start(  # noqa: E731
+    client = lambda pid, extra, log: _start(  # noqa: E731
         ["client", *common, *extra, "--server", addr, "--partition-id", str(pid), "--num-partitions", "2"], tmp_path / log, threads=1)
-    stranger = client("stranger", 0, client_tls(certs, "stranger"), "stranger.log")
-    untrusting = client("client-1", 1, _sets([f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}",
-                                              f"client.auth_key={certs / 'clients' / 'client-1'}"]), "untrusting.log")
-    plain = client("plain", 1, ["--insecure"], "plain.log")
+    stranger = client(0, client_tls(certs, "stranger"), "stranger.log")
+    untrusting = client(1, _sets([f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}",
+                                  f"client.auth_key={certs / 'clients' / 'client-1'}"]), "untrusting.log")
+    plain = client(1, ["--insecure"], "plain.log")
     procs = [server, stranger, untrusting, plain]
     try:
         # The bad clients are refused by themselves, with the reason, and exit 2.
-        assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
-        assert "not registered" in (tmp_path / "stranger.log").read_text()
         assert _wait_exit(untrusting, 300) == 2, (tmp_path / "untrusting.log").read_text()[-2000:]
         assert "is not trusted" in (tmp_path / "untrusting.log").read_text()
         assert _wait_exit(plain, 300) == 2, (tmp_path / "plain.log").read_text()[-2000:]
         assert "speaks TLS" in (tmp_path / "plain.log").read_text()
-        assert server.poll() is None  # the server waits for its registered clients
-        assert all(r["round"] == 0 for r in _rows(out))
-        good = [client(f"client-{i}", i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
+        assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
+        assert "not registered" in (tmp_path / "stranger.log").read_text()
+        assert server.poll() is None and all(r["round"] == 0 for r in _rows(out))  # nothing ran without registered clients
+        good = [client(i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
         procs += good
-        assert _wait_exit(server, 900) == 0, (tmp_path / "server.log").read_text()[-3000:]
-    finally:
-        _stop(procs)
-    rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1, 2] and all(r["clients"] == 2 for r in rows[1:])
-    log = (tmp_path / "server.log").read_text()
-    assert "client 'client-0' registered" in log and "client 'client-1' registered" in log and "stranger" not in log
-    assert "WARNING" not in log
-
-
-def test_revoked_client_is_unregistered_while_the_server_runs(tmp_path):
-    port, out = free_port(), tmp_path / "run"
-    certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])
-    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
-                    "federation.num_clients=2", "federation.min_clients=1", "federation.round_timeout=30"])
-    addr = f"127.0.0.1:{port}"
-    server = _start(["server", *common, *_sets([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)],
-                    tmp_path / "server.log")
-    clients = [_start(["client", *common, *client_tls(certs, f"client-{i}"), "--server", addr, "--partition-id", str(i),
-                       "--num-partitions", "2"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
-    try:
-        _wait_for_round(out, 1, [server, *clients], timeout=600)
-        from fedprompt import certs as c
-
+        t0 = time.monotonic()
+        while not any(r["round"] >= 1 and r["clients"] == 2 for r in _rows(out)):  # both registered clients trained
+            assert all(p.poll() is None for p in [server, *good]), (tmp_path / "server.log").read_text()[-3000:]
+            assert time.monotonic() - t0 < 600, "no round with both clients"
+            time.sleep(0.5)
         c.revoke(certs, name="client-1")
         t0 = time.monotonic()
         while "client 'client-1' revoked" not in (tmp_path / "server.log").read_text():
             assert time.monotonic() - t0 < 60, (tmp_path / "server.log").read_text()[-2000:]
             time.sleep(0.5)
-        # The revoked client's SuperNode is shut out; the federation goes on with client-0.
         n = _rows(out)[-1]["round"]
-        _wait_for_round(out, n + 2, [server, clients[0]], timeout=600)
-        assert all(r["clients"] == 1 for r in _rows(out)[n + 2 :])
+        _wait_for_round(out, n + 3, [server, good[0]], timeout=600)
+        assert all(r["clients"] == 1 for r in _rows(out)[n + 2 :])  # the revoked client is out
     finally:
-        _stop([server, *clients])
+        _stop(procs)
+    log = (tmp_path / "server.log").read_text()
+    assert "client 'client-0' registered" in log and "client 'client-1' registered" in log and "stranger" not in log
+    assert "WARNING" not in log
 
 
 def test_the_server_refuses_to_start_without_tls_unless_told_insecure(tmp_path):

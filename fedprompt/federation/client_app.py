@@ -12,10 +12,10 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedprompt.federation.wire import ADAPTIVE_KEY, from_record, to_record
+from fedprompt.federation.wire import from_record, to_record
 
 WORKER_KEY = "fedprompt-worker"  # node config: the folder of the `fedprompt client` socket
 
@@ -69,9 +69,7 @@ def clipping_mod(msg: Message):
     """Client-level DP with client-side clipping: Flower's own mod that clips the update
     (local - global) to the norm the server's DP wrapper sent, before it leaves; else None."""
     config = msg.content.get("config", ConfigRecord())
-    if KEY_CLIPPING_NORM not in config:
-        return None
-    return adaptiveclipping_mod if config.get(ADAPTIVE_KEY) else fixedclipping_mod
+    return fixedclipping_mod if KEY_CLIPPING_NORM in config else None
 
 
 @app.train()

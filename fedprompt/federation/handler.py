@@ -53,11 +53,13 @@ def handle(client, request: dict) -> dict:
         res = client.fit(tensors, partition_id=pid, round_num=int(request["round"]), source=source,
                          proximal_mu=float(request.get("proximal_mu", 0.0)))
         metrics = {"num-examples": res.num_examples, "uniform-weight": 1, **res.metrics, **worker}
-        return {"tensors": _numpy(res.tensors), "metrics": metrics}
+        # In the order the server sent them: Flower's DP clipping pairs arrays by position.
+        ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
+        return {"tensors": _numpy(ordered), "metrics": metrics}
     if kind == "evaluate":
         scope = None if request.get("scope") == "centralized" else pid
         metrics, n = client.evaluate(tensors, partition_id=scope, source=source)
-        return {"metrics": {"num-examples": n, **metrics, **worker}}
+        return {"metrics": {"num-examples": n, "uniform-weight": 1, **metrics, **worker}}
     raise ValueError(f"unknown request kind {kind!r}")
 
 

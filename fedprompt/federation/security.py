@@ -59,8 +59,11 @@ def authorized_keys(certs_dir: str) -> dict[str, Path]:
 
 
 def _flwr_json(args: list[str], flwr_home: Path) -> dict:
-    r = subprocess.run([processes.binary("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                       timeout=60, env=processes.env(flwr_home))
+    try:
+        r = subprocess.run([processes.binary("flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                           timeout=60, env=processes.env(flwr_home))
+    except subprocess.TimeoutExpired:
+        return {"success": False, "error-message": f"flwr {' '.join(args[:2])} timed out"}
     try:
         out = json.loads(r.stdout[r.stdout.find("{"):])
     except ValueError:
@@ -70,30 +73,42 @@ def _flwr_json(args: list[str], flwr_home: Path) -> dict:
 
 @dataclass
 class Registry:
-    """The clients registered with this server's SuperLink: name -> node id."""
+    """The clients registered with this server's SuperLink: name -> (key fingerprint, node id)."""
 
     certs_dir: str
     flwr_home: Path
-    nodes: dict[str, int] = field(default_factory=dict)
+    nodes: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     def sync(self, say=print) -> None:
-        """Register keys added to authorized/ since the last sync; unregister removed ones."""
-        keys = authorized_keys(self.certs_dir)
-        for name in sorted(set(keys) - set(self.nodes)):
-            out = _flwr_json(["supernode", "register", str(keys[name]), "fedprompt", "--name", name], self.flwr_home)
-            if not out.get("success"):
-                # e.g. the same key registered before under another name; the others still join
-                say(f"client {name!r} not registered: {out.get('error-message', out)}")
-                self.nodes[name] = -1
-                continue
-            self.nodes[name] = int(out["node-id"])
-            say(f"client {name!r} registered (node {self.nodes[name]})")
-        for name in sorted(set(self.nodes) - set(keys)):
-            node = self.nodes.pop(name)
-            if node >= 0:
+        """Register keys added to authorized/ (or replaced) since the last sync; unregister
+        removed ones. Never raises: a problem is logged and retried at the next sync, and the
+        federation goes on."""
+        try:
+            keys = {name: (f.read_text(encoding="utf-8").split()[1], f) for name, f in authorized_keys(self.certs_dir).items()}
+        except (SecurityError, OSError, IndexError) as e:
+            say(f"authorized keys not readable, nothing changed: {e}")
+            return
+        for name in sorted(self.nodes):
+            if keys.get(name, (None,))[0] != self.nodes[name][0]:  # removed, or another key under that name
+                node = self.nodes[name][1]
+                if node < 0:
+                    del self.nodes[name]
+                    continue
                 out = _flwr_json(["supernode", "unregister", str(node), "fedprompt"], self.flwr_home)
-                say(f"client {name!r} revoked (node {node})" if out.get("success") else
-                    f"client {name!r}: revoking node {node} failed: {out.get('error-message', out)}")
+                if out.get("success"):
+                    del self.nodes[name]
+                    say(f"client {name!r} revoked (node {node})")
+                else:
+                    say(f"client {name!r}: revoking node {node} failed, retrying: {out.get('error-message', out)}")
+        for name in sorted(set(keys) - set(self.nodes)):
+            fingerprint, f = keys[name]
+            out = _flwr_json(["supernode", "register", str(f), "fedprompt", "--name", name], self.flwr_home)
+            if out.get("success") and "node-id" in out:
+                self.nodes[name] = (fingerprint, int(out["node-id"]))
+                say(f"client {name!r} registered (node {out['node-id']})")
+            else:  # e.g. the same key already registered under another name: said once, not retried
+                self.nodes[name] = (fingerprint, -1)
+                say(f"client {name!r} not registered: {out.get('error-message', out)}")
 
 
 def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
@@ -145,15 +160,20 @@ def check_server(address: str, *, root_certificates: str | None) -> str | None:
             return (f"the server at {address} is not trusted: {e.verify_message} (client.root_certificates = "
                     f"{root_certificates}); use the CA that signed the server's certificate, and connect by a name "
                     "or address listed in it")
-        except (ssl.SSLError, OSError) as e:
-            return f"TLS with the server at {address} failed ({e}); is it a fedprompt server with TLS, not --insecure?"
+        except ssl.SSLError as e:
+            if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):  # a plain HTTP answer
+                return f"the server at {address} does not speak TLS (started with --insecure?); pass --insecure here too, or give it certificates"
+            return None  # a reset or timeout mid-handshake: the SuperNode retries
+        except OSError:
+            return None
 
 
 # What a SuperNode's log says when it can never connect, and what to tell the user.
 NOT_REGISTERED = "it is not registered there"
 # A server registers its clients' keys just after its SuperLink starts: a client refused
 # within this window tries again before giving up.
-REGISTRATION_GRACE_S = 45.0
+# Flower also refuses a key whose previous node still looks online (up to 2 heartbeats of 30 s).
+REGISTRATION_GRACE_S = 75.0
 FATAL = [
     ("Failed to activate SuperNode", "the server refused this client's key: " + NOT_REGISTERED + ". Send "
      "{pub} to the server operator (`fedprompt certs register --dir CERTS --name NAME --public-key FILE`)"),

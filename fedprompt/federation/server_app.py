@@ -30,7 +30,7 @@ from fedprompt.federation.strategy import (
     restore_strategy,
     strategy_state,
 )
-from fedprompt.federation.wire import ADAPTIVE_KEY, from_record, to_record, wire_bytes
+from fedprompt.federation.wire import from_record, to_record, wire_bytes
 from fedprompt.report import append_jsonl, plot_curves
 
 app = ServerApp()
@@ -199,8 +199,7 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
     pr = cfg.privacy
-    config = ConfigRecord({ADAPTIVE_KEY: 1} if client_dp(cfg) and pr.adaptive_clipping else {})
-    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), config, grid))
+    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
     down = wire_bytes(msgs[0]) if msgs else 0
     # Replies arrive in any order; aggregating in node order makes a round's result a function
     # of who took part, not of who answered first (so a resumed run repeats it bit for bit).
@@ -235,6 +234,8 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
             f"{len(msgs)} sampled; nothing aggregated")
         tensors, train = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY)
     else:
+        for rep in good:  # Flower's DP clipping pairs a reply's arrays with the global ones by position
+            _order_like(rep, list(state.tensors))
         arrays, train = strategy.aggregate_train(rnd, good)
         tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
         payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
@@ -259,6 +260,13 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
         **dp,
     })
     return tensors, row
+
+
+def _order_like(rep: Message, keys: list[str]) -> None:
+    arrays = rep.content["arrays"]
+    if list(arrays.keys()) != keys:
+        received = from_record(arrays)
+        rep.content["arrays"] = to_record({k: received[k] for k in keys})
 
 
 def _privacy_row(cfg: Config, prev: dict, replies: list[Message]) -> dict:

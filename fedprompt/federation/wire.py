@@ -6,9 +6,6 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-# Train config key: client-level DP clips on the client, adaptively (the reply carries the norm bit).
-ADAPTIVE_KEY = "dp-adaptive"
-
 
 def to_record(tensors: dict) -> ArrayRecord:
     """name -> numpy array (or CPU torch tensor) into an ArrayRecord, names kept."""

@@ -85,10 +85,13 @@ class Worker:
                 self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
                                                            flwr_home=home, log=log, root_certificates=self.root_certificates,
                                                            auth_key=self.auth_key)
+                started = time.monotonic()
                 while self.supernode.poll() is None and not self.stopping.is_set():
                     time.sleep(0.5)
                 if self.stopping.is_set():
                     return
+                if time.monotonic() - started > 60:  # it was connected: a later refusal is news
+                    refused_since = None
                 why = security.fatal_reason(processes.tail(log, 20), key=self.auth_key)
                 if why is not None and security.NOT_REGISTERED in why:
                     refused_since = refused_since or time.monotonic()
