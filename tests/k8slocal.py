@@ -234,13 +234,16 @@ def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, v
     rewrites = sorted(((k, str(v)) for k, v in mounts.items()), key=lambda kv: -len(kv[0]))
     rewrite = _rewriter(rewrites)
 
-    argv = [expand(a, env) for a in (c.get("command") or list(entrypoint))] + [expand(a, env) for a in c.get("args", [])]
+    # The local entrypoint is a path on this machine, not in the container: never rewritten
+    # (a checkout under /tmp would otherwise land in the pod's /tmp volume).
+    command = [rewrite(expand(a, env)) for a in c["command"]] if c.get("command") else list(entrypoint)
+    argv = command + [rewrite(expand(a, env)) for a in c.get("args", [])]
     files = [f for name in {m["name"] for m in c.get("volumeMounts", [])} for f in volumes[name][1]]
     return {
         "pod": pod,
         "container": c["name"],
         "init": init,
-        "argv": [rewrite(a) for a in argv],
+        "argv": argv,
         "env": {k: rewrite(v) for k, v in env.items()},
         "mounts": mounts,
         "rewrites": rewrites,
