@@ -126,6 +126,10 @@ class LocalClient:
             del metrics["train_loss"]
         return FitResult(payload.extract(s.model), len(data), metrics)
 
+    def ledger_path(self, data) -> Path:
+        """The privacy ledger of a client holding `data` (its training examples)."""
+        return self.state_dir / f"ledger-{data_fingerprint(data)}.json"
+
     @contextlib.contextmanager
     def _dp(self, data):
         """DP-SGD for one round of this partition (a no-op without privacy.mode sample):
@@ -138,7 +142,7 @@ class LocalClient:
 
         cfg, p = self.cfg, self.cfg.privacy
         plan = privacy.plan(cfg, n=len(data), planned_steps=cfg.federation.rounds * cfg.round_steps)
-        ledger = privacy.Ledger.open(self.state_dir / f"ledger-{data_fingerprint(data)}.json", p.accountant)
+        ledger = privacy.Ledger.open(self.ledger_path(data), p.accountant)
         if ledger.would_exceed(plan.sigma, plan.q, cfg.round_steps, target=p.target_epsilon, delta=p.delta):
             raise privacy.PrivacyError(f"privacy budget exhausted: this client has spent epsilon {ledger.epsilon(p.delta):.3f} "
                                        f"of privacy.target_epsilon {p.target_epsilon} ({ledger.steps} DP steps, ledger "

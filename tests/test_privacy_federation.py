@@ -14,7 +14,7 @@ from fedprompt import privacy
 from fedprompt.federation import strategy as fs
 from fedprompt.federation.server_app import serve
 from fedprompt import payload
-from fedprompt.local import LocalClient, data_fingerprint
+from fedprompt.local import LocalClient
 from fedprompt.report import read_jsonl
 from tests.fakegrid import FakeGrid, client_responder
 from tests.tiny import tiny_config
@@ -49,7 +49,7 @@ def test_sample_dp_epsilon_grows_per_round_is_the_largest_and_survives_a_restart
     assert eps[-1] == pytest.approx(max(own), rel=1e-12)
     # Each ledger: 3 rounds x local_steps steps at the client's own q, as Opacus counts them.
     n = len(client.shard(0).train)
-    ledger = privacy.Ledger.open(state / f"ledger-{data_fingerprint(client.shard(0).train)}.json")
+    ledger = privacy.Ledger.open(client.ledger_path(client.shard(0).train))
     assert ledger.history == [(1.2, 4 / n, 3 * cfg.round_steps)]
     # A restarted client (a new process: a new LocalClient) continues the same account.
     again = LocalClient(cfg, num_partitions=3)

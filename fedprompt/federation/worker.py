@@ -193,11 +193,10 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
     shard = client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
     if cfg.privacy.mode in ("sample", "both"):
         from fedprompt import privacy
-        from fedprompt.local import data_fingerprint
 
         # Refuse an unsound or unreachable plan now, not at the first round.
         plan = privacy.plan(cfg, n=len(shard.train), planned_steps=cfg.federation.rounds * cfg.round_steps)
-        ledger = client.state_dir / f"ledger-{data_fingerprint(shard.train)}.json"
+        ledger = client.ledger_path(shard.train)
         spent = privacy.Ledger.open(ledger, cfg.privacy.accountant).epsilon(cfg.privacy.delta)
         if not quiet:
             print(f"fedprompt client: DP-SGD sigma {plan.sigma:.3f}, q {plan.q:.4f}; privacy ledger {ledger} "
