@@ -133,21 +133,27 @@ def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
     return out[0], out[1]
 
 
+# check_server's answer when the server cannot be asked yet (not listening, reset mid-handshake):
+# the client waits and asks again. A SuperNode started then could meet a server of the other
+# kind (TLS vs plain) and retry for ever without a word, so none is started before a real answer.
+NOT_YET = "the server is not reachable yet"
+
+
 def check_server(address: str, *, root_certificates: str | None) -> str | None:
-    """Connect to the server as the SuperNode will. None when it is fine or not reachable yet
-    (the SuperNode waits for it); else why this client can never talk to it."""
+    """Connect to the server as the SuperNode will. None when it is fine; NOT_YET when it does not
+    answer yet; else why this client can never talk to it."""
     host, port = processes.split_address(address, "--server")
     try:
         raw = socket.create_connection((host, port), timeout=5)
     except OSError:
-        return None
+        return NOT_YET
     with raw:
         if root_certificates is None:  # --insecure: the server must speak plain HTTP
             try:
                 raw.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
                 head = raw.recv(5)
             except OSError:
-                head = b""
+                return NOT_YET
             if not head.startswith(b"HTTP/"):
                 return (f"the server at {address} speaks TLS (or not HTTP); drop --insecure and set client.root_certificates "
                         "to the federation's CA certificate and client.auth_key to this client's key")
@@ -163,9 +169,9 @@ def check_server(address: str, *, root_certificates: str | None) -> str | None:
         except ssl.SSLError as e:
             if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):  # a plain HTTP answer
                 return f"the server at {address} does not speak TLS (started with --insecure?); pass --insecure here too, or give it certificates"
-            return None  # a reset or timeout mid-handshake: the SuperNode retries
+            return NOT_YET  # a reset or timeout mid-handshake: ask again
         except OSError:
-            return None
+            return NOT_YET
 
 
 # What a SuperNode's log says when it can never connect, and what to tell the user.

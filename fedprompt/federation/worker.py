@@ -78,9 +78,15 @@ class Worker:
 
         log, home = self.folder / "supernode.log", self.folder / "flwr"
         refused_since = None  # an unregistered key may be registered in a moment (a server starting)
+        waiting = False
         while not self.stopping.is_set():
             why = security.check_server(self.superlink, root_certificates=self.root_certificates)
-            if why is None:
+            if why is security.NOT_YET:
+                if not waiting:
+                    self.say(f"waiting for the server at {self.superlink}")
+                waiting, why = True, None
+            elif why is None:
+                waiting = False
                 log.unlink(missing_ok=True)  # its tail must be this SuperNode's
                 self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
                                                            flwr_home=home, log=log, root_certificates=self.root_certificates,
