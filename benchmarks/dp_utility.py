@@ -1,7 +1,7 @@
 """Utility and audit of DP federated prompt tuning: the same simulation without DP and at
 several epsilons, each a real `fedprompt simulate` run, then one table.
 
-    python benchmarks/dp_utility.py [--config configs/bbc-minilm-prompt-dp.yaml] [--epsilons 8,3,1] [--out runs/dp-utility]
+    python benchmarks/dp_utility.py [--config configs/bbc-minilm-prompt-dp.yaml] [--epsilons 8,3,1] [--out runs/dp-utility] [--reuse]
 
 Prints a Markdown table (accuracy, ratio to the non-private run, largest client epsilon,
 membership-inference AUC, canary exposure) and writes it to OUT/table.md.
@@ -18,7 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(config: str, out: Path, sets: list[str]) -> dict:
+def run(config: str, out: Path, sets: list[str], reuse: bool = False) -> dict:
+    if reuse and (out / "summary.json").is_file():  # a finished run of an earlier invocation
+        return json.loads((out / "summary.json").read_text())
     args = [sys.executable, "-m", "fedprompt", "simulate", "--config", config, "--output", str(out), "--overwrite"]
     for s in sets:
         args += ["--set", s]
@@ -31,12 +33,13 @@ def main() -> int:
     ap.add_argument("--config", default=str(ROOT / "configs" / "bbc-minilm-prompt-dp.yaml"))
     ap.add_argument("--epsilons", default="8,3,1")
     ap.add_argument("--out", default=str(ROOT / "runs" / "dp-utility"))
+    ap.add_argument("--reuse", action="store_true", help="keep runs already finished under OUT (same config only!)")
     args = ap.parse_args()
     out = Path(args.out)
-    rows = [("no DP", run(args.config, out / "none", ["privacy.mode=none"]))]
+    rows = [("no DP", run(args.config, out / "none", ["privacy.mode=none"], args.reuse))]
     print(f"no DP: accuracy {rows[0][1]['accuracy']:.4f}", flush=True)
     for eps in args.epsilons.split(","):
-        s = run(args.config, out / f"eps{eps}", ["privacy.mode=sample", f"privacy.target_epsilon={eps}"])
+        s = run(args.config, out / f"eps{eps}", ["privacy.mode=sample", f"privacy.target_epsilon={eps}"], args.reuse)
         rows.append((f"epsilon {eps}", s))
         print(f"epsilon {eps}: accuracy {s['accuracy']:.4f}, spent {s['epsilon']:.3f}", flush=True)
     base = rows[0][1]["accuracy"]

@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             run_audit(load_config(run_cfg, args.overrides), args.run)
             return 0
         cfg = load_config(args.config, args.overrides)
+        if args.command in ("server", "client") and cfg.attack.clients:
+            # Poisoning measures robust aggregation in a simulation; a deployed client never sends it.
+            raise _run_error(f"attack.clients: {cfg.attack.clients} poisons updates, a simulation-only research setting; "
+                             f"`fedprompt {args.command}` refuses it; set attack.clients=0 (or use `fedprompt simulate`)")
         from fedprompt import run
 
         if args.command == "train":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,13 @@ class FederationConfig:
     fraction_evaluate: float = 1.0  # share sampled to evaluate on their local test split; 0: off
     centralized_eval: bool = True  # simulation: also evaluate on the whole held-out test split
     min_clients: int = 2  # the server waits for this many connected clients before a round
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum"] = "fedavg"
     proximal_mu: float = 0.0  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1e-2  # fedadam / fedyogi: server learning rate (eta)
     trim_fraction: float = 0.2  # trimmedmean: share cut from each end, per coordinate
+    num_malicious: int = 0  # krum / multikrum: f, attackers tolerated per round (needs > 2f + 2 sampled clients)
+    norm_bound: float = 0.0  # L2 bound on each client's update (reply - global), scaled down to it; 0: off
+    reject_norm_factor: float = 10.0  # reject an update longer than this x the round's median update norm; 0: off
     round_timeout: float = 0.0  # seconds to wait for replies in a round; 0: no limit
     workers: int = 1  # simulation: worker processes, each holding one backbone
 
@@ -128,6 +132,16 @@ class AuditConfig:
     canaries: int = 0  # random secrets planted in that client's training data (classification)
     canary_repeats: int = 4  # copies of each canary in the training data
     references: int = 255  # unplanted candidate secrets each canary is ranked against
+
+
+@dataclass
+class AttackConfig:
+    """Poisoned clients, to measure robust aggregation: `fedprompt simulate` only (`fedprompt
+    client` and `server` refuse attack.clients > 0)."""
+
+    clients: int = 0  # attacking partitions: the last `clients` of federation.num_clients
+    kind: Literal["scale"] = "scale"  # scale: reply global + scale x (the honest local update)
+    scale: float = -10.0
 
 
 @dataclass
@@ -175,6 +189,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     client: ClientConfig = field(default_factory=ClientConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)  # research: poisoned clients in a simulation
 
     @property
     def round_steps(self) -> int:
@@ -190,6 +205,48 @@ class Config:
 
 # ---------------------------------------------------------------------------------------------
 # Loading and type checking
+
+
+class _ShortRepr(reprlib.Repr):
+    """repr() bounded in size: a YAML alias bomb or a 5 MB value must not become the error
+    message, and an integer past Python's 4300-digit str limit must not raise while shown."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxlist, self.maxdict, self.maxset = 3, 6, 4, 6
+        self.maxstring, self.maxother, self.maxlong = 80, 80, 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 128:  # also keeps str() away from the digit limit
+            return f"<an integer of about {int(x.bit_length() * math.log10(2)) + 1} digits>"
+        return super().repr_int(x, level)
+
+
+def _show(value: Any, limit: int = 200) -> str:
+    """A value as it appears in an error line: its repr, bounded in depth, items and length."""
+    text = _ShortRepr().repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+INT_RANGE = (-(2**63), 2**63 - 1)  # what numpy, torch and JSON consumers of the config can hold
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose value conversions fail as YAML errors with a position: PyYAML raises a
+    bare ValueError for e.g. `2024-13-45` (a timestamp), `!!int abc` or a 5000-digit integer,
+    and a KeyError for `!!bool maybe`."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as e:  # ValueError, OverflowError, KeyError (`!!bool maybe`), ...
+            why = "more than 4300 digits" if "integer string conversion" in str(e) else str(e) or type(e).__name__
+            kind = str(node.tag).rsplit(":", 1)[-1]  # int, float, timestamp, ...
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {_show(node.value)} as {kind} ({why}); quote it if it is text", node.start_mark
+            ) from None
 
 
 def _type_name(tp: Any) -> str:
@@ -208,21 +265,29 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        problems.append(f"{where}: {value!r} is not allowed; expected {_type_name(tp)}")
+        problems.append(f"{where}: {_show(value)} is not allowed; expected {_type_name(tp)}")
         return None
     if origin is list:
         if isinstance(value, str):  # `--set peft.lora_target_modules=q_proj,v_proj`
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
-            problems.append(f"{where}: {value!r} is not {_type_name(tp)}")
+            problems.append(f"{where}: {_show(value)} is not {_type_name(tp)}")
             return None
-        return [_coerce(v, get_args(tp)[0], f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        mine: list[str] = []
+        items = [_coerce(v, get_args(tp)[0], f"{where}[{i}]", mine) for i, v in enumerate(value)]
+        problems.extend(mine[:3])  # a long list of junk is one mistake, not a screenful
+        if len(mine) > 3:
+            problems.append(f"{where}: {len(mine) - 3} more items are not {_type_name(get_args(tp)[0])}")
+        return items
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            if INT_RANGE[0] <= value <= INT_RANGE[1]:
+                return value
+            problems.append(f"{where}: {_show(value)} is out of range; expected a 64-bit integer")
+            return None
     elif tp is float:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-3" (no dot) as a string; users mean a number.
@@ -237,12 +302,12 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 value = math.inf
             if math.isfinite(value):
                 return value
-            problems.append(f"{where}: {value!r} is not a finite number")
+            problems.append(f"{where}: {_show(value)} is not a finite number")
             return None
     elif tp is str:
         if isinstance(value, str):
             return value
-    problems.append(f"{where}: {value!r} is not {_type_name(tp)}")
+    problems.append(f"{where}: {_show(value)} is not {_type_name(tp)}")
     return None
 
 
@@ -250,13 +315,13 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+        problems.append(f"{where or 'config'}: expected a mapping of keys, got {_show(data)}")
         return cls()
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            shown = key if isinstance(key, str) and key.isidentifier() else repr(key)  # one line, visible
+            shown = key if isinstance(key, str) and key.isidentifier() else _show(key)  # one line, visible
             problems.append(
                 f"{where + '.' if where else ''}{shown}: unknown key; allowed keys: {', '.join(names)}"
             )
@@ -278,11 +343,11 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b=value` -> (["a", "b"], value parsed as YAML scalar)."""
     if "=" not in text:
-        raise ConfigError([f"--set {text!r}: expected key.path=value, e.g. train.local_steps=50"])
+        raise ConfigError([f"--set {_show(text)}: expected key.path=value, e.g. train.local_steps=50"])
     key, raw = text.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if len(parts) < 2:
-        raise ConfigError([f"--set {text!r}: the key must name a section and a field, e.g. model.quantization"])
+        raise ConfigError([f"--set {_show(text)}: the key must name a section and a field, e.g. model.quantization"])
     if _field_type(parts) is str:
         # A string field takes the text as is ("Article: {text}" is not a YAML mapping here),
         # minus one pair of surrounding quotes; a typed \n or \t becomes a newline or tab.
@@ -291,7 +356,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             text_value = text_value[1:-1]
         return parts, text_value.replace("\\n", "\n").replace("\\t", "\t")  # shell-typed escapes
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=_Loader) if raw.strip() else ""
     except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
@@ -328,7 +393,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError([f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"])
         try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+            raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
         except UnicodeDecodeError as e:
             raise ConfigError([f"config file {str(p)!r} is not UTF-8 text ({e.reason} at byte {e.start})"]) from None
         except yaml.YAMLError as e:
@@ -384,6 +449,8 @@ def _validate(c: Config) -> list[str]:
     need(0.0 <= c.data.min_confidence <= 1.0, f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]")
     need(c.data.alpha > 0, f"data.alpha: {c.data.alpha} must be > 0 (Dirichlet concentration)")
     need(c.data.quantity_sigma > 0, f"data.quantity_sigma: {c.data.quantity_sigma} must be > 0")
+    # numpy's generators refuse negative seeds; derived per-round seeds must stay within 64 bits
+    need(0 <= c.data.seed < 2**32, f"data.seed: {c.data.seed} is out of range; allowed 0..4294967295")
     need("{text}" in c.data.template, f"data.template: {c.data.template!r} must contain {{text}}")
     if c.data.label_words and c.data.labels:
         need(len(c.data.label_words) == len(c.data.labels), f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label")
@@ -399,6 +466,7 @@ def _validate(c: Config) -> list[str]:
     need(t.warmup_steps >= 0, f"train.warmup_steps: {t.warmup_steps} must be >= 0")
     need(t.eval_every >= 0, f"train.eval_every: {t.eval_every} must be >= 0 (0: only at start and end)")
     need(t.max_eval_examples >= 0, f"train.max_eval_examples: {t.max_eval_examples} must be >= 0 (0: all)")
+    need(0 <= t.seed < 2**32, f"train.seed: {t.seed} is out of range; allowed 0..4294967295")
 
     f = c.federation
     need(f.num_clients >= 1, f"federation.num_clients: {f.num_clients} must be >= 1")
@@ -413,6 +481,21 @@ def _validate(c: Config) -> list[str]:
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
     need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
+    need(f.num_malicious >= 0, f"federation.num_malicious: {f.num_malicious} must be >= 0")
+    need(f.norm_bound >= 0, f"federation.norm_bound: {f.norm_bound} must be >= 0 (0: off)")
+    need(f.reject_norm_factor == 0 or f.reject_norm_factor > 1, f"federation.reject_norm_factor: {f.reject_norm_factor} is out "
+         "of range; allowed 0 (off) or > 1 (a multiple of the round's median update norm)")
+    per_round = max(int(f.num_clients * f.fraction_fit), 1)  # what Flower samples (strategy.sampled_clients)
+    if f.strategy in ("krum", "multikrum"):
+        # Krum scores each update by its n - f - 2 nearest others: with n <= 2f + 2 the f attackers
+        # can make up an honest update's neighbourhood and the selection proves nothing.
+        need(per_round > 2 * f.num_malicious + 2, f"federation.strategy: {f.strategy!r} with federation.num_malicious "
+             f"{f.num_malicious} needs more than {2 * f.num_malicious + 2} clients per round, {per_round} are sampled "
+             f"(num_clients {f.num_clients} x fraction_fit {f.fraction_fit}); add clients, raise fraction_fit or lower num_malicious")
+    if f.strategy == "trimmedmean" and f.num_malicious > 0:
+        need(int(f.trim_fraction * per_round) >= f.num_malicious, f"federation.trim_fraction: {f.trim_fraction} cuts "
+             f"{int(f.trim_fraction * per_round)} of {per_round} sampled updates from each end, fewer than federation.num_malicious "
+             f"({f.num_malicious}); raise it to at least {f.num_malicious / per_round:.3g}")
 
     pr = c.privacy
     need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
@@ -443,14 +526,22 @@ def _validate(c: Config) -> list[str]:
         need(not pr.adaptive_clipping,
              "privacy.adaptive_clipping: true is refused: Flower 1.41's adaptive-clipping wrappers update the clip norm before "
              "sizing the noise, so a shrinking norm adds less noise than accounted; use fixed clipping (privacy.client_clip_norm)")
-        need(pr.delta < 1 / f.num_clients,
-             f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / f.num_clients:.3g})")
+        need(f.norm_bound == 0, f"federation.norm_bound: {f.norm_bound} with privacy.mode {pr.mode!r}: the DP wrapper already "
+             "clips every update to privacy.client_clip_norm (the bound its noise is sized for); set norm_bound 0 and lower "
+             "client_clip_norm instead")
+        n_clients = max(f.num_clients, 1)  # 0 is reported above; the message below must still format
+        need(pr.delta < 1 / n_clients,
+             f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / n_clients:.3g})")
 
     a = c.audit
     need(0 <= a.client < f.num_clients, f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)")
     need(0 <= a.canaries <= 1000, f"audit.canaries: {a.canaries} is out of range; allowed 0..1000")
     need(1 <= a.canary_repeats <= 100, f"audit.canary_repeats: {a.canary_repeats} is out of range; allowed 1..100")
     need(1 <= a.references <= 100_000, f"audit.references: {a.references} is out of range; allowed 1..100000")
+
+    at = c.attack
+    need(0 <= at.clients <= f.num_clients, f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients} "
+         "(the last attack.clients of federation.num_clients partitions attack)")
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")

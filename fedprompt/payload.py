@@ -73,7 +73,8 @@ def validate(tensors: dict[str, torch.Tensor], manifest: Manifest, *, source: st
     if not isinstance(tensors, dict):
         raise PayloadError(f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}")
     expected = {s.name: s for s in manifest}
-    unknown = sorted(set(tensors) - set(expected))
+    # key=repr: a hostile payload's keys need not be strings, nor comparable with each other.
+    unknown = sorted(set(tensors) - set(expected), key=repr)
     missing = sorted(set(expected) - set(tensors))
     if unknown:
         raise PayloadError(f"payload from {source}: unexpected tensor {unknown[0]!r} (not in the manifest of {len(expected)} tensors)")

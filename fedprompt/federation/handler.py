@@ -55,12 +55,23 @@ def handle(client, request: dict) -> dict:
         metrics = {"num-examples": res.num_examples, "uniform-weight": 1, **res.metrics, **worker}
         # In the order the server sent them: Flower's DP clipping pairs arrays by position.
         ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
-        return {"tensors": _numpy(ordered), "metrics": metrics}
+        reply = _numpy(ordered)
+        if attacking(client.cfg, pid):
+            from fedprompt.federation.robust import scale_update
+
+            reply = scale_update(_numpy(tensors), reply, client.cfg.attack.scale)
+        return {"tensors": reply, "metrics": metrics}
     if kind == "evaluate":
         scope = None if request.get("scope") == "centralized" else pid
         metrics, n = client.evaluate(tensors, partition_id=scope, source=source)
         return {"metrics": {"num-examples": n, "uniform-weight": 1, **metrics, **worker}}
     raise ValueError(f"unknown request kind {kind!r}")
+
+
+def attacking(cfg, partition_id: int) -> bool:
+    """Partition `partition_id` poisons its updates (attack.*, simulation only: the last
+    attack.clients of federation.num_clients, so the audited client 0 stays honest)."""
+    return cfg.attack.clients > 0 and partition_id >= cfg.federation.num_clients - cfg.attack.clients
 
 
 def _numpy(tensors: dict) -> dict[str, np.ndarray]:

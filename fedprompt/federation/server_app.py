@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config, load_config
+from fedprompt.federation import robust
 from fedprompt.federation.strategy import (
     WEIGHT_KEY,
     WORKER_KEYS,
@@ -221,12 +222,18 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
             workers[str(int(metrics["pid"]))] = int(metrics.get("backbone_loads", 0))
     if len(replies) < len(msgs):
         problems.append(f"{len(msgs) - len(replies)} of {len(msgs)} sampled clients did not reply within {timeout} s")
+    # Every client that trained spent its privacy, kept or not: its epsilon counts.
+    dp = _privacy_row(cfg, state.rows[-1], good)
+    good, robust_row = _screen_and_bound(cfg, rnd, state.tensors, good, problems)
     for p in problems:
         log(f"round {rnd}: {p}")
     if not good:
         why = problems[0] if problems else "no client was sampled"
         raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
-    dp = _privacy_row(cfg, state.rows[-1], good)
+    f = cfg.federation
+    if f.strategy in ("krum", "multikrum") and len(good) <= 2 * f.num_malicious + 2:
+        log(f"round {rnd}: {f.strategy} tolerates federation.num_malicious {f.num_malicious} only with more than "
+            f"{2 * f.num_malicious + 2} updates, this round has {len(good)}: its choice proves nothing")
     if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
         # The noise is sized for m = sampled_clients updates; a mean over any other number
         # would leak more than accounted. The round releases nothing: the global state stays.
@@ -238,9 +245,15 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
             _order_like(rep, list(state.tensors))
         arrays, train = strategy.aggregate_train(rnd, good)
         tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
-        payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
-        if client_dp(cfg):
-            dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
+        if not all(np.isfinite(v).all() for v in tensors.values() if np.issubdtype(v.dtype, np.floating)):
+            # Finite updates can still sum past float32 (no screening with < 3 replies): the
+            # round releases nothing and the run goes on from the last good state.
+            log(f"round {rnd}: the aggregate of {len(good)} updates holds NaN or Inf; the global state is kept")
+            tensors = state.tensors
+        else:
+            payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+            if client_dp(cfg):
+                dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
     if client_dp(cfg):
         dp["clip_norm"] = float(strategy.clipping_norm)
         if pr.mode == "client":
@@ -257,9 +270,39 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
         "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
         "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
         "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
-        **dp,
+        **robust_row, **dp,
     })
     return tensors, row
+
+
+def _screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good: list[Message],
+                      problems: list[str]) -> tuple[list[Message], dict]:
+    """The valid replies minus absurd updates (federation.reject_norm_factor, each added to
+    `problems` with its node and reason), the others' updates bounded to federation.norm_bound
+    (logged); and the row's figures: median update norm, replies screened out, bounded."""
+    f = cfg.federation
+    received = [from_record(r.content["arrays"]) for r in good]
+    norms = [robust.update_norm(global_, t) for t in received]
+    # Not under client-level DP: every update is already clipped to client_clip_norm there, and
+    # a rejection, decided on the clients' data, would only turn the round into one releasing
+    # nothing (the noise is sized for exactly m updates; see _round).
+    verdicts = robust.screen(norms, 0.0 if client_dp(cfg) else f.reject_norm_factor)
+    kept, bounded = [], 0
+    for rep, tensors, norm, why in zip(good, received, norms, verdicts, strict=True):
+        node = rep.metadata.src_node_id
+        if why:
+            problems.append(f"rejected: node {node}: {why}")
+            continue
+        if f.norm_bound and norm > f.norm_bound:
+            tensors, _ = robust.bound(global_, tensors, f.norm_bound)
+            # In the global payload's order: Flower's DP clipping pairs arrays by position.
+            rep.content["arrays"] = to_record({k: tensors[k] for k in global_})
+            log(f"round {rnd}: node {node}: update norm {norm:.4g} bounded to {f.norm_bound:g}")
+            bounded += 1
+        kept.append(rep)
+    row = {"update_norm_median": float(np.median(norms)) if norms else None,
+           "screened_out": len(good) - len(kept), "bounded": bounded}
+    return kept, row
 
 
 def _order_like(rep: Message, keys: list[str]) -> None:

@@ -37,7 +37,8 @@ def client_dp(cfg: Config) -> bool:
 
 
 def sampled_clients(cfg: Config) -> int:
-    """Clients per training round under client-level DP (all of them connected, see make_strategy)."""
+    """Clients per training round when all federation.num_clients are connected (always so
+    under client-level DP, see make_strategy)."""
     return max(int(cfg.federation.num_clients * cfg.federation.fraction_fit), 1)
 
 
@@ -83,6 +84,11 @@ def _inner(cfg: Config, common: dict) -> fl.FedAvg:
         return fl.FedMedian(**common)
     if f.strategy == "trimmedmean":
         return fl.FedTrimmedAvg(**common, beta=f.trim_fraction)
+    if f.strategy == "krum":  # the one update closest to its n - f - 2 nearest others
+        return fl.Krum(**common, num_malicious_nodes=f.num_malicious)
+    if f.strategy == "multikrum":  # the mean of the n - f best Krum scores (n: clients sampled per round)
+        return fl.MultiKrum(**common, num_malicious_nodes=f.num_malicious,
+                            num_nodes_to_select=sampled_clients(cfg) - f.num_malicious)
     raise ValueError(f"federation.strategy: {f.strategy!r} is not known")  # config.py validates first
 
 

@@ -1,0 +1,82 @@
+"""After a simulation that finished, failed or was interrupted (Ctrl-C, SIGTERM), no
+fedprompt, Flower or Ray process is left and every port its processes listened on is free."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from fedprompt.federation.processes import port_in_use
+from tests.test_federation_e2e import TINY, _sets, _start, _stop, _wait_for_round
+from tests.tiny import tiny_folder
+
+pytestmark = pytest.mark.slow
+
+
+def _marked(mark: str) -> list[psutil.Process]:
+    """Live processes that inherited FEDPROMPT_TEST_MARK=mark (every descendant does)."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if p.environ().get("FEDPROMPT_TEST_MARK") == mark and p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
+    ports = set()
+    for p in procs:
+        try:
+            ports |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return ports
+
+
+@pytest.mark.parametrize("outcome", ["finished", "failed", "SIGINT", "SIGTERM"])
+def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
+    mark = f"{outcome}-{os.getpid()}-{time.monotonic_ns()}"
+    sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4",
+            f"federation.rounds={2 if outcome == 'finished' else 50}"]
+    if outcome == "failed":  # fails once running: no client can answer in a millisecond
+        sets.append("federation.round_timeout=0.001")
+    os.environ["FEDPROMPT_TEST_MARK"] = mark
+    try:
+        out = tmp_path / "run"
+        p = _start(["simulate", *_sets(sets), "--output", str(out)], tmp_path / "sim.log")
+    finally:
+        del os.environ["FEDPROMPT_TEST_MARK"]
+    ports: set[tuple[str, int]] = set()
+    try:
+        if outcome.startswith("SIG"):
+            _wait_for_round(out, 1, [p], timeout=300)
+            ports = _listening(_marked(mark))
+            p.send_signal(getattr(signal, outcome))
+            assert p.wait(timeout=60) == 130
+        else:
+            t0 = time.monotonic()
+            while p.poll() is None and time.monotonic() - t0 < 600:  # the ports while it runs
+                ports |= _listening(_marked(mark))
+                time.sleep(0.2)
+            assert p.wait(timeout=5) == (0 if outcome == "finished" else 2), (tmp_path / "sim.log").read_text()[-2000:]
+    finally:
+        _stop([p])
+    t0 = time.monotonic()
+    while _marked(mark) and time.monotonic() - t0 < 15:
+        time.sleep(0.5)
+    left = [" ".join(x.cmdline()) for x in _marked(mark)]
+    assert not left, left
+    assert ports, "no listening port seen: the check would prove nothing"
+    assert not [a for a in ports if port_in_use("127.0.0.1" if a[0] in ("0.0.0.0", "::") else a[0], a[1])]
+    log = Path(tmp_path / "sim.log").read_text()
+    if outcome.startswith("SIG"):
+        assert "fedprompt: interrupted" in log
+    if outcome == "failed":
+        assert "Traceback" not in log and not (out / "summary.json").exists()
