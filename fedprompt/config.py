@@ -493,9 +493,14 @@ def _validate(c: Config) -> list[str]:
              f"{f.num_malicious} needs more than {2 * f.num_malicious + 2} clients per round, {per_round} are sampled "
              f"(num_clients {f.num_clients} x fraction_fit {f.fraction_fit}); add clients, raise fraction_fit or lower num_malicious")
     if f.strategy == "trimmedmean" and f.num_malicious > 0:
-        need(int(f.trim_fraction * per_round) >= f.num_malicious, f"federation.trim_fraction: {f.trim_fraction} cuts "
-             f"{int(f.trim_fraction * per_round)} of {per_round} sampled updates from each end, fewer than federation.num_malicious "
-             f"({f.num_malicious}); raise it to at least {f.num_malicious / per_round:.3g}")
+        cut = int(f.trim_fraction * per_round)
+        if 2 * f.num_malicious >= per_round:
+            need(False, f"federation.num_malicious: {f.num_malicious} with trimmedmean needs more than {2 * f.num_malicious} "
+                 f"clients per round, {per_round} are sampled; add clients, raise fraction_fit or lower num_malicious")
+        else:  # the smallest 3-decimal fraction whose cut reaches num_malicious
+            least = math.ceil(f.num_malicious / per_round * 1000) / 1000
+            need(cut >= f.num_malicious, f"federation.trim_fraction: {f.trim_fraction} cuts {cut} of {per_round} sampled updates "
+                 f"from each end, fewer than federation.num_malicious ({f.num_malicious}); raise it to at least {least:g}")
 
     pr = c.privacy
     need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
@@ -540,8 +545,11 @@ def _validate(c: Config) -> list[str]:
     need(1 <= a.references <= 100_000, f"audit.references: {a.references} is out of range; allowed 1..100000")
 
     at = c.attack
-    need(0 <= at.clients <= f.num_clients, f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients} "
+    need(0 <= at.clients < f.num_clients, f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients - 1} "
          "(the last attack.clients of federation.num_clients partitions attack)")
+    need(not 0 < at.clients < f.num_clients or c.audit.client < f.num_clients - at.clients,
+         f"audit.client: {c.audit.client} is one of the attacking partitions (the last attack.clients = {at.clients}); "
+         "audit an honest client")
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")

@@ -9,6 +9,7 @@ partially or silently skipped (peft's `set_peft_model_state_dict` is strict=Fals
 from __future__ import annotations
 
 import hashlib
+import reprlib
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +78,8 @@ def validate(tensors: dict[str, torch.Tensor], manifest: Manifest, *, source: st
     unknown = sorted(set(tensors) - set(expected), key=repr)
     missing = sorted(set(expected) - set(tensors))
     if unknown:
-        raise PayloadError(f"payload from {source}: unexpected tensor {unknown[0]!r} (not in the manifest of {len(expected)} tensors)")
+        raise PayloadError(f"payload from {source}: unexpected tensor {reprlib.repr(unknown[0])} (not in the manifest of "
+                           f"{len(expected)} tensors)")  # reprlib: a hostile key may be megabytes long
     if missing:
         raise PayloadError(f"payload from {source}: missing tensor {missing[0]!r}")
     for name, spec in expected.items():

@@ -56,9 +56,10 @@ def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
         bad = client(2, "bad.log", ("peft.num_virtual_tokens=5",))
         everyone.append(bad)
         procs = [server, clients[0], bad]
-        hit = _wait(out, lambda r: r["round"] > first["round"] and r["failures"] >= 2, procs, 600,
-                    "a round that went on without the killed and the hung client")
-        assert hit["clients"] >= 1 and hit["round_s"] >= TIMEOUT - 1  # it waited the timeout, then went on
+        # The hung client's round: it waited the timeout, then went on with the replies it had.
+        hit = _wait(out, lambda r: r["round"] > first["round"] and r["failures"] >= 2 and r["round_s"] >= TIMEOUT - 1,
+                    procs, 600, "a round that went on without the killed and the hung client")
+        assert hit["clients"] >= 1
         # Back to life: the hung client continues, the killed one is restarted.
         os.killpg(clients[1].pid, signal.SIGCONT)
         again = client(2, "client2-restarted.log")

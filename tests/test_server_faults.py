@@ -66,15 +66,27 @@ def test_sigkill_at_each_fault_point_then_restart_resumes_exactly(tmp_path, refe
 def test_sigkill_at_random_moments_then_restart_resumes_exactly(tmp_path, reference):
     rng = random.Random(20261123)
     kills = 0
+    done = 0  # rounds completed when the last kill came
     for _ in range(3):
+        before = len(read_jsonl(tmp_path / "metrics.jsonl")) if (tmp_path / "metrics.jsonl").exists() else 0
         p = _server(tmp_path)
-        time.sleep(rng.uniform(3.0, 10.0))  # imports take a few seconds: mostly mid-round
+        # Once this process has written a row of its own (it is in the round loop), at a random
+        # moment within about a round: however slow the machine, the kill lands mid-run.
+        t0 = time.monotonic()
+        while p.poll() is None and time.monotonic() - t0 < 300:
+            rows = read_jsonl(tmp_path / "metrics.jsonl") if (tmp_path / "metrics.jsonl").exists() else []
+            if len(rows) > before:
+                break
+            time.sleep(0.1)
+        time.sleep(rng.uniform(0.0, 3.0))
         if p.poll() is not None:
             break
         p.send_signal(signal.SIGKILL)
         p.wait()
         kills += 1
+        done = len(read_jsonl(tmp_path / "metrics.jsonl")) - 1
     rc, log = _finish(tmp_path)
     assert rc == 0, log
-    assert kills >= 1
+    assert kills >= 1 and done >= 1, (kills, done)  # it died after real progress, and resumed from it
+    assert "resuming after round " in log
     _same_run(tmp_path, reference)

@@ -9,6 +9,9 @@ minus the global payload it trained from, all floating tensors taken together as
 - `bound`: an update longer than `bound` is scaled down to exactly that length (norm
   bounding, Sun et al. 2019): whatever a client sends moves a weighted mean by at most its
   weight share x `bound`.
+- `krum_select`: Krum / Multi-Krum's choice of updates (Blanchard et al. 2017), on the updates
+  in float64 (Flower's Krum works on the raw float32 parameters as |x|^2 + |y|^2 - 2x.y, where
+  the distances between tiny updates drown in rounding).
 - `scale_update`: the attack of `attack.kind: scale`, for measuring the two above.
 """
 
@@ -23,6 +26,11 @@ Payload = dict[str, np.ndarray]
 
 def _floating(a: np.ndarray) -> bool:
     return np.issubdtype(a.dtype, np.floating)
+
+
+def finite(a: np.ndarray) -> bool:
+    """No NaN or Inf in `a` (non-floating arrays always are)."""
+    return not _floating(a) or bool(np.isfinite(a).all())
 
 
 def update_norm(global_: Payload, reply: Payload) -> float:
@@ -78,6 +86,18 @@ def _scaled(global_: Payload, reply: Payload, s: float) -> Payload:
         else:
             out[k] = r
     return out
+
+
+def krum_select(global_: Payload, replies: list[Payload], f: int, keep: int) -> list[int]:
+    """Indices (ascending) of the `keep` replies with the lowest Krum scores: each update's
+    summed squared distance to its n - f - 2 nearest other updates (at least 1)."""
+    flat = np.stack([np.concatenate([(r[k].astype(np.float64) - g.astype(np.float64)).ravel()
+                                     for k, g in global_.items() if _floating(g)]) for r in replies])
+    d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
+    n = len(replies)
+    near = max(n - f - 2, 1)
+    scores = [float(np.sort(np.delete(d[i], i))[:near].sum()) if n > 1 else 0.0 for i in range(n)]
+    return sorted(np.argsort(scores, kind="stable")[:max(1, min(keep, n))].tolist())
 
 
 def scale_update(global_: Payload, local: Payload, scale: float) -> Payload:

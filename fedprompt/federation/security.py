@@ -139,6 +139,18 @@ def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
 NOT_YET = "the server is not reachable yet"
 
 
+def _speaks_tls(host: str, port: int) -> bool:
+    """Whether host:port completes a TLS handshake (its certificate unchecked: this only asks
+    which protocol it speaks)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    try:
+        with socket.create_connection((host, port), timeout=5) as raw, ctx.wrap_socket(raw, server_hostname=host):
+            return True
+    except (OSError, ssl.SSLError):
+        return False
+
+
 def check_server(address: str, *, root_certificates: str | None) -> str | None:
     """Connect to the server as the SuperNode will. None when it is fine; NOT_YET when it does not
     answer yet; else why this client can never talk to it."""
@@ -154,6 +166,8 @@ def check_server(address: str, *, root_certificates: str | None) -> str | None:
                 head = raw.recv(5)
             except OSError:
                 return NOT_YET
+            if not head and not _speaks_tls(host, port):
+                return NOT_YET  # accepted, then closed without a word: a proxy before its backend is up
             if not head.startswith(b"HTTP/"):
                 return (f"the server at {address} speaks TLS (or not HTTP); drop --insecure and set client.root_certificates "
                         "to the federation's CA certificate and client.auth_key to this client's key")

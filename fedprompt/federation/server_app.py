@@ -230,30 +230,16 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     if not good:
         why = problems[0] if problems else "no client was sampled"
         raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
-    f = cfg.federation
-    if f.strategy in ("krum", "multikrum") and len(good) <= 2 * f.num_malicious + 2:
-        log(f"round {rnd}: {f.strategy} tolerates federation.num_malicious {f.num_malicious} only with more than "
-            f"{2 * f.num_malicious + 2} updates, this round has {len(good)}: its choice proves nothing")
     if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
         # The noise is sized for m = sampled_clients updates; a mean over any other number
         # would leak more than accounted. The round releases nothing: the global state stays.
         log(f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of "
             f"{len(msgs)} sampled; nothing aggregated")
-        tensors, train = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY)
+        tensors, train, released = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY), False
     else:
-        for rep in good:  # Flower's DP clipping pairs a reply's arrays with the global ones by position
-            _order_like(rep, list(state.tensors))
-        arrays, train = strategy.aggregate_train(rnd, good)
-        tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
-        if not all(np.isfinite(v).all() for v in tensors.values() if np.issubdtype(v.dtype, np.floating)):
-            # Finite updates can still sum past float32 (no screening with < 3 replies): the
-            # round releases nothing and the run goes on from the last good state.
-            log(f"round {rnd}: the aggregate of {len(good)} updates holds NaN or Inf; the global state is kept")
-            tensors = state.tensors
-        else:
-            payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
-            if client_dp(cfg):
-                dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
+        tensors, train, released = _aggregate(cfg, strategy, rnd, state, good, manifest)
+        if client_dp(cfg):  # a noised aggregate was computed: kept or not, it counts as a release
+            dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
     if client_dp(cfg):
         dp["clip_norm"] = float(strategy.clipping_norm)
         if pr.mode == "client":
@@ -270,9 +256,40 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
         "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
         "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
         "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
-        **robust_row, **dp,
+        "released": released, **robust_row, **dp,
     })
     return tensors, row
+
+
+def _aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, good: list[Message],
+               manifest: payload.Manifest) -> tuple[dict, dict, bool]:
+    """(new global tensors, train metrics, released) from the round's good replies. Krum picks
+    its replies first. An aggregate, or a server-optimizer state (FedAdam's moments), that is
+    not finite is not kept: the global and strategy state of the last round stay."""
+    f = cfg.federation
+    if f.strategy in ("krum", "multikrum"):
+        if len(good) <= 2 * f.num_malicious + 2:
+            log(f"round {rnd}: {f.strategy} tolerates federation.num_malicious {f.num_malicious} only with more than "
+                f"{2 * f.num_malicious + 2} updates, this round has {len(good)}: its choice proves nothing")
+        keep = 1 if f.strategy == "krum" else len(good) - f.num_malicious
+        chosen = robust.krum_select(state.tensors, [from_record(r.content["arrays"]) for r in good], f.num_malicious, keep)
+        log(f"round {rnd}: {f.strategy} keeps node(s) {', '.join(str(good[i].metadata.src_node_id) for i in chosen)}")
+        good = [good[i] for i in chosen]
+    for rep in good:  # Flower's DP clipping pairs a reply's arrays with the global ones by position
+        _order_like(rep, list(state.tensors))
+    before = strategy_state(strategy)
+    arrays, train = strategy.aggregate_train(rnd, good)
+    tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
+    after = [v for slot in strategy_state(strategy).values() for v in slot.values()]
+    if not all(robust.finite(v) for v in [*tensors.values(), *after]):
+        # Finite updates can still sum past float32 (screening needs >= 3 replies and a sane
+        # majority), and FedAdam's second moment overflows first: keep the last good state.
+        log(f"round {rnd}: the aggregate of {len(good)} updates (or the server optimizer's state) holds NaN or Inf; "
+            "the global state is kept")
+        restore_strategy(strategy, before)
+        return state.tensors, train, False
+    payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+    return tensors, train, True
 
 
 def _screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good: list[Message],
@@ -300,7 +317,8 @@ def _screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], goo
             log(f"round {rnd}: node {node}: update norm {norm:.4g} bounded to {f.norm_bound:g}")
             bounded += 1
         kept.append(rep)
-    row = {"update_norm_median": float(np.median(norms)) if norms else None,
+    # Under client-level DP a raw statistic of the updates would be published un-noised: none.
+    row = {"update_norm_median": float(np.median(norms)) if norms and not client_dp(cfg) else None,
            "screened_out": len(good) - len(kept), "bounded": bounded}
     return kept, row
 

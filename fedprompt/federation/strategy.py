@@ -84,11 +84,8 @@ def _inner(cfg: Config, common: dict) -> fl.FedAvg:
         return fl.FedMedian(**common)
     if f.strategy == "trimmedmean":
         return fl.FedTrimmedAvg(**common, beta=f.trim_fraction)
-    if f.strategy == "krum":  # the one update closest to its n - f - 2 nearest others
-        return fl.Krum(**common, num_malicious_nodes=f.num_malicious)
-    if f.strategy == "multikrum":  # the mean of the n - f best Krum scores (n: clients sampled per round)
-        return fl.MultiKrum(**common, num_malicious_nodes=f.num_malicious,
-                            num_nodes_to_select=sampled_clients(cfg) - f.num_malicious)
+    if f.strategy in ("krum", "multikrum"):  # the round loop picks the replies (robust.krum_select); FedAvg means them
+        return fl.FedAvg(**common)
     raise ValueError(f"federation.strategy: {f.strategy!r} is not known")  # config.py validates first
 
 
@@ -107,9 +104,10 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
 
 
 def restore_strategy(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+    """Put back a `strategy_state` snapshot; a slot the snapshot lacks was unset (None) then."""
     inner = getattr(strategy, "strategy", strategy)
-    for slot, arrays in state.items():
-        if slot in _STATE_SLOTS and hasattr(inner, slot):
-            setattr(inner, slot, {k: np.array(v) for k, v in arrays.items()})
+    for slot in _STATE_SLOTS:
+        if hasattr(inner, slot):
+            setattr(inner, slot, {k: np.array(v) for k, v in state[slot].items()} if slot in state else None)
     if "dp" in state and inner is not strategy:
         strategy.clipping_norm = float(state["dp"]["clipping_norm"][0])
