@@ -44,11 +44,12 @@ def peft_accuracy(cfg, adapter: Path) -> float:
 
 
 def test_default_config_reaches_target_and_adapter_reproduces(tmp_path):
-    """configs/bbc-minilm-prompt.yaml with its default steps: >= 0.88 on BBC; the exported
-    adapter gives the recorded accuracy through peft and through `fedprompt eval`."""
+    """configs/bbc-minilm-prompt.yaml, its first 50 steps (0.934 in the measured full run, see
+    benchmarks/CONFIGS.md): >= 0.88 on BBC; the exported adapter gives the recorded accuracy
+    through peft and through `fedprompt eval`."""
     out = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "fedprompt", "train", "--config", str(ROOT / "configs/bbc-minilm-prompt.yaml"),
-                        "--output", str(out)], capture_output=True, text=True, timeout=1500)
+                        "--set", "train.local_steps=50", "--output", str(out)], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["accuracy"] >= 0.88, rows
