@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow bench results dp-results clean
+.PHONY: install demo test test-fast test-slow bench bench-long results dp-results clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -37,10 +37,13 @@ test-fast: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
+# Every benchmark into benchmarks/RESULTS.md (+ plots): about 30 minutes on 2 cores.
 bench: install
-	$(BIN)/python benchmarks/engine_overhead.py
-	$(BIN)/python benchmarks/round_overhead.py
-	$(BIN)/python benchmarks/dp_overhead.py
+	$(BIN)/python benchmarks/bench.py
+
+# Larger models (SmolLM2), more rounds; a GPU when one is visible. Hours on a CPU.
+bench-long: install
+	$(BIN)/python benchmarks/bench.py --long
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
             # Poisoning measures robust aggregation in a simulation; a deployed client never sends it.
             raise _run_error(f"attack.clients: {cfg.attack.clients} poisons updates, a simulation-only research setting; "
                              f"`fedprompt {args.command}` refuses it; set attack.clients=0 (or use `fedprompt simulate`)")
+        if args.command in ("server", "client") and cfg.client.reload_per_message:
+            raise _run_error(f"client.reload_per_message: true is a benchmark of the reload-every-message pattern in "
+                             f"`fedprompt simulate`; `fedprompt {args.command}` refuses it; set client.reload_per_message=false")
         from fedprompt import run
 
         if args.command == "train":

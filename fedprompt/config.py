@@ -168,6 +168,9 @@ class ClientConfig:
     # Where the client keeps its privacy ledger (DP accountant). "": <output>/clients in a
     # simulation, ~/.local/state/fedprompt for `fedprompt client`.
     state_dir: str = ""
+    # Benchmarks: rebuild backbone, method, tokenizer and data for every message, as Flower's
+    # LLM template (FlowerTune) does in each ClientApp call. Slower by design; never needed.
+    reload_per_message: bool = False
 
 
 @dataclass

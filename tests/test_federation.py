@@ -214,3 +214,33 @@ def test_a_finished_run_is_recognised_for_keep_alive(tmp_path, client):
     assert not runner._finished(more, out)  # more rounds: it resumes
     with pytest.raises(RunError, match="different configuration"):
         runner._finished(_cfg(train__lr=0.5), out)
+
+
+def test_reload_per_message_rebuilds_the_client_every_call_and_learns_the_same(tmp_path):
+    """client.reload_per_message (the template pattern benchmarked in benchmarks/template.py):
+    every message builds a new backbone through handler.client_for, and the federation's
+    tensors are exactly those of the cached client (it changes the cost, not the result)."""
+    from fedprompt import local
+    from fedprompt.federation import handler
+
+    digests = {}
+    for reload in (False, True):
+        cfg = _cfg(federation__rounds=1, federation__fraction_evaluate=0.0, client__reload_per_message=reload)
+        out = tmp_path / f"reload-{reload}"
+        out.mkdir()
+        (out / "config.yaml").write_text(cfg.to_yaml())
+        handler._CLIENTS.clear()
+        before = local.BACKBONE_LOADS
+
+        def via_client_for(i):
+            def respond(msg):
+                return client_responder(handler.client_for(out / "config.yaml", 3), i)(msg)
+            return respond
+
+        rows = _run(cfg, out, FakeGrid({101 + i: via_client_for(i) for i in range(3)}))
+        loads = local.BACKBONE_LOADS - before
+        messages = 1 + 1 + 3 + 1  # query, round 0's centralized evaluation, 3 fits, round 1's evaluation
+        assert loads == (messages if reload else 1), loads
+        digests[reload] = [r["digest"] for r in rows[1:]]
+    handler._CLIENTS.clear()
+    assert digests[True] == digests[False]

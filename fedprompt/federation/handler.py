@@ -26,7 +26,7 @@ def client_for(config_file: str | Path, num_partitions: int):
 
     text = Path(config_file).read_text(encoding="utf-8")
     key = (text, num_partitions)
-    if key not in _CLIENTS:
+    if key not in _CLIENTS or _CLIENTS[key].cfg.client.reload_per_message:
         _CLIENTS.clear()  # a new run in a reused worker: drop the previous backbone first
         cfg = load_config(config_file)
         # A simulation keeps its virtual clients' privacy ledgers in the run directory.

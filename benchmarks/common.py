@@ -1,0 +1,59 @@
+"""What every benchmark script shares: the result file the harness (bench.py) collects, plots,
+and running `fedprompt` as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_result(out: Path, *, title: str, markdown: str, summary: dict, plots: list[str] | None = None) -> None:
+    """out/result.json: a section of RESULTS.md (title, Markdown body, key figures, PNG names
+    under `out`); also printed, so a script run alone shows its table."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps({"title": title, "markdown": markdown, "summary": summary,
+                                                 "plots": plots or []}, indent=2) + "\n")
+    print(f"## {title}\n\n{markdown}\n")
+
+
+def plot(series: dict[str, tuple[list, list]], path: Path, *, xlabel: str, ylabel: str, title: str,
+         logx: bool = False) -> None:
+    """One PNG with a line per series (name -> (xs, ys))."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def simulate(config: str | Path, out: Path, sets: list[str]) -> dict:
+    """A real `fedprompt simulate` run; its summary.json (raises with the log tail on failure)."""
+    args = [sys.executable, "-m", "fedprompt", "simulate", "--config", str(config), "--output", str(out), "--overwrite"]
+    for s in sets:
+        args += ["--set", s]
+    r = subprocess.run(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if r.returncode:
+        raise RuntimeError(f"fedprompt simulate failed ({r.returncode}): {r.stderr[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def rows(out: Path) -> list[dict]:
+    """metrics.jsonl of a run directory."""
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
