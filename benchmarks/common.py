@@ -4,11 +4,20 @@ and running `fedprompt` as a subprocess."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def quiet_env() -> None:
+    """Offline, quiet, CPU DeepSpeed, also when no harness or Makefile set them (children inherit)."""
+    for k, v in {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                 "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+        os.environ.setdefault(k, v)
 
 
 def write_result(out: Path, *, title: str, markdown: str, summary: dict, plots: list[str] | None = None) -> None:
@@ -57,3 +66,28 @@ def simulate(config: str | Path, out: Path, sets: list[str]) -> dict:
 def rows(out: Path) -> list[dict]:
     """metrics.jsonl of a run directory."""
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def set_args(items: list[str]) -> list[str]:
+    """["k=v", ...] -> ["--set", "k=v", ...]."""
+    return [a for s in items for a in ("--set", s)]
+
+
+def stop_group(*procs: subprocess.Popen, timeout: float = 60) -> None:
+    """SIGTERM each process's group (fedprompt stops its Flower and Ray processes on it), then
+    SIGKILL a group that is still there after `timeout` seconds."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -30,12 +30,12 @@ METHODS = ["prompt", "prefix", "lora"]
 
 def measure(model: str, method: str) -> dict:
     from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
 
     from fedprompt import payload
     from fedprompt.federation.client_app import _reply
     from fedprompt.federation.wire import to_record, wire_bytes
     from fedprompt.run import setup
-    from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what a running ClientApp has
     cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml",

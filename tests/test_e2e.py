@@ -77,21 +77,26 @@ def test_smollm2_4bit_methods_train_and_export(method, tmp_path):
                       ["train.local_steps=3", "train.warmup_steps=0", "train.max_eval_examples=24", "train.eval_batch_size=24"])
     res = run_train(cfg, tmp_path / "run", quiet=True)
     assert res["steps"] == 3 and res["payload_bytes"] > 0
-    saved = load_config(tmp_path / "run" / "config.yaml")
-    assert peft_accuracy(saved, tmp_path / "run" / "adapter") == pytest.approx(res["accuracy"], abs=1e-9)
+    saved, adapter = load_config(tmp_path / "run" / "config.yaml"), tmp_path / "run" / "adapter"
 
+    # Three 4-bit loads in all (each costs seconds): ours with the adapter, and one fresh
+    # backbone seen bare first, then through PeftModel.from_pretrained.
     ours = setup(saved)
-    load_adapter(ours.model, tmp_path / "run" / "adapter")
+    load_adapter(ours.model, adapter)
     batch = collate(ours.test, list(range(4)), ours.pad_id, ours.backbone.device)
-    pm = PeftModel.from_pretrained(load_backbone(saved.model, task="classification").model, str(tmp_path / "run" / "adapter"))
-    bare = load_backbone(saved.model, task="classification").model
+    bb = load_backbone(saved.model, task="classification")
     with torch.no_grad():
-        ours.model.eval(), pm.eval()
+        ours.model.eval(), bb.model.eval()
         a = ours.task.class_logits(ours.model(batch["input_ids"], batch["attention_mask"]), batch)
+        c = ours.task.class_logits(bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+        pm = PeftModel.from_pretrained(bb.model, str(adapter))
+        pm.eval()
         b = ours.task.class_logits(pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
-        c = ours.task.class_logits(bare(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3), "the adapter did not change the backbone's output"
+    m = evaluate(PeftForward(pm), ours.task, ours.test, saved, pad_id=ours.pad_id, device=bb.device,
+                 limit=saved.train.max_eval_examples)
+    assert m["accuracy"] == pytest.approx(res["accuracy"], abs=1e-9)  # peft's model scores what the run recorded
 
 
 def test_generation_sft_on_user_file(tmp_path):
