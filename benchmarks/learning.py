@@ -38,7 +38,7 @@ def federation_sets(long: bool, model: str) -> list[str]:
         base = ["model.name=smollm2-135m", "model.quantization=4bit", "train.batch_size=8", "model.max_length=48",
                 "train.max_eval_examples=200"]
     else:
-        rounds, steps = (20, 10) if long else (5, 5)
+        rounds, steps = (20, 10) if long else (8, 10)
         base = ["model.max_length=32"]
     return base + ["federation.num_clients=8", "federation.fraction_fit=0.5", "federation.min_clients=2",
                    f"federation.rounds={rounds}", f"federation.local_steps={steps}", "federation.fraction_evaluate=0",
