@@ -70,15 +70,22 @@ def test_sigkill_at_random_moments_then_restart_resumes_exactly(tmp_path, refere
     for _ in range(3):
         before = len(read_jsonl(tmp_path / "metrics.jsonl")) if (tmp_path / "metrics.jsonl").exists() else 0
         p = _server(tmp_path)
-        # Once this process has written a row of its own (it is in the round loop), at a random
-        # moment within about a round: however slow the machine, the kill lands mid-run.
-        t0 = time.monotonic()
-        while p.poll() is None and time.monotonic() - t0 < 300:
-            rows = read_jsonl(tmp_path / "metrics.jsonl") if (tmp_path / "metrics.jsonl").exists() else []
-            if len(rows) > before:
-                break
-            time.sleep(0.1)
-        time.sleep(rng.uniform(0.0, 3.0))
+        # Once this process has written two rows of its own (it is in the round loop and a
+        # round's length is known), at a random moment within about one more round: on a slow
+        # machine or a fast one, the kill lands mid-run (a fixed delay outlived the whole run
+        # on an idle CI machine).
+        t0, seen = time.monotonic(), []
+        while p.poll() is None and time.monotonic() - t0 < 300 and len(seen) < 2:
+            try:
+                rows = read_jsonl(tmp_path / "metrics.jsonl") if (tmp_path / "metrics.jsonl").exists() else []
+            except ValueError:  # a row being written: read again
+                rows = []
+            seen += [time.monotonic()] * max(0, len(rows) - before - len(seen))
+            time.sleep(0.02)
+        if p.poll() is not None:
+            break
+        assert len(seen) >= 2, "the server made no progress in 300 s"
+        time.sleep(rng.uniform(0.0, seen[1] - seen[0]))
         if p.poll() is not None:
             break
         p.send_signal(signal.SIGKILL)

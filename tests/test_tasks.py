@@ -72,3 +72,45 @@ def test_verbalizer_truncates_the_text_never_the_template_tail():
     bad = load_config(None, ["data.label_words=[' business news', ' sport']"])
     with pytest.raises(TaskError, match="exactly one token"):
         VerbalizerClassification(tok, bad, ["business", "sport"])
+
+
+def test_exact_match_stops_decoding_once_the_reference_is_out_of_reach():
+    """Greedy exact match gives the full decode's answer, but stops as soon as the output is no
+    longer a prefix of the reference (a one-word answer costs ~2 forwards, not max_new_tokens)."""
+    import transformers
+
+    from fedprompt.engine import exact_match
+    from fedprompt.tasks import Encoded
+    from tests.tiny import tiny_folder
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_folder("llama"))
+
+    class Scripted(torch.nn.Module):
+        """Emits `script` token by token (then EOS), counting its forwards."""
+
+        def __init__(self, script: list[int]):
+            super().__init__()
+            self.script, self.calls, self.start = script, 0, None
+
+        def forward(self, x, mask):
+            self.calls += 1
+            self.start = x.shape[1] if self.start is None else self.start
+            k = x.shape[1] - self.start
+            logits = torch.zeros(1, x.shape[1], len(tok))
+            logits[0, -1, self.script[k] if k < len(self.script) else tok.eos_token_id] = 1.0
+            return logits
+
+    class Task:
+        max_new_tokens, eos = 32, tok.eos_token_id
+
+    Task.tok = tok
+    data = Encoded(ids=[tok("Topic:")["input_ids"]], target=[None], prompt_len=[len(tok("Topic:")["input_ids"])],
+                   responses=[" business"])
+    right = Scripted(tok(" business")["input_ids"])
+    assert exact_match(right, Task, data, 1, torch.device("cpu")) == 1.0
+    assert right.calls == len(tok(" business")["input_ids"]) + 1  # the tokens, then EOS
+    babble = Scripted(tok(" sport and then a great deal more text")["input_ids"])
+    assert exact_match(babble, Task, data, 1, torch.device("cpu")) == 0.0
+    assert babble.calls == 1  # " sport" is no prefix of "business": stop at once
+    longer = Scripted(tok(" business news")["input_ids"])
+    assert exact_match(longer, Task, data, 1, torch.device("cpu")) == 0.0  # the reference, then more
