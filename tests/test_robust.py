@@ -5,6 +5,7 @@ vectors, and the round loop with hostile clients on a tiny model (in-process gri
 from __future__ import annotations
 
 import math
+import reprlib
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_validate_accepts_exactly_the_manifest_and_names_what_is_wrong(case, sou
         msg = str(e)
         assert bad, f"an exact payload was refused: {msg}"
         assert msg.startswith(f"payload from {source}: ") and "\n" not in msg
-        assert any(repr(k) in msg for k in bad), (msg, bad)
+        assert any(repr(k) in msg or reprlib.repr(k) in msg for k in bad), (msg, bad)  # long hostile keys are shortened
         return
     assert not bad, f"accepted a payload with wrong {sorted(map(repr, bad))}"
 
