@@ -30,14 +30,14 @@ METHODS = ["prompt", "prefix", "lora"]
 
 def measure(model: str, method: str) -> dict:
     from flwr.app import ConfigRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedprompt import payload
     from fedprompt.federation.client_app import _reply
     from fedprompt.federation.wire import to_record, wire_bytes
     from fedprompt.run import setup
+    from tests.fakegrid import _identity
 
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # what a running ClientApp has
+    _identity()  # the run/task/node identity a running ClientApp has
     cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml",
                       [f"model.name={model}", f"peft.method={method}", "data.max_examples=50"])
     s = setup(cfg)

@@ -7,7 +7,6 @@ or, where a network exists, a hub id.
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -27,8 +26,7 @@ warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
 warnings.filterwarnings("ignore", message=".*Input type into Linear4bit.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-for _name in ("transformers", "bitsandbytes", "huggingface_hub", "accelerate", "peft"):
-    logging.getLogger(_name).setLevel(logging.ERROR)
+# (Their loggers are set to ERROR in fedprompt/__init__.py, before any of them is imported.)
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 import transformers  # noqa: E402

@@ -237,6 +237,7 @@ def exact_match(model, task: Generation, data: Encoded, n: int, device: torch.de
         ids = data.ids[i][: data.prompt_len[i]]
         ref = data.responses[i].strip()
         out: list[int] = []
+        text = ""  # decode(out), stripped
         for _ in range(task.max_new_tokens):
             x = torch.tensor([ids + out], device=device)
             nxt = int(model(x, torch.ones_like(x))[0, -1].argmax())
@@ -248,6 +249,6 @@ def exact_match(model, task: Generation, data: Encoded, n: int, device: torch.de
             # decodes to U+FFFD): never stop on that.
             if "\ufffd" not in text and not ref.startswith(text):
                 break
-        hits += task.tok.decode(out, skip_special_tokens=True).strip() == ref
+        hits += text == ref
     return hits / max(n, 1)
 
