@@ -158,6 +158,15 @@ class ServerConfig:
     # TLS + client authentication (`fedprompt certs`): ca.crt, server.crt, server.key and
     # authorized/<client>.pub. Required unless `fedprompt server --insecure`.
     certs_dir: str = ""
+    # What faces the network on `address`. builtin: fedprompt's own front, which forwards only
+    # the Fleet API (the routes SuperNodes use) and GET /health to the SuperLink on loopback.
+    # external: a proxy of yours does that (the Kubernetes manifests' nginx sidecar) and
+    # `fedprompt server` binds nothing on `address`. Flower's Control API (submit runs,
+    # register node keys, stop runs) has no login: it never faces the network.
+    front: Literal["builtin", "external"] = "builtin"
+    # The SuperLink's port on 127.0.0.1; 0: a free one. `external` needs it fixed (the proxy
+    # forwards there).
+    superlink_port: int = 0
 
 
 @dataclass
@@ -432,6 +441,9 @@ def _validate(c: Config) -> list[str]:
         if not ok:
             p.append(msg)
 
+    need(0 <= c.server.superlink_port < 65536, f"server.superlink_port: {c.server.superlink_port} is out of range; allowed 0..65535")
+    need(c.server.front != "external" or c.server.superlink_port > 0,
+         "server.superlink_port: server.front 'external' needs a fixed port for the proxy to forward to, e.g. 9093")
     need(c.model.name.strip() != "", "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id")
     need(8 <= c.model.max_length <= 8192, f"model.max_length: {c.model.max_length} is out of range; allowed 8..8192")
     need(1 <= c.peft.num_virtual_tokens <= 512, f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512")

@@ -1,9 +1,9 @@
 """The ClientApp: a thin bridge from Flower messages to `handler.handle`.
 
 In simulation the handler runs right here, in the long-lived Ray worker, on a LocalClient
-cached per process. In deployment Flower starts a fresh ClientApp process for every message,
-so the heavy state lives in the `fedprompt client` process (worker.py) and this forwards the
-request to it over a local socket; the import chain on this path stays light (no torch).
+cached per process. In deployment this ClientApp object runs inside the `fedprompt client`
+process (worker.py, executor.py), which registered its own handler with `serve_in_process`:
+nothing the server's run says (its run config, its app bundle) chooses what runs there.
 """
 
 from __future__ import annotations
@@ -17,9 +17,15 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedprompt.federation.wire import from_record, to_record
 
-WORKER_KEY = "fedprompt-worker"  # node config: the folder of the `fedprompt client` socket
-
 app = ClientApp()
+
+_IN_PROCESS = None  # the `fedprompt client` process's handler: request dict -> reply dict
+
+
+def serve_in_process(handler) -> None:
+    """Make this process a `fedprompt client`: every message goes to `handler`."""
+    global _IN_PROCESS
+    _IN_PROCESS = handler
 
 
 def _request(kind: str, msg: Message, context: Context) -> dict:
@@ -34,11 +40,8 @@ def _request(kind: str, msg: Message, context: Context) -> dict:
 
 
 def _serve(request: dict, context: Context) -> dict:
-    folder = context.node_config.get(WORKER_KEY)
-    if folder:  # deployment: the `fedprompt client` process holds the backbone
-        from fedprompt.federation.worker import call
-
-        return call(str(folder), request)
+    if _IN_PROCESS is not None:  # deployment: this is the `fedprompt client` process
+        return _IN_PROCESS(request)
     from fedprompt.federation.handler import client_for, handle
 
     config_file = Path(str(context.run_config["output"])) / "config.yaml"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -97,12 +98,22 @@ def spawn(args: list[str], *, log: Path, environ: dict[str, str]) -> subprocess.
                                 preexec_fn=_die_with_parent)
 
 
+# Terminal control sequences (colours, cursor moves) that Flower's logs carry: never in our messages.
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
+
+
+def plain(text: str) -> str:
+    """`text` without terminal control sequences."""
+    return _ANSI.sub("", text)
+
+
 def tail(log: Path, lines: int = 5) -> str:
+    """The last `lines` non-empty lines of `log`, joined by " | ", without colour codes."""
     try:
-        text = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+        text = plain(log.read_text(encoding="utf-8", errors="replace")).strip().splitlines()
     except OSError:
         return ""
-    return " | ".join(line.strip() for line in text[-lines:])
+    return " | ".join(line.strip() for line in [t for t in text if t.strip()][-lines:])
 
 
 def stop(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
@@ -201,14 +212,16 @@ def submit(flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Pat
     return spawn(args, log=log, environ=env(flwr_home))
 
 
-def start_supernode(superlink: str, *, node_config: dict[str, str], flwr_home: Path, log: Path,
+def start_supernode(superlink: str, *, runtime_port: int, secret_file: Path, flwr_home: Path, log: Path,
                     root_certificates: str | None = None, auth_key: str | None = None) -> subprocess.Popen:
-    """A SuperNode connected to `superlink` (retrying for ever), its ClientAppIo API on a free
-    loopback port; over TLS trusting `root_certificates` and authenticated by `auth_key`, or
-    plain when both are None (`--insecure`)."""
+    """A SuperNode connected to `superlink` (retrying for ever) that executes nothing itself
+    (`--isolation process`): it queues each message's task on its runtime API at
+    127.0.0.1:`runtime_port`, where only the holder of `secret_file` takes them (executor.py).
+    Over TLS trusting `root_certificates` and authenticated by `auth_key`, or plain when both
+    are None (`--insecure`)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    args = [binary("flower-supernode"), "--superlink", superlink, "--port", str(free_port()),
-            "--node-config", " ".join(f'{k}="{v}"' for k, v in node_config.items())]
+    args = [binary("flower-supernode"), "--superlink", superlink, "--isolation", "process",
+            "--host", "127.0.0.1", "--port", str(runtime_port), "--superexec-auth-secret-file", str(secret_file)]
     if root_certificates:
         args += ["--root-certificates", root_certificates, "--auth-supernode-private-key", str(auth_key)]
     else:

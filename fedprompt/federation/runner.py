@@ -190,20 +190,31 @@ def _cpus() -> int:
 
 def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool,
          tls: dict[str, Path] | None = None) -> dict:
+    """Start the SuperLink (on loopback), the front (a deployment's only listener on
+    `host:port`, unless server.front is external), submit the app and follow the run."""
     t0 = time.perf_counter()
     home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
-    link = run = None
+    link = run = front = None
     logs = out / "logs"
+    say = (lambda m: None) if quiet else (lambda m: print(f"fedprompt server: {m}", flush=True))
     try:
-        link = processes.start_superlink(host, port, simulation=simulation, flwr_home=home, log=logs / "superlink.log", tls=tls)
-        processes.write_connection(home, f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}",
-                                   root_certificates=tls["ca"] if tls else None)
+        # The SuperLink's Control API has no login: it listens on loopback only, where this
+        # process's own `flwr run`, key registration and revocation reach it.
+        link_port = port if simulation else (cfg.server.superlink_port or processes.free_port())
+        link = processes.start_superlink("127.0.0.1", link_port, simulation=simulation, flwr_home=home,
+                                         log=logs / "superlink.log", tls=tls)
+        processes.write_connection(home, f"127.0.0.1:{link_port}", root_certificates=tls["ca"] if tls else None)
+        if not simulation and cfg.server.front == "builtin":
+            from fedprompt.federation.front import Front
+
+            front = Front(host, port, f"{'https' if tls else 'http'}://127.0.0.1:{link_port}", say=say,
+                          certfile=tls and tls["cert"], keyfile=tls and tls["key"], cafile=tls and tls["ca"])
+            front.start()
         tick = None
         if tls:  # admit exactly the clients in authorized/, now and as it changes
             from fedprompt.federation.security import Registry
 
             registry = Registry(cfg.server.certs_dir, home)
-            say = (lambda m: None) if quiet else (lambda m: print(f"fedprompt server: {m}", flush=True))
             registry.sync(say)
             tick = lambda: registry.sync(say)  # noqa: E731
         fed = None
@@ -217,6 +228,8 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick)
     finally:
         processes.stop(run)
+        if front is not None:
+            front.stop()
         processes.stop(link)
         processes.reap()
         shutil.rmtree(home, ignore_errors=True)
@@ -249,7 +262,8 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
 
 def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False,
                insecure: bool = False, keep_alive: bool = False) -> dict:
-    """A SuperLink on `server.address` and the ServerApp; waits for `federation.min_clients`.
+    """The front on `server.address`, the SuperLink behind it on loopback and the ServerApp;
+    waits for `federation.min_clients`.
     TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`.
     `keep_alive`: once the run is finished (now or before), stay up idle until stopped (a
     Kubernetes Deployment restarts a server that exits)."""
@@ -266,12 +280,17 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
     else:
         tls = security.server_files(cfg.server.certs_dir)
         security.authorized_keys(cfg.server.certs_dir)  # unreadable keys fail now
-    if processes.port_in_use(host, port):
-        raise RunError(f"server.address {cfg.server.address}: port {port} is already in use; pick another with "
-                       f"--set server.address={host}:PORT")
+    s = cfg.server
+    for what, h, p in ([("server.address", host, port)] if s.front == "builtin" else []) + (
+            [("server.superlink_port", "127.0.0.1", s.superlink_port)] if s.superlink_port else []):
+        if processes.port_in_use(h, p):
+            fix = f"server.address={host}:PORT" if what == "server.address" else "server.superlink_port=PORT"
+            raise RunError(f"{what} {h}:{p}: port {p} is already in use; pick another with --set {fix}")
     after = prepare(cfg, out, overwrite)
     if not quiet:
-        print(f"fedprompt server: listening on {host}:{port}; waiting for {cfg.federation.min_clients} clients; "
+        where = (f"listening on {host}:{port} (the Fleet API only)" if s.front == "builtin" else
+                 f"SuperLink on 127.0.0.1:{s.superlink_port} behind your proxy (server.front: external)")
+        print(f"fedprompt server: {where}; waiting for {cfg.federation.min_clients} clients; "
               f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else ""))
     result = _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)
     if keep_alive:

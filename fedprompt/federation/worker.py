@@ -1,16 +1,14 @@
-"""`fedprompt client`: the long-lived process that holds a client's backbone.
+"""`fedprompt client`: the long-lived process that holds a client's backbone and serves it.
 
-Flower's SuperNode starts a new ClientApp process for every message, so loading the backbone
-there would cost a load per round. Instead this process loads it once, listens on a Unix
-socket in a private folder (0700, with a random key), and the ClientApp forwards each request
-to it (`call`). It also runs the SuperNode and restarts it whenever it exits (for example
-when the server went away), so the client outlives server restarts.
+It loads the backbone and its partition once, runs a SuperNode (restarted whenever it exits,
+for example when the server went away, so the client outlives server restarts) that executes
+nothing itself, and answers each of the SuperNode's tasks right here with fedprompt's own
+ClientApp (executor.py): no code from the server ever runs, and no process starts per message.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import signal
 import sys
@@ -20,29 +18,6 @@ import time
 import traceback
 from pathlib import Path
 
-SOCKET, KEY = "worker.sock", "authkey"
-
-
-class WorkerError(RuntimeError):
-    """The request failed in the `fedprompt client` process (its message, one line)."""
-
-
-def call(folder: str, request: dict) -> dict:
-    """Send `request` to the `fedprompt client` serving `folder`; its reply."""
-    from multiprocessing.connection import Client
-
-    d = Path(folder)
-    try:
-        conn = Client(str(d / SOCKET), family="AF_UNIX", authkey=(d / KEY).read_bytes())
-    except OSError as e:
-        raise WorkerError(f"the fedprompt client process at {folder} is not reachable ({e.strerror or e})") from None
-    with conn:
-        conn.send(request)
-        reply = conn.recv()
-    if "error" in reply:
-        raise WorkerError(reply["error"])
-    return reply
-
 
 def _user_error(e: BaseException) -> bool:
     from fedprompt.cli import _user_errors
@@ -51,17 +26,18 @@ def _user_error(e: BaseException) -> bool:
 
 
 class Worker:
-    """Serve `client` (a LocalClient) as partition `partition_id` to the ClientApp bridge."""
+    """Serve `client` (a LocalClient) as partition `partition_id` to the server at `superlink`."""
 
     def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False,
                  root_certificates: str | None = None, auth_key: str | None = None):
+        from fedprompt.federation import executor, processes
+
         self.client, self.partition_id, self.superlink, self.quiet = client, partition_id, superlink, quiet
         self.root_certificates, self.auth_key = root_certificates, auth_key
         self.fatal: str | None = None  # why this client can never join (set by the supervisor)
         self.folder = Path(tempfile.mkdtemp(prefix="fedprompt-client-"))  # mkdtemp: mode 0700
-        self.key = secrets.token_bytes(32)
-        (self.folder / KEY).write_bytes(self.key)
-        os.chmod(self.folder / KEY, 0o600)
+        self.secret_file, self.secret = executor.secret_file(self.folder)
+        self.runtime_port = processes.free_port()
         self.stopping = threading.Event()
         self.supernode = None
         self.requests = 0
@@ -74,7 +50,6 @@ class Worker:
         """Keep one SuperNode running; restart it (after a pause) whenever it exits, unless
         it can never connect (untrusted server, unregistered key): then stop the client."""
         from fedprompt.federation import processes, security
-        from fedprompt.federation.client_app import WORKER_KEY
 
         log, home = self.folder / "supernode.log", self.folder / "flwr"
         refused_since = None  # an unregistered key may be registered in a moment (a server starting)
@@ -88,9 +63,9 @@ class Worker:
             elif why is None:
                 waiting = False
                 log.unlink(missing_ok=True)  # its tail must be this SuperNode's
-                self.supernode = processes.start_supernode(self.superlink, node_config={WORKER_KEY: str(self.folder)},
-                                                           flwr_home=home, log=log, root_certificates=self.root_certificates,
-                                                           auth_key=self.auth_key)
+                self.supernode = processes.start_supernode(self.superlink, runtime_port=self.runtime_port,
+                                                           secret_file=self.secret_file, flwr_home=home, log=log,
+                                                           root_certificates=self.root_certificates, auth_key=self.auth_key)
                 started = time.monotonic()
                 while self.supernode.poll() is None and not self.stopping.is_set():
                     time.sleep(0.5)
@@ -110,65 +85,58 @@ class Worker:
             if why is not None:
                 self.fatal = why
                 self.stopping.set()
-                os.kill(os.getpid(), signal.SIGTERM)  # wakes serve() out of accept()
+                os.kill(os.getpid(), signal.SIGTERM)  # wakes serve() out of its wait
                 return
             self.stopping.wait(2.0)
 
-    def _answer(self, conn, handle) -> None:
-        """One request from the bridge: handled, answered, logged in one line."""
-        with conn:
-            request = conn.recv()
-            request["partition_id"] = self.partition_id  # the bridge does not know it
-            t0 = time.perf_counter()
-            try:
-                reply = handle(self.client, request)
-            except Exception as e:  # reported to the server as this client's error; we live on
-                if not _user_error(e):
-                    traceback.print_exc()
-                reply = {"error": f"{type(e).__name__}: {e}"}
-            conn.send(reply)
+    def handle(self, request: dict) -> dict:
+        """One request of the ClientApp (in this process): handled and logged in one line;
+        an error is logged and raised (the executor answers it as this client's error)."""
+        from fedprompt.federation.handler import handle
+
+        request["partition_id"] = self.partition_id  # ours, whatever the server's message says
+        t0 = time.perf_counter()
+        try:
+            reply = handle(self.client, request)
+        except Exception as e:
+            if not _user_error(e):
+                traceback.print_exc()
+            self.say(f"round {request.get('round', 0)} {request['kind']}: {type(e).__name__}: {e} ({time.perf_counter() - t0:.1f} s)")
+            raise
+        finally:
             self.requests += 1
-            m = reply.get("metrics", {})
-            detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (
-                f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else reply.get("error", "ok"))
-            self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+        m = reply.get("metrics", {})
+        detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else "ok")
+        self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+        return reply
 
     def serve(self) -> None:
-        """Answer requests until SIGTERM/SIGINT; then stop the SuperNode and remove the folder."""
-        from multiprocessing.connection import Listener
-
-        from fedprompt.federation import processes
-        from fedprompt.federation.handler import handle
+        """Answer the SuperNode's tasks until SIGTERM/SIGINT; then stop the SuperNode and
+        remove the private folder."""
+        from fedprompt.federation import client_app, executor, processes
 
         def on_term(signum, frame):
             raise KeyboardInterrupt
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)  # also when inherited as ignored
-        listener = Listener(str(self.folder / SOCKET), family="AF_UNIX", authkey=self.key)
+        client_app.serve_in_process(self.handle)
+        tasks = executor.Executor(f"127.0.0.1:{self.runtime_port}", self.secret, client_app.app, say=self.say)
         supervisor = threading.Thread(target=self._supervise, daemon=True)
         supervisor.start()
         self.say(f"partition {self.partition_id}: {len(self.client.shard(self.partition_id).train)} training examples; "
-                 f"serving {self.superlink}")
+                 f"serving {self.superlink}; runs only {tasks.expected}")
         try:
-            while True:
-                try:
-                    conn = listener.accept()
-                except OSError:  # a connection that failed the key check: ignore it
-                    continue
-                try:
-                    self._answer(conn, handle)
-                except (OSError, EOFError) as e:  # the bridge process went away mid-request
-                    self.say(f"a request was dropped: {e}")
+            executor.serve_forever(tasks, self.stopping)
         except KeyboardInterrupt:
             if not self.fatal:
                 self.say("stopping")
         finally:
             self.stopping.set()
+            tasks.close()
             processes.stop(self.supernode)
             supervisor.join(timeout=5)
             processes.reap()
-            listener.close()
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.fatal:
             from fedprompt.federation.security import SecurityError
