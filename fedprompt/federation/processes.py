@@ -9,6 +9,7 @@ with it), with telemetry and update checks off, and is stopped with its whole pr
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import re
 import signal
@@ -210,6 +211,21 @@ def submit(flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Pat
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
     return spawn(args, log=log, environ=env(flwr_home))
+
+
+def was_stopped(flwr_home: Path, run_log: Path) -> bool:
+    """Whether the run that `flwr run` logged to `run_log` was stopped (`flwr stop`), as the
+    SuperLink of the connection in `flwr_home` records it."""
+    try:
+        found = re.search(r"Successfully started run (\d+)", plain(run_log.read_text(encoding="utf-8", errors="replace")))
+        if found is None:
+            return False
+        r = subprocess.run([binary("flwr"), "ls", "--run-id", found.group(1), "--format", "json"], capture_output=True,
+                           text=True, timeout=30, env=env(flwr_home))
+        runs = json.loads(r.stdout[r.stdout.find("{"):]).get("runs", [])
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return False
+    return any(str(run.get("status", "")).endswith(":stopped") for run in runs)
 
 
 def start_supernode(superlink: str, *, runtime_port: int, secret_file: Path, flwr_home: Path, log: Path,

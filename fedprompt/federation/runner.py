@@ -90,9 +90,10 @@ def _kb(n) -> str:
 
 
 def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False,
-           tick=None) -> list[dict]:
+           tick=None, stopped=None) -> list[dict]:
     """Print each metrics row as the ServerApp appends it; return all rows once the run ended
-    well, or raise RunError with the reason it did not. `tick()` is called every ~2 s."""
+    well, or raise RunError with the reason it did not. `tick()` is called every ~2 s;
+    `stopped()` says whether a run that ended without a result was stopped by `flwr stop`."""
     private = cfg.privacy.mode != "none"
     table = Table([("round", 5), ("clients", 7), ("train_loss", 10), ("accuracy", 8), ("fed_acc", 8),
                    ("up_KiB", 8), ("down_KiB", 8), ("round_s", 8), *([("epsilon", 8)] if private else [])])
@@ -125,6 +126,10 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
     if (out / STATUS).is_file():
         status = json.loads((out / STATUS).read_text(encoding="utf-8"))
     if status.get("state") != "done":
+        if not status and stopped is not None and stopped():
+            raise RunError("federated run stopped: someone on the server host stopped it with `flwr stop` (Flower's "
+                           "Control API listens on loopback only); its last checkpoint is kept: start the server "
+                           f"again on {out} to resume (full log: {log})")
         why = status.get("error") or f"the run ended without a result ({processes.tail(log, 3)})"
         raise RunError(f"federated run failed: {why} (full log: {log})")
     return rows
@@ -225,7 +230,8 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         run = processes.submit(home, {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment",
                                       "superlink-pid": link.pid},
                                log=logs / "run.log", federation_config=fed)
-        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick)
+        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick,
+                      stopped=lambda: processes.was_stopped(home, logs / "run.log"))
     finally:
         processes.stop(run)
         if front is not None:
