@@ -13,6 +13,10 @@ vs the same local steps in one plain loop.
    plain loop in this process (one engine, no Flower, no messages; torch's default threads).
 The report is their ratio (target <= 1.25) and the backbone loads of each client process over
 its lifetime (target: 1), from the metrics rows' `backbone_loads`.
+3. With --baseline REV (default: the last commit before the perimeter, whose clients ran a new
+   ClientApp process per message behind a Unix-socket bridge, and whose SuperLink faced the
+   network itself), step 1 again with that revision's code (`git archive` into a temporary
+   folder, first on PYTHONPATH), right after: the per-round time before and after.
 Writes DIR/result.json (title, markdown, summary, plots) and DIR/rounds.png; prints the markdown.
 """
 
@@ -42,17 +46,29 @@ NAME = "deploy_overhead"
 CONFIG = ROOT / "configs" / "bbc-minilm-prompt.yaml"
 CLIENTS = 2
 TARGET_RATIO = 1.25
+# The last commit before "The server's port is a perimeter": per-message ClientApp processes.
+BASELINE_REV = "d410ce2"
 
 
-def _start(args: list[str], log: Path, *, threads: int | None = None) -> subprocess.Popen:
-    """`python -m fedprompt ARGS` in its own session, so that it and everything it starts can be
-    killed as one process group."""
+def _start(args: list[str], log: Path, *, threads: int | None = None, code: Path = ROOT) -> subprocess.Popen:
+    """`python -m fedprompt ARGS` (the fedprompt in `code`, first on PYTHONPATH for every process
+    it starts) in its own session, so that it and everything it starts can be killed as one
+    process group."""
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
+    if code != ROOT:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     with open(log, "ab") as f:
         return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=ROOT)
+                                stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=code)
+
+
+def checkout(rev: str, into: Path) -> Path | None:
+    """The tree of `rev` in `into` (git archive: no worktree, .git untouched); None if this
+    clone does not hold `rev`."""
+    r = subprocess.run(f"git -C {ROOT} archive --format=tar {rev} | tar -x -C {into}", shell=True, capture_output=True)
+    return into if r.returncode == 0 and (into / "fedprompt").is_dir() else None
 
 
 def _tail(log: Path, n: int = 2000) -> str:
@@ -75,19 +91,20 @@ def make_certs(d: Path, names: list[str]) -> Path:
     return d
 
 
-def run_deployment(sets: list[str], work: Path, timeout: float) -> tuple[list[dict], float]:
-    """Server + clients until the server finishes; (metrics rows, wall seconds of the run)."""
+def run_deployment(sets: list[str], work: Path, timeout: float, code: Path = ROOT) -> tuple[list[dict], float]:
+    """Server + clients (of the fedprompt in `code`) until the server finishes; (metrics rows,
+    wall seconds of the run)."""
     port, out = free_port(), work / "run"
     certs = make_certs(work / "certs", [f"client-{i}" for i in range(CLIENTS)])
     common = ["--config", str(CONFIG), *set_args(sets)]
     server_log = work / "server.log"
     t0 = time.perf_counter()
     server = _start(["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
-                     "--output", str(out)], server_log)
+                     "--output", str(out)], server_log, code=code)
     clients = [_start(["client", *common, *set_args([f"client.root_certificates={certs / 'ca.crt'}",
                                                   f"client.auth_key={certs / 'clients' / f'client-{i}'}"]),
                        "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", str(CLIENTS)],
-                      work / f"client{i}.log", threads=1) for i in range(CLIENTS)]
+                      work / f"client{i}.log", threads=1, code=code) for i in range(CLIENTS)]
     try:
         deadline = time.monotonic() + timeout
         while server.poll() is None:
@@ -150,10 +167,31 @@ def plot(rows: list[dict], plain_per_round: float, path: Path) -> None:
     plt.close(fig)
 
 
+def baseline(rev: str, sets: list[str], rounds: int, steps: int) -> dict | None:
+    """Step 3: the same deployment with `rev`'s code; {"per_round": s, "markdown": text with a
+    {now} field}, or None when skipped."""
+    if not rev:
+        return None
+    with tempfile.TemporaryDirectory(prefix="fedprompt-bench-baseline-") as d:
+        (Path(d) / "code").mkdir()
+        code = checkout(rev, Path(d) / "code")
+        if code is None:
+            return {"per_round": None, "markdown": f"Before/after: revision {rev} is not in this clone; not measured."}
+        rows, _ = run_deployment(sets, Path(d) / "work", timeout=900 + 6 * rounds * steps, code=code)
+    rows = [r for r in rows if r["round"] > 0]
+    per_round = sum(r["round_s"] for r in rows) / len(rows)
+    return {"per_round": round(per_round, 3), "markdown": (
+        f"Before/after, same config, measured right after on this machine: revision `{rev}` (the SuperLink on the port "
+        f"itself, a new ClientApp process per message forwarding to the client over a Unix socket) took "
+        f"**{per_round:.2f} s** per round; now (the front, tasks served in the client process) **{{now:.2f}} s**.")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--long", action="store_true", help="5 rounds x 50 local steps (default: 3 x 20)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / NAME), help="result folder")
+    ap.add_argument("--baseline", default=BASELINE_REV, metavar="REV",
+                    help=f"also time the rounds with this revision's code (default {BASELINE_REV}: before the perimeter; '' skips)")
     args = ap.parse_args()
     rounds, steps = (5, 50) if args.long else (3, 20)
     out = Path(args.out)
@@ -178,6 +216,7 @@ def main() -> int:
         for pid, n in r["backbone_loads"].items():
             loads[pid] = max(loads.get(pid, 0), int(n))
 
+    before = baseline(args.baseline, sets, rounds, steps)
     client_rounds = sum(r["clients"] for r in rows)
     plain_s, threads = plain_loop(cfg, client_rounds)
     ratio = fed_s / plain_s
@@ -216,6 +255,7 @@ def main() -> int:
         *table,
         "",
         f"Seconds per round: {fed_s / rounds:.2f} (plain compute of the same steps: {plain_s / rounds:.2f} per round).",
+        *([] if before is None else ["", before["markdown"].format(now=fed_s / rounds)]),
         "",
         f"- Round overhead ratio: **{ratio:.3f}** (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'MISSED'}{why}.",
         (f"- Backbone loads per client process over its lifetime: {loads_txt} (target: 1 per client, {CLIENTS} clients): "
@@ -227,6 +267,8 @@ def main() -> int:
                "clients": CLIENTS, "total_steps": total_steps, "client_threads": 1, "plain_loop_threads": threads,
                "backbone_loads_max": max(loads.values()) if loads else 0, "client_processes": len(loads),
                "ratio_target": TARGET_RATIO, "ratio_met": ratio <= TARGET_RATIO, "loads_met": loads_ok,
+               **({} if before is None or before["per_round"] is None else {"baseline_rev": args.baseline, "baseline_seconds_per_round": before["per_round"],
+                                             "speedup_vs_baseline": round(before["per_round"] / (fed_s / rounds), 3)}),
                "deployment_wall_s": round(fed_wall, 1), "load_average_at_start": round(load1, 2), "benchmark_wall_s": round(time.perf_counter() - t_start, 1)}
     result = {"title": "Deployment round overhead (server + 2 clients over TLS)", "markdown": md, "summary": summary,
               "plots": ["rounds.png"]}

@@ -2,21 +2,45 @@
 
 Used by tests/test_deploy.py (what each container would see) and tests/test_deploy_smoke.py
 (which starts those processes locally and completes a round).
+
+Two kinds of container run locally: the fedprompt image's (its ENTRYPOINT stood in for by
+this interpreter's `python -m fedprompt`) and nginx's (any image whose name is nginx or
+nginx-something: the local `nginx` binary with the container's config file, its paths and
+ports rewritten for this machine).
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 #: What the images run before the manifests' args: ENTRYPOINT ["/usr/bin/tini", "--", "fedprompt"].
 #: Locally, `python -m fedprompt` of this interpreter stands in for it (tini only reaps and
 #: forwards signals).
 LOCAL_ENTRYPOINT = (sys.executable, "-m", "fedprompt")
+
+#: Debian's nginx is in /usr/sbin, which is not on every user's PATH.
+NGINX_PLACES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+
+
+def nginx_binary() -> str | None:
+    """The local nginx executable, or None when nginx is not installed."""
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return next((p for p in NGINX_PLACES if os.access(p, os.X_OK)), None)
+
+
+def is_nginx_image(image: str) -> bool:
+    """`nginx:1.27`, `nginxinc/nginx-unprivileged:1.27-alpine`, `registry/x/nginx@sha256:...`."""
+    name = image.split("@", 1)[0].rsplit("/", 1)[-1].split(":", 1)[0]
+    return name == "nginx" or name.startswith("nginx-")
+
 
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 _FIELD = re.compile(r"metadata\.(labels|annotations)\['([^']+)'\]")
@@ -28,8 +52,8 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
-def local_specs(objects: Sequence[dict], root: Path, *,
-                entrypoint: Sequence[str] = LOCAL_ENTRYPOINT) -> dict[str, list[dict]]:
+def local_specs(objects: Sequence[dict], root: Path, *, entrypoint: Sequence[str] = LOCAL_ENTRYPOINT,
+                ports: Mapping[int, int] | None = None) -> dict[str, list[dict]]:
     """Local process specs of every container of every Deployment and StatefulSet in
     `objects` (the rendered manifests of one overlay), with the pods' volumes under `root`.
 
@@ -49,6 +73,20 @@ def local_specs(objects: Sequence[dict], root: Path, *,
     - ``files``: every file written for its Secret, ConfigMap and projected volumes, laid
       out as the kubelet does (``items`` paths, file modes).
     - ``ports``: {port name (or number as text): containerPort}.
+    - ``nginx``: True for an nginx container (`is_nginx_image`). Its ``argv`` is the local
+      nginx binary (`nginx_binary()`, or plain "nginx" when absent) with the container's own
+      options (its command is required: the image's default config is not in the
+      manifests), `-c` pointing to ``conf``: a copy of the container's config file with its
+      mounted paths rewritten like argv (so pid and temporary files land in the pod's local
+      volumes), its `listen` ports on 127.0.0.1 and its loopback upstreams
+      (127.0.0.1:PORT, localhost:PORT) mapped through `ports`; plus `-p` (a prefix folder of
+      its own) and `-e stderr` unless given, and, run by root, `user root;` (in the pod,
+      master and workers share one unprivileged uid; as root nginx would otherwise hand its
+      workers to `nobody`). The config must not set `user` itself.
+
+    `ports` ({container port: local port}) moves what listens in a pod to free local ports:
+    pods share this machine's loopback here, unlike in a cluster. It applies to nginx
+    configs only; the caller maps fedprompt's own arguments.
 
     Volumes: Secret/ConfigMap/projected contents are rewritten on every call; an emptyDir is
     root/<pod>/volumes/<name> and kept; a persistentVolumeClaim is root/volumes/<claim> and a
@@ -80,7 +118,8 @@ def local_specs(objects: Sequence[dict], root: Path, *,
             containers = [(c, True) for c in pod_spec.get("initContainers", [])]
             containers += [(c, False) for c in pod_spec["containers"]]
             for c, init in containers:
-                out[name].append(_container_spec(c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint))
+                out[name].append(_container_spec(c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint,
+                                                 root=root, ports=dict(ports or {})))
     return out
 
 
@@ -200,7 +239,7 @@ def _materialize_volumes(pod_spec: dict, pod: str, meta: dict, root: Path, by_ki
 
 
 def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, volumes: dict, by_kind: dict,
-                    entrypoint: Sequence[str]) -> dict:
+                    entrypoint: Sequence[str], *, root: Path, ports: dict[int, int]) -> dict:
     what = f"pod {pod}, container {c['name']}"
     env: dict[str, str] = {}
     for src in c.get("envFrom", []):
@@ -236,13 +275,22 @@ def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, v
 
     # The local entrypoint is a path on this machine, not in the container: never rewritten
     # (a checkout under /tmp would otherwise land in the pod's /tmp volume).
+    nginx = is_nginx_image(c.get("image", ""))
+    if nginx and not c.get("command"):
+        raise ValueError(f"{what}: an nginx container needs its command (nginx -c <config> ...) to run locally: "
+                         "the image's default config is not in the manifests")
     command = [rewrite(expand(a, env)) for a in c["command"]] if c.get("command") else list(entrypoint)
     argv = command + [rewrite(expand(a, env)) for a in c.get("args", [])]
+    conf = None
+    if nginx:
+        argv, conf = _nginx_local(argv, rewrite, root / pod / "containers" / c["name"], ports, what)
     files = [f for name in {m["name"] for m in c.get("volumeMounts", [])} for f in volumes[name][1]]
     return {
         "pod": pod,
         "container": c["name"],
         "init": init,
+        "nginx": nginx,
+        "conf": conf,
         "argv": argv,
         "env": {k: rewrite(v) for k, v in env.items()},
         "mounts": mounts,
@@ -260,6 +308,44 @@ def _rewriter(rewrites: list[tuple[str, str]]):
     table = dict(rewrites)
     pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(k) for k, _ in rewrites) + r")(?=/|$|[^\w.-])")
     return lambda s: pattern.sub(lambda m: table[m.group(1)], s)
+
+
+_LISTEN = re.compile(r"(?m)^(\s*listen\s+)(?:\S*:)?(\d+)(?=[\s;])")
+_LOOPBACK = re.compile(r"(?<![\w.-])(127\.0\.0\.1|localhost):(\d+)\b")
+_USER = re.compile(r"(?m)^\s*user\s")
+
+
+def _nginx_local(argv: list[str], rewrite, folder: Path, ports: dict[int, int], what: str) -> tuple[list[str], Path]:
+    """The container's nginx command line -> the local one, with its config rewritten into
+    `folder` (see `local_specs`)."""
+    args = list(argv[1:])
+    if "-c" not in args or args.index("-c") + 1 >= len(args):
+        raise ValueError(f"{what}: nginx without `-c <config>`: the image's default config is not in the manifests")
+    i = args.index("-c") + 1
+    source = Path(args[i])  # already the local file of the mounted ConfigMap
+    if not source.is_file():
+        raise ValueError(f"{what}: nginx config {args[i]} is not in a mounted volume")
+    text = rewrite(source.read_text())
+    if _USER.search(text):
+        raise ValueError(f"{what}: {source.name} sets `user`: an unprivileged container cannot switch users")
+    port = lambda m: ports.get(int(m.group(2)), int(m.group(2)))  # noqa: E731
+    text = "".join(_LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{port(m)}", line) if _LISTEN.match(line)
+                   else _LOOPBACK.sub(lambda m: f"{m.group(1)}:{port(m)}", line) for line in text.splitlines(keepends=True))
+    folder.mkdir(parents=True, exist_ok=True)
+    conf = folder / source.name
+    conf.write_text(text)
+    args[i] = str(conf)
+    if "-p" not in args:
+        args = ["-p", f"{folder}/", *args]
+    if "-e" not in args:
+        args = ["-e", "stderr", *args]
+    if os.geteuid() == 0:
+        if "-g" in args and args.index("-g") + 1 < len(args):
+            j = args.index("-g") + 1
+            args[j] = args[j].rstrip() + " user root;"
+        else:
+            args += ["-g", "user root;"]
+    return [nginx_binary() or "nginx", *args], conf
 
 
 # ---- rendering ------------------------------------------------------------------------------------

@@ -118,3 +118,13 @@ def test_the_installed_app_identity_is_what_flwr_run_submits():
     me = installed_app()
     assert me.fab_id == "fedprompt/fedprompt-app"
     assert me.fab_hash == hashlib.sha256(build_fab_from_disk(APP_DIR)).hexdigest() == installed_app().fab_hash
+
+
+def test_a_participants_error_text_is_logged_as_one_short_plain_line():
+    from types import SimpleNamespace
+
+    from fedprompt.federation.wire import error_reason
+
+    hostile = SimpleNamespace(error=SimpleNamespace(reason="\x1b[92mINFO\x1b[0m: bad\nthing\r\x07" + "x" * 10_000))
+    text = error_reason(hostile)
+    assert text.startswith("INFO: bad thing") and "\x1b" not in text and "\n" not in text and len(text) <= 303

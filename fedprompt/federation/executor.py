@@ -142,7 +142,7 @@ class Executor:
             client.close()
 
 
-def serve_forever(executor: Executor, stopping, *, idle_s: float = 0.05, unreachable_s: float = 0.5) -> None:
+def serve_forever(executor: Executor, stopping, *, idle_s: float = 0.2, unreachable_s: float = 0.5) -> None:
     """Poll `executor` until the `stopping` event is set (tasks back to back, `idle_s` between
     empty polls; the SuperNode may be restarting: wait `unreachable_s` and ask again)."""
     import httpx

@@ -201,7 +201,7 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
     home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
     link = run = front = None
     logs = out / "logs"
-    say = (lambda m: None) if quiet else (lambda m: print(f"fedprompt server: {m}", flush=True))
+    say = (lambda m: None) if quiet else (lambda m: tqdm.write(f"fedprompt server: {m}", file=sys.stdout))
     try:
         # The SuperLink's Control API has no login: it listens on loopback only, where this
         # process's own `flwr run`, key registration and revocation reach it.

@@ -68,6 +68,8 @@ def _flwr_json(args: list[str], flwr_home: Path) -> dict:
         out = json.loads(r.stdout[r.stdout.find("{"):])
     except ValueError:
         out = {"success": False, "error-message": (r.stdout + r.stderr).strip()[-300:]}
+    if "error-message" in out:  # Flower colours its messages; ours carry none
+        out["error-message"] = " ".join(processes.plain(str(out["error-message"])).split())
     return out
 
 

@@ -31,7 +31,7 @@ from fedprompt.federation.strategy import (
     restore_strategy,
     strategy_state,
 )
-from fedprompt.federation.wire import from_record, to_record, wire_bytes
+from fedprompt.federation.wire import error_reason, from_record, to_record, wire_bytes
 from fedprompt.report import append_jsonl, plot_curves
 
 app = ServerApp()
@@ -143,7 +143,7 @@ def _ask(grid: Grid, node: int, kind: str, content: RecordDict, timeout: float |
     if not replies:
         raise FederationError(f"node {node} did not answer the {kind} request within {timeout} s")
     if replies[0].has_error():
-        raise FederationError(f"node {node} failed the {kind} request: {replies[0].error.reason}")
+        raise FederationError(f"node {node} failed the {kind} request: {error_reason(replies[0])}")
     return replies[0]
 
 
@@ -209,7 +209,7 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     for rep in replies:
         node = rep.metadata.src_node_id
         if rep.has_error():
-            problems.append(f"node {node} failed: {rep.error.reason}")
+            problems.append(f"node {node} failed: {error_reason(rep)}")
             continue
         try:
             metrics = _check_reply(rep, manifest)

@@ -16,6 +16,15 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
 
 
+def error_reason(message: Message, limit: int = 300) -> str:
+    """A reply's error reason as one printable line of at most `limit` characters: a
+    participant's text is untrusted (terminal control sequences, newlines, megabytes)."""
+    from fedprompt.federation.processes import plain
+
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in plain(str(message.error.reason)[:100_000])).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def wire_bytes(message: Message) -> int:
     """Bytes Flower transfers for `message`: the serialized (deflated) objects of its tree,
     each distinct object once, as they are pushed to and pulled from the SuperLink."""

@@ -81,7 +81,9 @@ class Worker:
                 else:
                     refused_since = None
                 if why is None:
-                    self.say(f"SuperNode exited ({processes.tail(log, 1)}); reconnecting to {self.superlink}")
+                    # Its runtime API's web server says goodbye last ("INFO:     Finished server process"): skip that.
+                    said = [line for line in processes.tail(log, 20).split(" | ") if not line.startswith("INFO:")]
+                    self.say(f"SuperNode exited ({said[-1] if said else 'no reason logged'}); reconnecting to {self.superlink}")
             if why is not None:
                 self.fatal = why
                 self.stopping.set()
