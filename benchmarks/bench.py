@@ -16,6 +16,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -128,13 +129,37 @@ def verdict(value, op: str, bound: float) -> str:
     return "met" if (value <= bound if op == "<=" else value >= bound) else "**missed**"
 
 
+def previous(results_md: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What an earlier RESULTS.md holds: {script: its section's text}, {target's what: its row}.
+    A section not rerun now (`--only`) keeps its earlier text, its own date line included."""
+    try:
+        text = results_md.read_text(encoding="utf-8")
+    except OSError:
+        return {}, {}
+    blocks = {}
+    for block in text.split("\n## ")[1:]:
+        found = re.search(r"\*`python benchmarks/([\w.]+)", block)
+        if found:
+            blocks[found.group(1)] = "## " + block.rstrip() + "\n"
+    rows = {}
+    if "## Targets" in text:
+        for line in text.split("## Targets")[1].split("\n## ")[0].splitlines():
+            if line.startswith("| ") and not line.startswith("| measurement"):
+                rows[line.split(" | ")[0][2:]] = line
+    return blocks, rows
+
+
 def report(out: Path, results_md: Path, total_s: float) -> None:
     plots = results_md.parent / "plots"
     plots.mkdir(exist_ok=True)
-    sections, found = [], {}
+    old_blocks, old_rows = previous(results_md)
+    sections, found, kept = [], {}, set()
     for name, script in SECTIONS:
         res, meta = load(out, name)
         if meta is None:
+            if script in old_blocks:
+                sections.append(old_blocks[script])
+                kept.add(name)
             continue
         found[name] = res
         head = f"## {res['title'] if res else name}\n\n*`python benchmarks/{script}{' --long' if meta['mode'] == 'long' else ''}`, " \
@@ -150,6 +175,8 @@ def report(out: Path, results_md: Path, total_s: float) -> None:
         sections.append(f"{head}\n{body}\n")
     rows = ["| measurement | measured | target | verdict |", "|---|---|---|---|"]
     for name, key, op, bound, what in TARGETS:
+        if name in kept and what in old_rows:
+            rows.append(old_rows[what])
         if name not in found:
             continue
         v = (found[name] or {}).get("summary", {}).get(key)
@@ -159,10 +186,13 @@ def report(out: Path, results_md: Path, total_s: float) -> None:
         "# Benchmark results", "",
         "Written by `make bench` (`python benchmarks/bench.py`; `make bench-long` for the long mode). Every figure below "
         "was measured by the run named in its section; ratios compare two things measured in the same run. "
-        "Do not edit by hand: rerun the benchmark.", "",
+        "Do not edit by hand: rerun the benchmark (`--only SECTION` reruns one; the others keep their earlier text "
+        "and dates).", "",
         f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
         f"{f', this invocation {total_s / 60:.1f} min' if total_s else ''}.", "",
-        *machine(), "",
+        *machine(), *(["", f"(The machine above ran this invocation's sections; {', '.join(sorted(kept))} kept their text "
+                          "from an earlier run, which may have been on another machine: each section's date says when.)"]
+                        if kept else []), "",
         "## Targets", "", *rows, "",
         *sections,
     ])

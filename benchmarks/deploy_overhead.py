@@ -13,10 +13,12 @@ vs the same local steps in one plain loop.
    plain loop in this process (one engine, no Flower, no messages; torch's default threads).
 The report is their ratio (target <= 1.25) and the backbone loads of each client process over
 its lifetime (target: 1), from the metrics rows' `backbone_loads`.
-3. With --baseline REV (default: the last commit before the perimeter, whose clients ran a new
-   ClientApp process per message behind a Unix-socket bridge, and whose SuperLink faced the
-   network itself), step 1 again with that revision's code (`git archive` into a temporary
-   folder, first on PYTHONPATH), right after: the per-round time before and after.
+3. Before/after, with --baseline REV (default: the last commit before the perimeter, whose
+   clients ran a new ClientApp process per message behind a Unix-socket bridge, and whose
+   SuperLink faced the network itself): two workloads, each run with REV's code (`git archive`
+   into a temporary folder, first on PYTHONPATH) and with this tree's, back to back: the
+   training rounds of step 1, and a latency-bound round (1 local step, federated evaluation on:
+   two message exchanges per round, where per-message costs show).
 Writes DIR/result.json (title, markdown, summary, plots) and DIR/rounds.png; prints the markdown.
 """
 
@@ -167,23 +169,36 @@ def plot(rows: list[dict], plain_per_round: float, path: Path) -> None:
     plt.close(fig)
 
 
-def baseline(rev: str, sets: list[str], rounds: int, steps: int) -> dict | None:
-    """Step 3: the same deployment with `rev`'s code; {"per_round": s, "markdown": text with a
-    {now} field}, or None when skipped."""
+def _per_round(rows: list[dict]) -> float:
+    rows = [r for r in rows if r["round"] > 0]
+    return sum(r["round_s"] for r in rows) / len(rows)
+
+
+def before_after(rev: str, workloads: list[tuple[str, list[str]]], rounds: int, steps: int) -> dict | None:
+    """Step 3: {"rows": [(workload, s per round before, after)], "markdown": text}, or None when
+    skipped."""
     if not rev:
         return None
+    out = []
     with tempfile.TemporaryDirectory(prefix="fedprompt-bench-baseline-") as d:
         (Path(d) / "code").mkdir()
         code = checkout(rev, Path(d) / "code")
         if code is None:
-            return {"per_round": None, "markdown": f"Before/after: revision {rev} is not in this clone; not measured."}
-        rows, _ = run_deployment(sets, Path(d) / "work", timeout=900 + 6 * rounds * steps, code=code)
-    rows = [r for r in rows if r["round"] > 0]
-    per_round = sum(r["round_s"] for r in rows) / len(rows)
-    return {"per_round": round(per_round, 3), "markdown": (
-        f"Before/after, same config, measured right after on this machine: revision `{rev}` (the SuperLink on the port "
-        f"itself, a new ClientApp process per message forwarding to the client over a Unix socket) took "
-        f"**{per_round:.2f} s** per round; now (the front, tasks served in the client process) **{{now:.2f}} s**.")}
+            return {"rows": [], "markdown": f"Before/after: revision {rev} is not in this clone; not measured."}
+        for i, (what, sets) in enumerate(workloads):
+            timed = []
+            for tree in (code, ROOT):
+                work = Path(d) / f"w{i}-{'before' if tree == code else 'after'}"
+                rows, _ = run_deployment(sets, work, timeout=900 + 6 * rounds * steps, code=tree)
+                timed.append(_per_round(rows))
+            out.append((what, *timed))
+    table = ["| workload | before (s per round) | after (s per round) | after / before |", "|---|---|---|---|"]
+    table += [f"| {w} | {b:.2f} | {a:.2f} | {a / b:.3f} |" for w, b, a in out]
+    return {"rows": out, "markdown": "\n".join([
+        f"Before/after the perimeter, each workload run with revision `{rev}`'s code (its SuperLink on the port itself, a "
+        "new ClientApp process per message forwarding to the client over a Unix socket) and with this tree's (the front; "
+        "the client serves the SuperNode's tasks in its own process), back to back on this machine, "
+        f"{rounds} rounds each, 2 clients over TLS:", "", *table])}
 
 
 def main() -> int:
@@ -216,7 +231,11 @@ def main() -> int:
         for pid, n in r["backbone_loads"].items():
             loads[pid] = max(loads.get(pid, 0), int(n))
 
-    before = baseline(args.baseline, sets, rounds, steps)
+    latency = [x for x in sets if not x.startswith(("federation.local_steps=", "federation.fraction_evaluate="))]
+    before = before_after(args.baseline, [(f"training: {steps} local steps, evaluation off", sets),
+                                          ("latency: 1 local step, federated evaluation on",
+                                           [*latency, "federation.local_steps=1", "federation.fraction_evaluate=1.0"])],
+                          rounds, steps)
     client_rounds = sum(r["clients"] for r in rows)
     plain_s, threads = plain_loop(cfg, client_rounds)
     ratio = fed_s / plain_s
@@ -236,8 +255,8 @@ def main() -> int:
     if ratio > TARGET_RATIO:
         per_round_rest = (fed_s - mean_train * rounds) / rounds
         why = (f" — why: of the {fed_s / rounds:.1f} s of a round, the clients' own training (1 thread each, in parallel) "
-               f"took {mean_train:.1f} s and {per_round_rest:.1f} s were outside it (Flower's per-message latency — per the "
-               f"README an idle SuperNode polls every 3 s and starts a ClientApp process per message — plus the per-round "
+               f"took {mean_train:.1f} s and {per_round_rest:.1f} s were outside it (Flower's per-message latency — an idle "
+               f"SuperNode polls every 3 s, hard-coded in Flower — plus the per-round "
                f"engine build), against {plain_s / rounds:.1f} s of plain compute per round on {threads} threads; more "
                f"local steps per round amortise the fixed part")
     loads_txt = ", ".join(f"pid {p}: {n}" for p, n in sorted(loads.items()))
@@ -255,7 +274,7 @@ def main() -> int:
         *table,
         "",
         f"Seconds per round: {fed_s / rounds:.2f} (plain compute of the same steps: {plain_s / rounds:.2f} per round).",
-        *([] if before is None else ["", before["markdown"].format(now=fed_s / rounds)]),
+        *([] if before is None else ["", before["markdown"]]),
         "",
         f"- Round overhead ratio: **{ratio:.3f}** (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'MISSED'}{why}.",
         (f"- Backbone loads per client process over its lifetime: {loads_txt} (target: 1 per client, {CLIENTS} clients): "
@@ -267,8 +286,9 @@ def main() -> int:
                "clients": CLIENTS, "total_steps": total_steps, "client_threads": 1, "plain_loop_threads": threads,
                "backbone_loads_max": max(loads.values()) if loads else 0, "client_processes": len(loads),
                "ratio_target": TARGET_RATIO, "ratio_met": ratio <= TARGET_RATIO, "loads_met": loads_ok,
-               **({} if before is None or before["per_round"] is None else {"baseline_rev": args.baseline, "baseline_seconds_per_round": before["per_round"],
-                                             "speedup_vs_baseline": round(before["per_round"] / (fed_s / rounds), 3)}),
+               **({} if not before or not before["rows"] else {
+                   "baseline_rev": args.baseline,
+                   "before_after_s_per_round": {w: [round(b, 3), round(a, 3)] for w, b, a in before["rows"]}}),
                "deployment_wall_s": round(fed_wall, 1), "load_average_at_start": round(load1, 2), "benchmark_wall_s": round(time.perf_counter() - t_start, 1)}
     result = {"title": "Deployment round overhead (server + 2 clients over TLS)", "markdown": md, "summary": summary,
               "plots": ["rounds.png"]}

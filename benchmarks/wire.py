@@ -66,7 +66,8 @@ def main() -> int:
     res = [measure(m, k) for m in models for k in METHODS]
     lines = ["Each method as a client builds it (MiniLM: classification head included in the payload; defaults: "
              "10 virtual tokens, LoRA r=8 on peft's default target modules), one training message and its reply "
-             "(dense random values of the payload's shapes and dtypes, as after training) serialized by Flower's own code and measured as the server measures `bytes_up`. Full model = every "
+             "(dense random values of the payload's shapes and dtypes, as after training) serialized by Flower's own code "
+             "and measured as the server measures `bytes_up`. Full model = every "
              "backbone parameter in fp32.", "",
              "| model | method | tensors | raw payload bytes | client upload bytes | upload / raw (target <= 1.10) | "
              "server download bytes | full model bytes | full model / upload |",

@@ -20,8 +20,8 @@ import torch
 from fedprompt.config import ModelConfig
 from fedprompt.data import package_dir
 
-# Library chatter users should not see on every step (STACK.md: bitsandbytes prints a hub
-# kernel message at import; 8-bit prints a cast warning on every matmul).
+# Library chatter users should not see on every step (bitsandbytes 0.50 prints a
+# hub kernel message at import; 8-bit prints a cast warning on every matmul).
 warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
 warnings.filterwarnings("ignore", message=".*inputs will be cast from.*")
 warnings.filterwarnings("ignore", message=".*Input type into Linear4bit.*")
@@ -148,7 +148,7 @@ def _quantization(cfg: ModelConfig, device: torch.device) -> Any:
 
 
 def _disable_cpu_inference_repack(model: torch.nn.Module) -> None:
-    """STACK.md trap: on CPUs with AVX512-BF16, a 4-bit layer run in eval mode without grad
+    """A bitsandbytes 0.50 trap, measured here: on CPUs with AVX512-BF16, a 4-bit layer run in eval mode without grad
     repacks its weights into an inference-only layout, after which gradients through it are
     zero (or the forward raises). Federated rounds alternate eval and train, so we turn the
     repack off for good; tests/test_backbone.py proves train-after-eval gradients are equal."""

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from fedprompt.config import ConfigError, load_config
+from fedprompt.errors import user_errors
 
 # Offline by default: nothing is fetched from a hub at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -79,7 +80,8 @@ def _certs_parser(sub) -> None:
     act.add_parser("list", help="the admitted clients")
     for a in act.choices.values():
         a.add_argument("--dir", required=True, metavar="DIR", help="the federation's certificate folder")
-        a.add_argument("--overwrite", action="store_true", help=argparse.SUPPRESS if a.prog.endswith(("register", "revoke", "list")) else "replace existing files")
+        a.add_argument("--overwrite", action="store_true",
+                       help=argparse.SUPPRESS if a.prog.endswith(("register", "revoke", "list")) else "replace existing files")
 
 
 def _certs(args) -> None:
@@ -106,30 +108,8 @@ def _certs(args) -> None:
             print(f"{name}\t{f}")
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fedprompt.backbone import BackboneError
-    from fedprompt.checkpoint import CheckpointError
-    from fedprompt.data import DataError
-    from fedprompt.payload import PayloadError
-    from fedprompt.run import RunError
-    from fedprompt.tasks import TaskError
-
-    errors: tuple[type[BaseException], ...] = (ConfigError, DataError, BackboneError, PayloadError, RunError, TaskError, CheckpointError)
-    if "fedprompt.federation.processes" in sys.modules:  # imports flwr: only when a federated command ran
-        from fedprompt.federation.processes import ProcessError
-
-        errors += (ProcessError,)
-    if "fedprompt.federation.security" in sys.modules:
-        errors += (sys.modules["fedprompt.federation.security"].SecurityError,)
-    if "fedprompt.certs" in sys.modules:
-        errors += (sys.modules["fedprompt.certs"].CertError,)
-    if "fedprompt.privacy" in sys.modules:  # imports opacus: only when a DP run got that far
-        errors += (sys.modules["fedprompt.privacy"].PrivacyError,)
-    return errors
-
-
 def _run_error(msg: str) -> Exception:
-    from fedprompt.run import RunError
+    from fedprompt.rundir import RunError
 
     return RunError(msg)
 
@@ -144,25 +124,64 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _validate(args) -> None:
+    file = args.file or args.config
+    cfg = load_config(file, args.overrides)
+    print(cfg.to_yaml(), end="")
+    print(f"# {file or 'defaults'}: valid", file=sys.stderr)
+
+
+def _audit(args) -> None:
+    from fedprompt.audit import run_audit
+
+    run_cfg = Path(args.run) / "config.yaml"
+    if not run_cfg.is_file():
+        raise _run_error(f"--run {args.run!r}: no config.yaml there; pass the directory of a finished run")
+    run_audit(load_config(run_cfg, args.overrides), args.run)
+
+
+def _train(args, cfg) -> None:
+    from fedprompt import run
+
+    run.run_train(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
+
+
+def _federated(args, cfg) -> None:
+    from fedprompt.federation import runner
+
+    # Stop Flower's processes on SIGTERM too, and on SIGINT even when it was inherited as
+    # ignored (a background job of a non-interactive shell).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    if args.command == "simulate":
+        runner.run_simulate(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
+    else:  # the server imports no torch: it aggregates tiny numpy arrays
+        runner.run_server(cfg, args.output or cfg.output.dir, overwrite=args.overwrite, insecure=args.insecure,
+                          keep_alive=args.keep_alive)
+
+
+def _client(args, cfg) -> None:
+    from fedprompt.federation.worker import run_client
+
+    run_client(cfg, partition_id=args.partition_id, num_partitions=args.num_partitions, server=args.server, insecure=args.insecure)
+
+
+def _eval(args, cfg) -> None:
+    from fedprompt import run
+
+    run.run_eval(cfg, args.adapter)
+
+
+# Commands that take arguments only, and those that take the loaded config too.
+PLAIN = {"validate": _validate, "certs": _certs, "audit": _audit}
+WITH_CONFIG = {"train": _train, "simulate": _federated, "server": _federated, "client": _client, "eval": _eval}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "validate":
-            file = args.file or args.config
-            cfg = load_config(file, args.overrides)
-            print(cfg.to_yaml(), end="")
-            print(f"# {file or 'defaults'}: valid", file=sys.stderr)
-            return 0
-        if args.command == "certs":
-            _certs(args)
-            return 0
-        if args.command == "audit":
-            from fedprompt.audit import run_audit
-
-            run_cfg = Path(args.run) / "config.yaml"
-            if not run_cfg.is_file():
-                raise _run_error(f"--run {args.run!r}: no config.yaml there; pass the directory of a finished run")
-            run_audit(load_config(run_cfg, args.overrides), args.run)
+        if args.command in PLAIN:
+            PLAIN[args.command](args)
             return 0
         cfg = load_config(args.config, args.overrides)
         if args.command in ("server", "client") and cfg.attack.clients:
@@ -172,30 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("server", "client") and cfg.client.reload_per_message:
             raise _run_error(f"client.reload_per_message: true is a benchmark of the reload-every-message pattern in "
                              f"`fedprompt simulate`; `fedprompt {args.command}` refuses it; set client.reload_per_message=false")
-        from fedprompt import run
-
-        if args.command == "train":
-            run.run_train(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
-        elif args.command in ("simulate", "server"):
-            from fedprompt.federation import runner
-
-            # Stop Flower's processes on SIGTERM too, and on SIGINT even when it was inherited as
-            # ignored (a background job of a non-interactive shell).
-            signal.signal(signal.SIGTERM, _interrupt)
-            signal.signal(signal.SIGINT, _interrupt)
-
-            if args.command == "simulate":
-                runner.run_simulate(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
-            else:
-                runner.run_server(cfg, args.output or cfg.output.dir, overwrite=args.overwrite, insecure=args.insecure,
-                                  keep_alive=args.keep_alive)
-        elif args.command == "client":
-            from fedprompt.federation.worker import run_client
-
-            run_client(cfg, partition_id=args.partition_id, num_partitions=args.num_partitions, server=args.server,
-                       insecure=args.insecure)
-        elif args.command == "eval":
-            run.run_eval(cfg, args.adapter)
+        WITH_CONFIG[args.command](args, cfg)
         return 0
     except ConfigError as e:
         for line in e.problems:
@@ -205,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print("fedprompt: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if isinstance(e, _user_errors()):
+        if isinstance(e, user_errors()):
             print(f"fedprompt: error: {_one_line(str(e))}", file=sys.stderr)
             return 2
         raise

@@ -468,7 +468,8 @@ def _validate(c: Config) -> list[str]:
     need(0 <= c.data.seed < 2**32, f"data.seed: {c.data.seed} is out of range; allowed 0..4294967295")
     need("{text}" in c.data.template, f"data.template: {c.data.template!r} must contain {{text}}")
     if c.data.label_words and c.data.labels:
-        need(len(c.data.label_words) == len(c.data.labels), f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label")
+        need(len(c.data.label_words) == len(c.data.labels),
+             f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label")
     need(len(set(c.data.labels)) == len(c.data.labels), f"data.labels: {c.data.labels} has duplicates")
 
     t = c.train

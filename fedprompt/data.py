@@ -259,7 +259,8 @@ def _load_file(cfg: DataConfig) -> "datasets.Dataset":
                                 "if it is UTF-16, re-encode it as UTF-8 (iconv -f utf-16 -t utf-8), else remove the NUL bytes")
             if bad is not None:
                 off, line, byte = bad
-                raise DataError(f"data file {name!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {off}, line {line}); re-encode it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
+                raise DataError(f"data file {name!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {off}, line {line}); "
+                                "re-encode it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
         if builder == "json":
             deep = _json_too_deep(path)
             if deep is not None:
@@ -401,7 +402,8 @@ def load_task_data(cfg: DataConfig) -> TaskData:
             # ints and strings both become label names; pandas reads 1 as 1.0 in a gappy column
             lab = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
             if cfg.labels and lab not in cfg.labels:
-                raise DataError(f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels ({', '.join(cfg.labels)}); fix the row or add the label")
+                raise DataError(f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels "
+                                f"({', '.join(cfg.labels)}); fix the row or add the label")
             raw_labels.append(lab)
         labels = list(cfg.labels) or sorted(set(raw_labels))
     else:
@@ -491,7 +493,8 @@ def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, part
             warnings.simplefilter("ignore")  # Dirichlet warns on each resampling attempt
             return part.load_partition(partition_id)
     except ValueError as e:
-        raise DataError(f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); raise data.alpha or use fewer clients") from None
+        raise DataError(f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); "
+                        "raise data.alpha or use fewer clients") from None
 
 
 def with_rows(ds: "datasets.Dataset", texts: list[str], labels: list[int]) -> "datasets.Dataset":

@@ -71,7 +71,7 @@ class LocalClient:
             test = s.data.test if n == 1 else partition(s.data.test, self.cfg.data, n, partition_id)
             members = len(train)
             if a.canaries and partition_id == a.client:  # secrets for the audit to look for
-                from fedprompt.audit import plant
+                from fedprompt.canaries import plant
 
                 train = plant(train, self.cfg, s.data.labels)
             if n == 1 and len(train) == members:  # all the data, already tokenized by setup

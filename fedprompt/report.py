@@ -8,8 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 
 class Table:
     """A fixed-width table printed row by row (plays well with a tqdm bar on stderr)."""
@@ -53,7 +51,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def peak_memory_mb() -> float:
     """Peak resident memory of this process (MiB), or peak CUDA memory when on a GPU."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+    torch = sys.modules.get("torch")  # a process without torch (the server) has no GPU memory to report
+    if torch is not None and torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 

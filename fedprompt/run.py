@@ -11,7 +11,6 @@ import contextlib
 import inspect
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,10 +21,7 @@ from tqdm import tqdm
 from fedprompt import payload
 from fedprompt.config import Config
 from fedprompt.report import Table, append_jsonl, peak_memory_mb, plot_curves, summary
-
-
-class RunError(ValueError):
-    """A user-facing problem with the run itself (e.g. output directory already used)."""
+from fedprompt.rundir import RunError, check_output, prepare_output  # noqa: F401  (RunError: re-exported)
 
 
 @dataclass
@@ -68,35 +64,6 @@ def setup(cfg: Config, *, data=None) -> Setup:
     if kind == "verbalizer" and "logits_to_keep" in inspect.signature(backbone.model.forward).parameters:
         model.last_only = True
     return Setup(cfg, data, backbone, model, task, task.encode(data.train), task.encode(data.test))
-
-
-RUN_MARKERS = ("config.yaml", "metrics.jsonl")
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    """Refuse an output that is a file, a non-empty folder (without --overwrite), or, even with
-    --overwrite, a folder that is not a previous run or that holds the working directory."""
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--output {str(out)!r} is a file; pass a folder path")
-    # A fresh ext4 volume (a Kubernetes PVC) holds lost+found: that is still an empty run dir.
-    if not (out.is_dir() and any(p.name != "lost+found" for p in out.iterdir())):
-        return
-    if not overwrite:
-        raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
-    if not any((out / m).is_file() for m in RUN_MARKERS):
-        raise RunError(f"--overwrite refused: {str(out)!r} is not a fedprompt run directory (no config.yaml or metrics.jsonl); pick another --output")
-    if Path.cwd().resolve().is_relative_to(out.resolve()):
-        raise RunError(f"--overwrite refused: {str(out)!r} contains the current directory")
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    check_output(out, overwrite)
-    if out.is_dir() and any(p.name != "lost+found" for p in out.iterdir()):
-        shutil.rmtree(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"--output {str(out)!r} cannot be created: {e.strerror}") from None
 
 
 def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:

@@ -158,7 +158,8 @@ class VerbalizerClassification(HeadClassification):
         for w in words:
             t = tokenizer(w, add_special_tokens=False)["input_ids"]
             if len(t) != 1:
-                raise TaskError(f"data.label_words: {w!r} is {len(t)} tokens for this tokenizer; each label word must be exactly one token (try a leading space or a shorter word)")
+                raise TaskError(f"data.label_words: {w!r} is {len(t)} tokens for this tokenizer; each label word must be exactly "
+                                "one token (try a leading space or a shorter word)")
             ids.append(t[0])
         if len(set(ids)) != len(ids):
             raise TaskError(f"data.label_words: {words} map to repeated tokens; each label needs its own token")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from fedprompt import audit
+from fedprompt import audit, canaries
 from fedprompt.local import LocalClient
 from tests.tiny import tiny_config
 
@@ -31,8 +31,8 @@ def test_exposure_by_hand():
 def test_canaries_are_planted_in_the_audited_client_only(tmp_path):
     cfg = tiny_config("bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=3,
                       audit__canary_repeats=2, audit__references=5, audit__client=1)
-    planted, refs = audit.canaries(cfg, 5)
-    assert planted == audit.canaries(cfg, 5)[0]  # a function of the config
+    planted, refs = canaries.canaries(cfg, 5)
+    assert planted == canaries.canaries(cfg, 5)[0]  # a function of the config
     assert len(refs) == 5 and not {t for t, _ in planted} & set(refs)
     client = LocalClient(cfg, num_partitions=2)
     s0, s1 = client.shard(0), client.shard(1)

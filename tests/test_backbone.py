@@ -26,7 +26,7 @@ def _grad(s) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("quantization", ["none", "8bit", "4bit"])
 @pytest.mark.parametrize("kind", ["llama", "bert"])
 def test_gradient_after_evaluation_equals_gradient_without(kind, quantization):
-    """STACK.md: on CPU, a 4-bit layer run in eval mode without grad can repack itself into an
+    """bitsandbytes 0.50 on CPU: a 4-bit layer run in eval mode without grad can repack itself into an
     inference-only layout, zeroing gradients afterwards. Rounds alternate eval and train."""
     s = setup(tiny_config(kind, "prompt", quantization))
     if quantization == "4bit":

@@ -48,3 +48,21 @@ def test_readme_performance_table_is_quoted_from_results_md():
     missing = [r for r in rows if r not in results.splitlines()]
     assert not missing, f"README rows not in benchmarks/RESULTS.md (rerun `make bench` and copy its Targets table): {missing}"
     assert re.search(r"Generated \d{4}-\d\d-\d\d", results)
+
+
+def test_rerunning_one_section_keeps_the_others_as_they_were(tmp_path):
+    """`bench.py --only X` rewrites X's section and target rows; every other section keeps its
+    earlier text (and date) and its rows."""
+    md = tmp_path / "RESULTS.md"
+    first = tmp_path / "first"
+    _section(first, "engine", {"ratio": 1.02})
+    _section(first, "wire", {"max_up_over_raw": 1.05})
+    bench.report(first, md, total_s=60)
+    second = tmp_path / "second"
+    _section(second, "wire", {"max_up_over_raw": 1.2})
+    bench.report(second, md, total_s=10)
+    text = md.read_text()
+    assert "| DeepSpeed engine step / plain torch step | 1.020 | <= 1.05 | met |" in text  # kept
+    assert "| bytes per client-round / raw payload bytes | 1.200 | <= 1.1 | **missed** |" in text  # rerun
+    assert "1.050" not in text and text.count("body of engine") == 1 and text.count("body of wire") == 1
+    assert text.index("title of engine") < text.index("title of wire")  # the order of SECTIONS

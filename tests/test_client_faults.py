@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedprompt.federation.processes import free_port
-from tests.test_federation_e2e import TINY, _rows, _sets, _start, _stop
+from tests.helpers import TINY, metrics_rows, set_args, start_fedprompt, stop_all
 from tests.tiny import tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -24,24 +24,24 @@ TIMEOUT = 25  # federation.round_timeout, seconds
 def _wait(out: Path, pred, procs, timeout: float, what: str) -> dict:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        for r in _rows(out):
+        for r in metrics_rows(out):
             if pred(r):
                 return r
         assert all(p.poll() is None for p in procs), f"a process died while waiting for {what}"
         time.sleep(0.5)
-    raise AssertionError(f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in _rows(out)]}")
+    raise AssertionError(f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in metrics_rows(out)]}")
 
 
 def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
     port, out = free_port(), tmp_path / "run"
-    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
+    common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
                     "federation.num_clients=3", "federation.min_clients=2", "federation.fraction_fit=1.0",
                     "federation.fraction_evaluate=0", f"federation.round_timeout={TIMEOUT}"])
-    server = _start(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"],
+    server = start_fedprompt(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"],
                     tmp_path / "server.log")
 
     def client(pid: int, log: str, extra: tuple[str, ...] = ()):
-        return _start(["client", *common, *_sets(list(extra)), "--server", f"127.0.0.1:{port}", "--partition-id", str(pid),
+        return start_fedprompt(["client", *common, *set_args(list(extra)), "--server", f"127.0.0.1:{port}", "--partition-id", str(pid),
                        "--num-partitions", "3", "--insecure"], tmp_path / log, threads=1)
 
     clients = [client(i, f"client{i}.log") for i in range(3)]
@@ -70,7 +70,7 @@ def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
         assert later["failures"] >= 1  # the misconfigured client still fails, every round it is sampled
     finally:
         os.killpg(clients[1].pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM
-        _stop(everyone)
+        stop_all(everyone)
     log = (tmp_path / "server.log").read_text() + (out / "logs" / "run.log").read_text()
     assert re.search(r"sampled clients did not reply within \d+", log), log[-3000:]
     # The raising client: an error counted and logged with its node id and the reason.

@@ -31,6 +31,7 @@ import yaml
 
 from fedprompt.federation.processes import free_port
 from fedprompt.report import read_jsonl
+from tests.helpers import stop_all
 from tests.k8slocal import local_specs
 from tests.test_deploy import (  # noqa: F401 (pki_deploy: a fixture)
     PORT,
@@ -41,7 +42,6 @@ from tests.test_deploy import (  # noqa: F401 (pki_deploy: a fixture)
     need_nginx,
     pki_deploy,
 )
-from tests.test_federation_e2e import _stop
 
 pytestmark = pytest.mark.slow
 
@@ -110,7 +110,7 @@ class Pods:
             time.sleep(1)
 
     def stop(self) -> None:
-        _stop(list(self.procs.values()))
+        stop_all(list(self.procs.values()))
         for f in self.logs.values():
             f.close()
 

@@ -14,7 +14,8 @@ from tests.tiny import tiny_config
 def _train(cfg, steps=6):
     s = setup(cfg)
     engine = make_engine(s.model, cfg, steps)
-    loss = train_steps(engine, s.task, s.train, cfg, steps=steps, stream=batches(len(s.train), cfg.train.batch_size, 0), pad_id=s.pad_id, device=s.backbone.device)
+    loss = train_steps(engine, s.task, s.train, cfg, steps=steps, stream=batches(len(s.train), cfg.train.batch_size, 0),
+                       pad_id=s.pad_id, device=s.backbone.device)
     return s, engine, loss
 
 

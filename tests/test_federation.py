@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-
 from flwr.app import Error, Message
 
 from fedprompt import payload

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -17,73 +16,11 @@ import pytest
 from fedprompt.config import load_config
 from fedprompt.federation.processes import free_port
 from fedprompt.report import read_jsonl
+from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
-
-TINY = ["model.max_length=32", "peft.num_virtual_tokens=4", "peft.lora_r=4", "train.batch_size=4", "train.eval_batch_size=16",
-        "train.local_steps=3", "train.warmup_steps=1", "data.max_examples=100", "train.max_eval_examples=16"]
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [a for s in items for a in ("--set", s)]
-
-
-def _start(args: list[str], log: Path, *, threads: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
-    if threads:  # several torch processes share this machine's cores: do not oversubscribe
-        env["OMP_NUM_THREADS"] = str(threads)
-    with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, cwd=ROOT)
-
-
-def _wait_for_round(out: Path, rnd: int, procs: list[subprocess.Popen], timeout: float) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if any(r["round"] >= rnd for r in _rows(out)):
-            return
-        assert all(p.poll() is None for p in procs), "a process died"
-        time.sleep(0.5)
-    raise AssertionError(f"round {rnd} not reached in {timeout} s")
-
-
-def _rows(out: Path) -> list[dict]:
-    try:
-        return read_jsonl(out / "metrics.jsonl")
-    except (json.JSONDecodeError, OSError):
-        return []
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def make_certs(d: Path, clients: list[str], *, register: bool = True) -> Path:
-    """A federation's certificate folder made by `fedprompt certs` (CA, server, client keys)."""
-    from fedprompt import certs
-
-    certs.init_ca(d)
-    certs.issue_server_cert(d, names=[])
-    for name in clients:
-        certs.new_client_key(d, name=name)
-        if register:
-            certs.register(d, name=name)
-    return d
-
-
-def client_tls(certs: Path, name: str) -> list[str]:
-    return _sets([f"client.root_certificates={certs / 'ca.crt'}", f"client.auth_key={certs / 'clients' / name}"])
-
 
 def _flower_processes_of(port: int) -> list[str]:
     found = []
@@ -107,18 +44,18 @@ def test_server_and_two_clients_on_minilm(tmp_path):
 
     port, out = free_port(), tmp_path / "run"
     certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])  # the default: TLS + registered clients
-    common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + _sets(
+    common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + set_args(
         ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2", "federation.fraction_fit=1.0",
          "federation.fraction_evaluate=1.0", "train.max_eval_examples=0"])
-    server = _start(["server", *common, *_sets([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)],
+    server = start_fedprompt(["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)],
                     tmp_path / "server.log")
-    clients = [_start(["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i),
+    clients = [start_fedprompt(["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i),
                        "--num-partitions", "2"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
     try:
         assert server.wait(timeout=1200) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert all(c.poll() is None for c in clients)  # clients are services: still up
     finally:
-        _stop(clients + [server])
+        stop_all(clients + [server])
     assert not _flower_processes_of(port), "Flower processes left behind"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -144,21 +81,21 @@ def test_server_and_two_clients_on_minilm(tmp_path):
 
 def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     port, out = free_port(), tmp_path / "run"
-    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
+    common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
     server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"]
-    server = _start(server_args, tmp_path / "server1.log")
-    clients = [_start(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2",
+    server = start_fedprompt(server_args, tmp_path / "server1.log")
+    clients = [start_fedprompt(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2",
                        "--insecure"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
     try:
-        _wait_for_round(out, 2, [server, *clients], timeout=600)
+        wait_for_round(out, 2, [server, *clients], timeout=600)
         os.killpg(server.pid, signal.SIGKILL)  # the whole server side dies at once, like a pod
         server.wait()
-        before = {r["round"]: r["digest"] for r in _rows(out) if r["round"] > 0}
+        before = {r["round"]: r["digest"] for r in metrics_rows(out) if r["round"] > 0}
         assert 2 in before
-        server = _start(server_args, tmp_path / "server2.log")
+        server = start_fedprompt(server_args, tmp_path / "server2.log")
         assert server.wait(timeout=600) == 0, (tmp_path / "server2.log").read_text()[-3000:]
     finally:
-        _stop(clients + [server])
+        stop_all(clients + [server])
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]  # each round exactly once
     assert {r["round"]: r["digest"] for r in rows if r["round"] in before} == before
@@ -175,7 +112,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     sets = [f"model.name={tiny_folder(kind)}", *TINY, f"peft.method={method}", f"model.quantization={quant}",
             "federation.num_clients=6", "federation.rounds=2", "federation.fraction_fit=0.5", "federation.fraction_evaluate=0.5",
             "data.partition=dirichlet", "data.alpha=1.0", "train.lr=0.05"]
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets(sets), "--output", str(out)],
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
@@ -199,7 +136,7 @@ def test_simulation_of_generation_on_a_user_file(tmp_path):
             fh.write(json.dumps({"prompt": f"Item {i} colour:", "response": f" {words[i % 3]}"}) + "\n")
     sets = [f"model.name={tiny_folder('llama')}", *TINY, "peft.method=lora", "data.dataset=file", f"data.path={f}",
             "data.task=generation", "data.partition=iid", "federation.num_clients=3", "federation.rounds=2"]
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets(sets), "--output", str(tmp_path / "run")],
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
@@ -207,7 +144,7 @@ def test_simulation_of_generation_on_a_user_file(tmp_path):
 
 
 def test_bad_input_is_one_line_before_anything_starts(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets([f"model.name={tiny_folder('bert')}", *TINY,
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args([f"model.name={tiny_folder('bert')}", *TINY,
                         "data.dataset=file", f"data.path={tmp_path / 'missing.csv'}"]), "--output", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.csv" in r.stderr

@@ -108,12 +108,12 @@ def test_a_client_accepts_only_its_own_app():
 
 
 def test_the_installed_app_identity_is_what_flwr_run_submits():
+    import hashlib
+
     from flwr.cli.build import build_fab_from_disk
 
     from fedprompt.federation.executor import installed_app
     from fedprompt.federation.processes import APP_DIR
-
-    import hashlib
 
     me = installed_app()
     assert me.fab_id == "fedprompt/fedprompt-app"

@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from fedprompt.federation.processes import port_in_use
-from tests.test_federation_e2e import TINY, _sets, _start, _stop, _wait_for_round
+from tests.helpers import TINY, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -50,13 +50,13 @@ def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
     os.environ["FEDPROMPT_TEST_MARK"] = mark
     try:
         out = tmp_path / "run"
-        p = _start(["simulate", *_sets(sets), "--output", str(out)], tmp_path / "sim.log")
+        p = start_fedprompt(["simulate", *set_args(sets), "--output", str(out)], tmp_path / "sim.log")
     finally:
         del os.environ["FEDPROMPT_TEST_MARK"]
     ports: set[tuple[str, int]] = set()
     try:
         if outcome.startswith("SIG"):
-            _wait_for_round(out, 1, [p], timeout=300)
+            wait_for_round(out, 1, [p], timeout=300)
             ports = _listening(_marked(mark))
             p.send_signal(getattr(signal, outcome))
             assert p.wait(timeout=60) == 130
@@ -67,7 +67,7 @@ def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
                 time.sleep(0.2)
             assert p.wait(timeout=5) == (0 if outcome == "finished" else 2), (tmp_path / "sim.log").read_text()[-2000:]
     finally:
-        _stop([p])
+        stop_all([p])
     t0 = time.monotonic()
     while _marked(mark) and time.monotonic() - t0 < 15:
         time.sleep(0.5)

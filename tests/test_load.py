@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.test_federation_e2e import TINY, _rows, _sets, _stop
+from tests.helpers import TINY, metrics_rows, set_args, stop_all
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -38,21 +38,21 @@ def test_200_virtual_clients_10_percent_per_round_memory_flat(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     with open(tmp_path / "sim.log", "wb") as log:
         p = subprocess.Popen([sys.executable, "-m", "fedprompt", "simulate", "--config", str(ROOT / "configs/bbc-minilm-prompt.yaml"),
-                              *_sets(sets), "--output", str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                              *set_args(sets), "--output", str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                              start_new_session=True)
     proc, mem, peak = psutil.Process(p.pid), {}, 0
     try:
         t0 = time.monotonic()
         while p.poll() is None and time.monotonic() - t0 < 1500:
             peak = max(peak, _tree_pss(proc))
-            for r in _rows(out):
+            for r in metrics_rows(out):
                 if r["round"] not in mem:
                     mem[r["round"]] = _tree_pss(proc)  # just after the round's row: the same moment of each round
             time.sleep(0.5)
         assert p.wait(timeout=5) == 0, (tmp_path / "sim.log").read_text()[-3000:]
     finally:
-        _stop([p])
-    rows = _rows(out)
+        stop_all([p])
+    rows = metrics_rows(out)
     assert [r["round"] for r in rows] == [0, 1, 2, 3, 4]
     assert all(r["clients"] == 20 for r in rows[1:])
     print(f"\nPSS after rounds 1..3: {[round(mem[r] / 2**20) for r in (1, 2, 3)]} MiB, peak {peak / 2**20:.0f} MiB")

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedprompt.federation.processes import binary, env, free_port
-from tests.test_federation_e2e import TINY, _rows, _sets, _start, _stop, client_tls, make_certs
+from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all
 from tests.tiny import tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -92,13 +92,13 @@ def _federation(tmp_path: Path, name: str, extra_server: list[str] = ()) -> tupl
     d.mkdir()
     port, out = free_port(), d / "run"
     certs = make_certs(d / "certs", ["client-0"])
-    common = _sets([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=3", "data.partition=iid",
+    common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=3", "data.partition=iid",
                     "federation.num_clients=1", "federation.min_clients=1", "federation.fraction_fit=1.0",
                     "federation.round_timeout=120"])
     addr = f"127.0.0.1:{port}"
-    server = _start(["server", *common, *_sets([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]),
+    server = start_fedprompt(["server", *common, *set_args([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]),
                      "--output", str(out)], d / "server.log", threads=1)
-    client = _start(["client", *common, *client_tls(certs, "client-0"), "--server", addr, "--partition-id", "0",
+    client = start_fedprompt(["client", *common, *client_tls(certs, "client-0"), "--server", addr, "--partition-id", "0",
                      "--num-partitions", "1"], d / "client.log", threads=1)
     return [server, client], out, addr, certs
 
@@ -107,8 +107,8 @@ def _finish(procs: list[subprocess.Popen], out: Path, log: Path, timeout: float 
     try:
         assert procs[0].wait(timeout=timeout) == 0, log.read_text()[-3000:]
     finally:
-        _stop(procs)
-    return _rows(out)
+        stop_all(procs)
+    return metrics_rows(out)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_a_third_party_with_the_ca_and_network_reach_is_refused_everything(tmp_p
     home = _connection(tmp_path / "attacker", addr, certs / "ca.crt")
     try:
         t0 = time.monotonic()
-        while not any(r["round"] >= 1 for r in _rows(out)):  # the federation is under way
+        while not any(r["round"] >= 1 for r in metrics_rows(out)):  # the federation is under way
             assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
             time.sleep(0.5)
         run_id = next(w for line in (out / "logs" / "run.log").read_text().splitlines()
@@ -168,7 +168,7 @@ def test_a_client_runs_none_of_a_foreign_apps_code_and_goes_on_serving(tmp_path,
     home = _connection(tmp_path / "operator", f"127.0.0.1:{link}", certs / "ca.crt")  # loopback: the server host
     try:
         t0 = time.monotonic()
-        while not any(r["round"] >= 1 for r in _rows(out)):
+        while not any(r["round"] >= 1 for r in metrics_rows(out)):
             assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
             time.sleep(0.5)
         r = _flwr(home, "run", str(app), "target", "--run-config", f'marker="{marker}" report="{report}"')
@@ -186,3 +186,27 @@ def test_a_client_runs_none_of_a_foreign_apps_code_and_goes_on_serving(tmp_path,
     client_log = (tmp_path / "fed" / "client.log").read_text()
     assert "refused run" in client_log and "none of its code runs here" in client_log
     assert [r["digest"] for r in rows[1:]] == [r["digest"] for r in undisturbed[1:]]
+
+
+def test_a_run_stopped_on_the_server_host_says_so_plainly(tmp_path):
+    """`flwr stop` is for the server host only (loopback); a run stopped there ends the server
+    with one plain line that says who can do that and how to resume, no colour codes."""
+    link = free_port()
+    procs, out, _, certs = _federation(tmp_path, "fed", [f"server.superlink_port={link}"])
+    home = _connection(tmp_path / "operator", f"127.0.0.1:{link}", certs / "ca.crt")
+    log = tmp_path / "fed" / "server.log"
+    try:
+        t0 = time.monotonic()
+        while not any(r["round"] >= 1 for r in metrics_rows(out)):
+            assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
+            time.sleep(0.5)
+        run_id = next(w for line in (out / "logs" / "run.log").read_text().splitlines()
+                      if "Successfully started run" in line for w in line.split() if w.isdigit())
+        r = _flwr(home, "stop", run_id, "target")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert procs[0].wait(timeout=120) == 2, log.read_text()[-3000:]
+    finally:
+        stop_all(procs)
+    text = log.read_text()
+    assert "fedprompt: error: federated run stopped: someone on the server host stopped it with `flwr stop`" in text, text[-2000:]
+    assert "\x1b[" not in text and "Traceback" not in text

@@ -132,7 +132,7 @@ def test_epsilon_equals_opacus_accountant_stepped_independently(tmp_path):
 
 
 def test_stack_sanity_point():
-    """STACK.md: q 0.125, sigma 1.0, 4 steps -> epsilon 3.17 at delta 1e-5 (RDP)."""
+    """RDP sanity point: q 0.125, sigma 1.0, 4 steps -> epsilon 3.17 at delta 1e-5 (RDP)."""
     assert privacy.epsilon([(1.0, 0.125, 4)], 1e-5) == pytest.approx(3.17, abs=0.01)
 
 

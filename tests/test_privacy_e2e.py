@@ -11,7 +11,7 @@ import pytest
 
 from fedprompt import privacy
 from fedprompt.report import read_jsonl
-from tests.test_federation_e2e import TINY, _sets
+from tests.helpers import TINY, set_args
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 
 def _simulate(sets: list[str], out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *_sets(sets), "--output", str(out)],
+    return subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 

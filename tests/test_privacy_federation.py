@@ -7,13 +7,11 @@ import math
 
 import numpy as np
 import pytest
-
 from flwr.app import Error, Message
 
-from fedprompt import privacy
+from fedprompt import payload, privacy
 from fedprompt.federation import strategy as fs
 from fedprompt.federation.server_app import serve
-from fedprompt import payload
 from fedprompt.local import LocalClient
 from fedprompt.report import read_jsonl
 from tests.fakegrid import FakeGrid, client_responder

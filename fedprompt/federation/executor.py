@@ -109,7 +109,10 @@ class Executor:
         res = self._tasks.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
         if not (res.HasField("task") and res.token):
             return False
-        self._serve(res.token)
+        try:
+            self._serve(res.token)
+        except Exception as e:  # one broken task (a SuperNode restarting, a malformed message) is not the client's end
+            self.say(f"task of run {res.task.run_id} not served: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
         return True
 
     def _serve(self, token: str) -> None:

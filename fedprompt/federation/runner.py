@@ -23,7 +23,7 @@ from fedprompt.config import Config
 from fedprompt.federation import processes
 from fedprompt.federation.server_app import STATUS
 from fedprompt.report import Table, summary
-from fedprompt.run import RunError, prepare_output
+from fedprompt.rundir import RunError, prepare_output
 
 # Keys a resumed run may change: how long it runs, where it listens, where it writes.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout", "server.", "client.", "output.")

@@ -24,12 +24,12 @@ from fedprompt.federation import robust
 from fedprompt.federation.strategy import (
     WEIGHT_KEY,
     WORKER_KEYS,
-    weighted_mean,
     client_dp,
     make_strategy,
-    sampled_clients,
     restore_strategy,
+    sampled_clients,
     strategy_state,
+    weighted_mean,
 )
 from fedprompt.federation.wire import error_reason, from_record, to_record, wire_bytes
 from fedprompt.report import append_jsonl, plot_curves
@@ -104,12 +104,6 @@ def main(grid: Grid, context: Context) -> None:
     lock.close()
 
 
-def _torch(tensors: dict[str, np.ndarray]) -> dict:
-    import torch
-
-    return {k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}
-
-
 def exchange(grid: Grid, messages: list[Message], timeout: float | None, poll: float = 0.1) -> list[Message]:
     """Push `messages`, then pull replies until all are in or `timeout` seconds passed.
     Flower's HTTP Grid.send_and_receive sleeps 3 s between pulls, which adds up to 3 s to
@@ -152,8 +146,7 @@ def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerS
     node = _wait_for_nodes(grid, 1)[0]
     rep = _ask(grid, node, "query", RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
     tensors = from_record(rep.content["arrays"])
-    t = _torch(tensors)
-    payload.validate(t, payload.manifest_from(t), source=f"node {node} (initial payload)")
+    payload.validate(tensors, payload.manifest_from(tensors), source=f"node {node} (initial payload)")
     log(f"initial payload from node {node}: {len(tensors)} tensors, "
         f"{sum(v.nbytes for v in tensors.values()):,} bytes")
     return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]),
@@ -165,7 +158,7 @@ def _check_reply(rep: Message, manifest: payload.Manifest) -> dict:
     node = rep.metadata.src_node_id
     if "arrays" not in rep.content or "metrics" not in rep.content:
         raise payload.PayloadError(f"payload from node {node}: the reply has no tensors or no metrics")
-    payload.validate(_torch(from_record(rep.content["arrays"])), manifest, source=f"node {node}")
+    payload.validate(from_record(rep.content["arrays"]), manifest, source=f"node {node}")
     metrics = dict(rep.content["metrics"])
     if not float(metrics.get(WEIGHT_KEY, 0)) > 0:
         raise payload.PayloadError(f"payload from node {node}: {WEIGHT_KEY} must be > 0, got {metrics.get(WEIGHT_KEY)}")
@@ -288,7 +281,7 @@ def _aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, g
             "the global state is kept")
         restore_strategy(strategy, before)
         return state.tensors, train, False
-    payload.validate(_torch(tensors), manifest, source=f"aggregate of round {rnd}")
+    payload.validate(tensors, manifest, source=f"aggregate of round {rnd}")
     return tensors, train, True
 
 
@@ -371,23 +364,24 @@ def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
         row = {"round": 0, "step": 0}
         row.update(_evaluate(grid, strategy, 0, state.tensors, centralized=centralized, timeout=timeout))
         row.update({"train_loss": None, "clients": 0, "failures": 0, "examples": 0, "bytes_up": 0, "bytes_up_total": 0,
-                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "eval_s": 0.0, "client_train_s": None, "round_s": round(time.perf_counter() - t0, 3),
+                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "eval_s": 0.0, "client_train_s": None,
+                    "round_s": round(time.perf_counter() - t0, 3),
                     "backbone_loads": {}, "wall_s": round(time.perf_counter() - t0, 3)})
         state.rows = [row]
         checkpoint.save(out, state)
     else:
         restore_strategy(strategy, state.strategy)
-        log(f"resuming after round {state.round} of {f.rounds} (global payload {payload.digest(_torch(state.tensors))})")
+        log(f"resuming after round {state.round} of {f.rounds} (global payload {payload.digest(state.tensors)})")
     # metrics.jsonl is rewritten from the checkpoint: a row appended after the last checkpoint
     # by a server that then died is dropped here and produced again, so each round is there once.
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in state.rows), encoding="utf-8")
     tmp.replace(out / "metrics.jsonl")
-    manifest = payload.manifest_from(_torch(state.tensors))
+    manifest = payload.manifest_from(state.tensors)
     for rnd in range(state.round + 1, f.rounds + 1):
         tensors, row = _round(grid, cfg, strategy, state, rnd, manifest, centralized=centralized, timeout=timeout)
         row["wall_s"] = round(state.rows[-1]["wall_s"] + row["round_s"], 3)
-        row["digest"] = payload.digest(_torch(tensors))
+        row["digest"] = payload.digest(tensors)
         state.round, state.tensors, state.rows = rnd, tensors, state.rows + [row]
         state.strategy = strategy_state(strategy)
         checkpoint.save(out, state)  # first the checkpoint, then the row: see above

@@ -20,9 +20,9 @@ from pathlib import Path
 
 
 def _user_error(e: BaseException) -> bool:
-    from fedprompt.cli import _user_errors
+    from fedprompt.errors import user_errors
 
-    return isinstance(e, _user_errors())
+    return isinstance(e, user_errors())
 
 
 class Worker:
@@ -162,7 +162,7 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
     else:
         trust, key = security.client_files(cfg.client.root_certificates, cfg.client.auth_key)
     if not 0 <= partition_id < num_partitions:
-        from fedprompt.run import RunError
+        from fedprompt.rundir import RunError
 
         raise RunError(f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}")
     client = LocalClient(cfg, num_partitions=num_partitions)

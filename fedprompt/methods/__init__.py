@@ -6,19 +6,7 @@ are the payload: the exact tensors of a standard PEFT adapter file.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from fedprompt.methods.base import Adapted
-
-REGISTRY: dict[str, Callable[..., Adapted]] = {}
-
-
-def register(name: str) -> Callable:
-    def deco(fn: Callable[..., Adapted]) -> Callable[..., Adapted]:
-        REGISTRY[name] = fn
-        return fn
-
-    return deco
+from fedprompt.methods.base import REGISTRY, Adapted, register
 
 
 def build(backbone, peft_cfg, *, num_labels: int | None = None) -> Adapted:

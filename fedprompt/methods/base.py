@@ -1,7 +1,8 @@
-"""The interface every method implements."""
+"""The interface every method implements, and the registry of methods by name."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -70,3 +71,17 @@ def wire_tensor(t: torch.Tensor) -> torch.Tensor:
     """A detached, contiguous CPU copy; floating tensors in float32 (the wire dtype)."""
     t = t.detach().to("cpu", copy=True)
     return (t.float() if t.is_floating_point() else t).contiguous()
+
+
+REGISTRY: dict[str, Callable[..., Adapted]] = {}
+
+
+def register(name: str) -> Callable:
+    """Register a method builder under `peft.method` = `name` (a second one of a name is a bug)."""
+    def deco(fn: Callable[..., Adapted]) -> Callable[..., Adapted]:
+        if name in REGISTRY:
+            raise ValueError(f"method {name!r} is already registered ({REGISTRY[name].__module__})")
+        REGISTRY[name] = fn
+        return fn
+
+    return deco

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peft import LoraConfig
 
-from fedprompt.methods import register
+from fedprompt.methods.base import register
 from fedprompt.methods.peft_wrapped import PeftAdapted
 
 

@@ -1,7 +1,7 @@
 """Prefix tuning, P-tuning v2 style: trainable keys and values prepended in every layer.
 
 peft's implementation is used with `prefix_projection=False`: with the projection, the saved
-tensor is the projected prefix, which does not fit the encoder on load (STACK.md), so a
+tensor is the projected prefix, which does not fit the encoder on load (peft 0.21), so a
 payload would not round-trip.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from peft import PrefixTuningConfig
 
-from fedprompt.methods import register
+from fedprompt.methods.base import register
 from fedprompt.methods.peft_wrapped import PeftAdapted
 
 

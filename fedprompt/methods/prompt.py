@@ -1,7 +1,8 @@
 """Soft prompt tuning: P trainable embeddings prepended to the input (Lester et al., 2021).
 
 Our own module rather than peft's: peft embeds the virtual tokens once and repeats them over
-the batch, so per-example gradients (Opacus) silently collapse to one (STACK.md). Here the
+the batch, so per-example gradients (Opacus) silently collapse to one: Opacus
+clips the whole batch as one sample and raises nothing (peft 0.21, Opacus 1.6). Here the
 prompt is an nn.Embedding indexed per example. The exported adapter is peft's PROMPT_TUNING
 format, so `PeftModel.from_pretrained` loads it on the same backbone.
 """
@@ -12,8 +13,7 @@ import torch
 from peft import PromptTuningConfig, TaskType
 from torch import nn
 
-from fedprompt.methods import register
-from fedprompt.methods.base import Adapted
+from fedprompt.methods.base import Adapted, register
 
 HEAD_NAMES = ("classifier", "score")  # what peft keeps trainable for SEQ_CLS
 
