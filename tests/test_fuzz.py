@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from fedprompt.config import Config, ConfigError, DataConfig, load_config
-from fedprompt.data import MAX_JSON_DEPTH, DataError, TaskData, _json_too_deep, load_task_data
+from fedprompt.data import MAX_JSON_DEPTH, DataError, TaskData, load_task_data
+from fedprompt.data.files import _json_too_deep
 
 REPO = Path(__file__).resolve().parents[1]
 

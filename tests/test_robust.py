@@ -212,7 +212,7 @@ def _cosine(glob: dict, new: dict, true: dict) -> float:
 def _aggregate(cfg, glob, replies, strategy=None) -> dict:
     """The round loop's aggregation step (Krum's choice, the strategy, the finiteness check)."""
     from fedprompt.checkpoint import ServerState
-    from fedprompt.federation.server_app import _aggregate as aggregate
+    from fedprompt.federation.aggregate import aggregate
 
     state = ServerState(round=0, tensors=glob)
     manifest = payload.manifest_from({k: torch.from_numpy(v) for k, v in glob.items()})
@@ -236,7 +236,7 @@ def test_robust_strategies_resist_two_of_eight_scaled_updates(sets):
 
 
 def test_norm_bounding_keeps_fedavg_on_course(capsys):
-    from fedprompt.federation.server_app import _screen_and_bound
+    from fedprompt.federation.aggregate import screen_and_bound as _screen_and_bound
 
     glob, replies, true = _poisoned_round()
     honest = sorted(robust.update_norm(glob, from_record(r.content["arrays"])) for r in replies[:6])
@@ -253,7 +253,7 @@ def test_norm_bounding_keeps_fedavg_on_course(capsys):
 
 
 def test_screening_in_the_round_rejects_absurd_updates_with_node_and_reason():
-    from fedprompt.federation.server_app import _screen_and_bound
+    from fedprompt.federation.aggregate import screen_and_bound as _screen_and_bound
 
     glob, replies, _ = _poisoned_round()
     honest = from_record(replies[0].content["arrays"])

@@ -64,7 +64,7 @@ def make_strategy(cfg: Config) -> fl.Strategy:
 
 
 def _dp_wrap(cfg: Config, inner: fl.FedAvg) -> fl.Strategy:
-    # Fixed clipping only: config.py refuses Flower's adaptive wrappers (see there).
+    # Fixed clipping only: config/checks.py refuses Flower's adaptive wrappers (see there).
     p, m = cfg.privacy, sampled_clients(cfg)
     cls = fl.DifferentialPrivacyServerSideFixedClipping if p.clipping == "server" else fl.DifferentialPrivacyClientSideFixedClipping
     return cls(inner, p.client_noise_multiplier, p.client_clip_norm, m)
@@ -86,7 +86,7 @@ def _inner(cfg: Config, common: dict) -> fl.FedAvg:
         return fl.FedTrimmedAvg(**common, beta=f.trim_fraction)
     if f.strategy in ("krum", "multikrum"):  # the round loop picks the replies (robust.krum_select); FedAvg means them
         return fl.FedAvg(**common)
-    raise ValueError(f"federation.strategy: {f.strategy!r} is not known")  # config.py validates first
+    raise ValueError(f"federation.strategy: {f.strategy!r} is not known")  # config/checks.py validates first
 
 
 # Server-optimizer moments of FedOpt strategies (FedAdam, FedYogi): dicts name -> array.

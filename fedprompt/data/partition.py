@@ -1,0 +1,63 @@
+"""Partitions of a split among clients (iid, dirichlet, quantity), and rows appended to a split."""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from fedprompt.config import DataConfig
+from fedprompt.data.common import DataError, _datasets, _error_line
+
+if TYPE_CHECKING:
+    import datasets
+
+
+def _lognormal_sizes(n: int, parts: int, sigma: float, seed: int) -> list[int]:
+    """Partition sizes summing to n, proportional to log-normal(0, sigma) weights, each >= 1."""
+    import numpy as np
+    w = np.random.default_rng(seed).lognormal(0.0, sigma, parts)
+    quota = w / w.sum() * (n - parts)
+    sizes = np.floor(quota).astype(int)
+    sizes[np.argsort(-(quota - sizes), kind="stable")[: n - parts - int(sizes.sum())]] += 1
+    return [int(s) + 1 for s in sizes]  # SizePartitioner wants Python ints
+
+
+def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, partition_id: int) -> "datasets.Dataset":
+    """Partition `partition_id` of `num_partitions` with flwr-datasets: iid (IidPartitioner),
+    dirichlet (DirichletPartitioner on "label", cfg.alpha) or quantity (SizePartitioner with
+    log-normal sizes of sigma cfg.quantity_sigma; flwr-datasets has no log-normal partitioner)."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, SizePartitioner
+
+    if num_partitions < 1:
+        raise DataError(f"num_partitions: {num_partitions} must be >= 1")
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(f"partition_id: {partition_id} is out of range; allowed 0..{num_partitions - 1}")
+    if num_partitions > len(ds):
+        raise DataError(f"{num_partitions} partitions for {len(ds)} examples; use at most {len(ds)} clients or more data (data.max_examples)")
+    if cfg.partition == "dirichlet":
+        if "label" not in ds.column_names:
+            raise DataError("data.partition: 'dirichlet' needs class labels, which a generation task has not; use iid or quantity")
+        min_size = min(10, len(ds) // num_partitions // 2)
+        part: Any = DirichletPartitioner(num_partitions, partition_by="label", alpha=cfg.alpha, seed=cfg.seed, min_partition_size=min_size)
+    else:
+        # Iid and Size partitioners take contiguous slices: shuffle so order in `ds` does not leak in.
+        ds = ds.shuffle(seed=cfg.seed, keep_in_memory=True)
+        if cfg.partition == "quantity":
+            part = SizePartitioner(_lognormal_sizes(len(ds), num_partitions, cfg.quantity_sigma, cfg.seed))
+        else:
+            part = IidPartitioner(num_partitions)
+    part.dataset = ds
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Dirichlet warns on each resampling attempt
+            return part.load_partition(partition_id)
+    except ValueError as e:
+        raise DataError(f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); "
+                        "raise data.alpha or use fewer clients") from None
+
+
+def with_rows(ds: "datasets.Dataset", texts: list[str], labels: list[int]) -> "datasets.Dataset":
+    """`ds` (a classification split) with the rows (text, label) appended at the end."""
+    mod = _datasets()
+    extra = mod.Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=ds.features)
+    return mod.concatenate_datasets([ds, extra])
