@@ -5,7 +5,7 @@ sending the full model, for each method.
 
 For each method the real model is built (backbone + method, as a client builds it), its payload
 extracted, and a real training message and its reply are made by the same code the server and
-the ClientApp use (`client_app._reply`, `wire.to_record`) and measured by `wire.wire_bytes`
+the ClientApp use (`client_app.reply_message`, `wire.to_record`) and measured by `wire.wire_bytes`
 (the serialized objects Flower pushes and pulls, as the server counts `bytes_up`). The full
 model is every backbone parameter in fp32 (what federated full fine-tuning would send).
 Quick: MiniLM, prompt / prefix / LoRA; --long adds SmolLM2-135M.
@@ -32,8 +32,9 @@ def measure(model: str, method: str) -> dict:
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedprompt import payload
-    from fedprompt.federation.client_app import _reply
+    from fedprompt.federation.client_app import reply_message
     from fedprompt.federation.wire import to_record, wire_bytes
+    from fedprompt.protocol import Reply
     from fedprompt.run import setup
     from tests.fakegrid import _identity
 
@@ -52,7 +53,7 @@ def measure(model: str, method: str) -> dict:
     down = Message(RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}),
                    dst_node_id=5, message_type="train")
     metrics = {"num-examples": 123, "train_loss": 0.5, "train_s": 12.5, "pid": 4194303, "backbone_loads": 1}
-    up = _reply(down, {"tensors": tensors, "metrics": metrics})
+    up = reply_message(down, Reply(tensors=tensors, metrics=metrics))
     return {"model": model, "method": method, "tensors": len(tensors), "raw": raw, "up": wire_bytes(up),
             "down": wire_bytes(down), "full": full}
 

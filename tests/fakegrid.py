@@ -12,7 +12,7 @@ from typing import Callable
 from flwr.app import Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.federation.client_app import _reply, _request, clipping_mod
+from fedprompt.federation.client_app import clipping_mod, reply_message, request_of
 from fedprompt.federation.handler import handle
 
 Responder = Callable[[Message], "Message | None"]
@@ -31,12 +31,10 @@ class FakeContext:
 def client_responder(client, partition_id: int) -> Responder:
     """A node served by `client` (a LocalClient) as partition `partition_id`, through the same
     request/reply code as the real ClientApp."""
-    kinds = {"query": "init", "train": "fit", "evaluate": "evaluate"}
-
     context = FakeContext({"partition-id": partition_id})
 
     def serve(msg: Message, ctx: FakeContext) -> Message:
-        return _reply(msg, handle(client, _request(kinds[msg.metadata.message_type], msg, ctx)))
+        return reply_message(msg, handle(client, request_of(msg, ctx)))
 
     def respond(msg: Message) -> Message:
         mod = clipping_mod(msg) if msg.metadata.message_type == "train" else None

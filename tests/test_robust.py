@@ -419,14 +419,15 @@ def test_norm_bound_in_a_round_bounds_every_long_update(tmp_path, client, capsys
 
 def test_an_attacking_client_sends_its_update_scaled(client):
     from fedprompt.federation.handler import attacking, handle
+    from fedprompt.protocol import Kind, Request
 
     glob = {k: v.numpy() for k, v in client.initial_payload().items()}
-    request = {"kind": "fit", "round": 1, "partition_id": 2, "tensors": glob}
+    request = Request(kind=Kind.FIT, round=1, partition_id=2, tensors=glob)
     client.cfg = _cfg()
-    honest = handle(client, request)["tensors"]
+    honest = handle(client, request).tensors
     client.cfg = _cfg(attack__clients=1, attack__scale=-10.0)
     assert [attacking(client.cfg, i) for i in range(3)] == [False, False, True]  # the last one
-    poisoned = handle(client, request)["tensors"]
+    poisoned = handle(client, request).tensors
     assert list(poisoned) == list(honest)
     for k in glob:
         np.testing.assert_allclose(poisoned[k] - glob[k], -10.0 * (honest[k] - glob[k]), rtol=1e-4, atol=1e-5)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedprompt.federation.client_app import _reply
+from fedprompt.federation.client_app import reply_message
 from fedprompt.federation.wire import from_record, to_record, wire_bytes
+from fedprompt.protocol import Reply
 from tests.fakegrid import _identity
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "manifests.json").read_text())
@@ -26,7 +27,7 @@ def test_a_client_reply_costs_at_most_1_10_x_the_raw_payload(config):
                    dst_node_id=5, message_type="train")
     # The metrics a real fit reply carries (see LocalClient.fit).
     metrics = {"num-examples": 123, "train_loss": 0.5, "train_s": 12.5, "pid": 4194303, "backbone_loads": 1}
-    up = _reply(down, {"tensors": tensors, "metrics": metrics})
+    up = reply_message(down, Reply(tensors=tensors, metrics=metrics))
     assert wire_bytes(up) <= 1.10 * raw, (config, wire_bytes(up), raw)
     assert wire_bytes(down) <= 1.10 * raw
     back = from_record(up.content["arrays"])

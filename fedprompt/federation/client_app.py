@@ -16,10 +16,11 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedprompt.federation.wire import from_record, to_record
+from fedprompt.protocol import KIND_OF, Reply, Request
 
 app = ClientApp()
 
-_IN_PROCESS = None  # the `fedprompt client` process's handler: request dict -> reply dict
+_IN_PROCESS = None  # the `fedprompt client` process's handler: Request -> Reply
 
 
 def serve_in_process(handler) -> None:
@@ -28,18 +29,19 @@ def serve_in_process(handler) -> None:
     _IN_PROCESS = handler
 
 
-def _request(kind: str, msg: Message, context: Context) -> dict:
+def request_of(msg: Message, context: Context) -> Request:
+    """The Request a Flower message carries (its kind from the message type)."""
     config = dict(msg.content.get("config", ConfigRecord()))
-    request = {"kind": kind, "round": int(config.get("server-round", 0)),
-               "proximal_mu": float(config.get("proximal-mu", 0.0)), "scope": str(config.get("scope", "local"))}
-    if "arrays" in msg.content:
-        request["tensors"] = from_record(msg.content["arrays"])
-    if "partition-id" in context.node_config:  # simulation: Flower gives each virtual node one
-        request["partition_id"] = int(context.node_config["partition-id"])
-    return request
+    return Request(kind=KIND_OF[msg.metadata.message_type], round=int(config.get("server-round", 0)),
+                   tensors=from_record(msg.content["arrays"]) if "arrays" in msg.content else {},
+                   proximal_mu=float(config.get("proximal-mu", 0.0)), scope=str(config.get("scope", "local")),
+                   # simulation: Flower gives each virtual node its partition; a `fedprompt client` sets its own
+                   partition_id=int(context.node_config.get("partition-id", 0)))
 
 
-def _serve(request: dict, context: Context) -> dict:
+def serve(request: Request, context: Context) -> Reply:
+    """Answer `request`: in a `fedprompt client` with its handler; in a simulation worker with
+    this process's LocalClient for the run's config."""
     if _IN_PROCESS is not None:  # deployment: this is the `fedprompt client` process
         return _IN_PROCESS(request)
     from fedprompt.federation.handler import client_for, handle
@@ -49,23 +51,24 @@ def _serve(request: dict, context: Context) -> dict:
     return handle(client_for(config_file, num_partitions), request)
 
 
-def _reply(msg: Message, reply: dict) -> Message:
-    content = RecordDict({"metrics": MetricRecord(reply["metrics"])})
-    if "tensors" in reply:
-        content["arrays"] = to_record(reply["tensors"])
-    if "adapter_config" in reply:
-        content["adapter"] = ConfigRecord({"config": reply["adapter_config"]})
+def reply_message(msg: Message, reply: Reply) -> Message:
+    """The Flower reply to `msg` carrying `reply`."""
+    content = RecordDict({"metrics": MetricRecord(reply.metrics)})
+    if reply.tensors is not None:
+        content["arrays"] = to_record(reply.tensors)
+    if reply.adapter_config is not None:
+        content["adapter"] = ConfigRecord({"config": reply.adapter_config})
     return Message(content=content, reply_to=msg)
+
+
+def answer(msg: Message, context: Context) -> Message:
+    return reply_message(msg, serve(request_of(msg, context), context))
 
 
 @app.query()
 def init(msg: Message, context: Context) -> Message:
     """The method's initial tensors (round 0's global state) and its adapter config."""
-    return _reply(msg, _serve(_request("init", msg, context), context))
-
-
-def _fit(msg: Message, context: Context) -> Message:
-    return _reply(msg, _serve(_request("fit", msg, context), context))
+    return answer(msg, context)
 
 
 def clipping_mod(msg: Message):
@@ -78,9 +81,10 @@ def clipping_mod(msg: Message):
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     mod = clipping_mod(msg)
-    return mod(msg, context, _fit) if mod else _fit(msg, context)
+    return mod(msg, context, answer) if mod else answer(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    return _reply(msg, _serve(_request("evaluate", msg, context), context))
+    return answer(msg, context)
+

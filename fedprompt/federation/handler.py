@@ -1,11 +1,7 @@
 """What a client does with one request from the server. Plain Python: no Flower, no sockets.
 
-A request is a dict: kind ("init" | "fit" | "evaluate"), round, tensors (name -> numpy array),
-partition_id, and for fit proximal_mu, for evaluate scope ("local" | "centralized"). The
-reply is a dict: tensors (init and fit), metrics (numbers, with "num-examples", the worker's
-"pid" and its "backbone_loads") and, for init, adapter_config (the adapter_config.json text).
-The same function serves a simulation worker (in the Ray actor) and a `fedprompt client`
-process (behind the bridge).
+A `protocol.Request` in, a `protocol.Reply` out, one function per kind (KINDS). The same code
+serves a simulation worker (in the Ray actor) and a `fedprompt client` process.
 """
 
 from __future__ import annotations
@@ -14,6 +10,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+
+from fedprompt.protocol import BACKBONE_LOADS, NUM_EXAMPLES, UNIFORM_WEIGHT, WORKER_PID, Kind, Reply, Request
 
 _CLIENTS: dict[tuple, object] = {}  # (config text, num_partitions) -> LocalClient, one per process
 
@@ -35,37 +33,43 @@ def client_for(config_file: str | Path, num_partitions: int):
     return _CLIENTS[key]
 
 
-def handle(client, request: dict) -> dict:
+def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
+    return Reply(tensors=_numpy(client.initial_payload()), adapter_config=client.adapter_config_json(),
+                 metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker})
+
+
+def _fit(client, req: Request, tensors: dict, worker: dict) -> Reply:
+    res = client.fit(tensors, partition_id=req.partition_id, round_num=req.round, source=f"server (round {req.round})",
+                     proximal_mu=req.proximal_mu)
+    metrics = {NUM_EXAMPLES: res.num_examples, UNIFORM_WEIGHT: 1, **res.metrics, **worker}
+    # In the order the server sent them: Flower's DP clipping pairs arrays by position.
+    ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
+    reply = _numpy(ordered)
+    if attacking(client.cfg, req.partition_id):
+        from fedprompt.federation.robust import scale_update
+
+        reply = scale_update(_numpy(tensors), reply, client.cfg.attack.scale)
+    return Reply(tensors=reply, metrics=metrics)
+
+
+def _evaluate(client, req: Request, tensors: dict, worker: dict) -> Reply:
+    scope = None if req.scope == "centralized" else req.partition_id
+    metrics, n = client.evaluate(tensors, partition_id=scope, source=f"server (round {req.round})")
+    return Reply(metrics={NUM_EXAMPLES: n, UNIFORM_WEIGHT: 1, **metrics, **worker})
+
+
+KINDS = {Kind.INIT: _init, Kind.FIT: _fit, Kind.EVALUATE: _evaluate}
+
+
+def handle(client, request: Request) -> Reply:
     """Serve one request with `client` (a fedprompt.local.LocalClient)."""
     import torch
 
     from fedprompt import local
 
-    kind, pid = request["kind"], int(request.get("partition_id", 0))
-    source = f"server (round {request.get('round', 0)})"
-    tensors = {k: torch.from_numpy(np.array(v)) for k, v in request.get("tensors", {}).items()}
-    worker = {"pid": os.getpid(), "backbone_loads": local.BACKBONE_LOADS}
-    if kind == "init":
-        init = client.initial_payload()
-        return {"tensors": _numpy(init), "adapter_config": client.adapter_config_json(),
-                "metrics": {"num-examples": len(client.shard(pid).train), **worker}}
-    if kind == "fit":
-        res = client.fit(tensors, partition_id=pid, round_num=int(request["round"]), source=source,
-                         proximal_mu=float(request.get("proximal_mu", 0.0)))
-        metrics = {"num-examples": res.num_examples, "uniform-weight": 1, **res.metrics, **worker}
-        # In the order the server sent them: Flower's DP clipping pairs arrays by position.
-        ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
-        reply = _numpy(ordered)
-        if attacking(client.cfg, pid):
-            from fedprompt.federation.robust import scale_update
-
-            reply = scale_update(_numpy(tensors), reply, client.cfg.attack.scale)
-        return {"tensors": reply, "metrics": metrics}
-    if kind == "evaluate":
-        scope = None if request.get("scope") == "centralized" else pid
-        metrics, n = client.evaluate(tensors, partition_id=scope, source=source)
-        return {"metrics": {"num-examples": n, "uniform-weight": 1, **metrics, **worker}}
-    raise ValueError(f"unknown request kind {kind!r}")
+    tensors = {k: torch.from_numpy(np.array(v)) for k, v in request.tensors.items()}
+    worker = {WORKER_PID: os.getpid(), BACKBONE_LOADS: local.BACKBONE_LOADS}
+    return KINDS[request.kind](client, request, tensors, worker)
 
 
 def attacking(cfg, partition_id: int) -> bool:

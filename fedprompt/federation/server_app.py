@@ -32,6 +32,7 @@ from fedprompt.federation.strategy import (
     weighted_mean,
 )
 from fedprompt.federation.wire import error_reason, from_record, to_record, wire_bytes
+from fedprompt.protocol import MESSAGE_TYPE, Kind
 from fedprompt.report import append_jsonl, plot_curves
 
 app = ServerApp()
@@ -126,9 +127,9 @@ def _wait_for_nodes(grid: Grid, n: int) -> list[int]:
     return nodes
 
 
-def _ask(grid: Grid, node: int, kind: str, content: RecordDict, timeout: float | None) -> Message:
+def _ask(grid: Grid, node: int, kind: Kind, content: RecordDict, timeout: float | None) -> Message:
     """One message to one node, its reply or a FederationError saying why there is none."""
-    msg = Message(content=content, dst_node_id=node, message_type=kind)
+    msg = Message(content=content, dst_node_id=node, message_type=MESSAGE_TYPE[kind])
     replies = exchange(grid, [msg], timeout)
     if not replies:
         raise FederationError(f"node {node} did not answer the {kind} request within {timeout} s")
@@ -140,7 +141,7 @@ def _ask(grid: Grid, node: int, kind: str, content: RecordDict, timeout: float |
 def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerState:
     """Round 0: the initial payload from one client (clients seed it identically)."""
     node = _wait_for_nodes(grid, 1)[0]
-    rep = _ask(grid, node, "query", RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
+    rep = _ask(grid, node, Kind.INIT, RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
     tensors = from_record(rep.content["arrays"])
     payload.validate(tensors, payload.manifest_from(tensors), source=f"node {node} (initial payload)")
     log(f"initial payload from node {node}: {len(tensors)} tensors, "
@@ -175,7 +176,7 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
     if centralized:
         node = sorted(grid.get_node_ids())[0]
         content = RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})})
-        m = dict(_ask(grid, node, "evaluate", content, timeout).content["metrics"])
+        m = dict(_ask(grid, node, Kind.EVALUATE, content, timeout).content["metrics"])
         row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, *WORKER_KEYS)})
     else:  # deployment: the server holds no data; the federated figures are the figures
         row.update({k[4:]: v for k, v in list(row.items()) if k.startswith("fed_") and k != "fed_examples"})

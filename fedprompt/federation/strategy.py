@@ -12,13 +12,9 @@ from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
 from fedprompt.config import Config
-
-# Reply metrics that describe the worker or its privacy account, not the update: never averaged.
-WORKER_KEYS = ("pid", "backbone_loads", "epsilon", "noise_multiplier", "sample_rate", "dp_steps")
-WEIGHT_KEY = "num-examples"
-# Client-level DP averages updates uniformly (each client's share of the mean is at most
-# clip/m): every training reply carries this weight, 1.
-UNIFORM_KEY = "uniform-weight"
+from fedprompt.protocol import NUM_EXAMPLES as WEIGHT_KEY
+from fedprompt.protocol import UNIFORM_WEIGHT as UNIFORM_KEY  # client-level DP: a uniform mean (share <= clip/m)
+from fedprompt.protocol import WORKER_KEYS  # worker bookkeeping and privacy accounts: never averaged
 
 
 def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:

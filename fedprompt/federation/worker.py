@@ -91,25 +91,27 @@ class Worker:
                 return
             self.stopping.wait(2.0)
 
-    def handle(self, request: dict) -> dict:
-        """One request of the ClientApp (in this process): handled and logged in one line;
-        an error is logged and raised (the executor answers it as this client's error)."""
+    def handle(self, request):
+        """One Request of the ClientApp (in this process), handled and logged in one line; an
+        error is logged and raised (the executor answers it as this client's error)."""
+        import dataclasses
+
         from fedprompt.federation.handler import handle
 
-        request["partition_id"] = self.partition_id  # ours, whatever the server's message says
+        request = dataclasses.replace(request, partition_id=self.partition_id)  # ours, whatever the message says
         t0 = time.perf_counter()
         try:
             reply = handle(self.client, request)
         except Exception as e:
             if not _user_error(e):
                 traceback.print_exc()
-            self.say(f"round {request.get('round', 0)} {request['kind']}: {type(e).__name__}: {e} ({time.perf_counter() - t0:.1f} s)")
+            self.say(f"round {request.round} {request.kind}: {type(e).__name__}: {e} ({time.perf_counter() - t0:.1f} s)")
             raise
         finally:
             self.requests += 1
-        m = reply.get("metrics", {})
+        m = reply.metrics
         detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else "ok")
-        self.say(f"round {request.get('round', 0)} {request['kind']}: {detail} ({time.perf_counter() - t0:.1f} s)")
+        self.say(f"round {request.round} {request.kind}: {detail} ({time.perf_counter() - t0:.1f} s)")
         return reply
 
     def serve(self) -> None:
