@@ -123,6 +123,16 @@ def pick_device(cfg: ModelConfig) -> torch.device:
     return torch.device("cpu")
 
 
+# model.quantization -> (config, compute dtype, modules kept in full precision) -> the
+# transformers quantization config (bitsandbytes).
+QUANTIZATION = {
+    "4bit": lambda cfg, dtype, skip: transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip),
+    "8bit": lambda cfg, dtype, skip: transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip),
+}
+
+
 def _quantization(cfg: ModelConfig, device: torch.device) -> Any:
     if cfg.quantization == "none":
         return None
@@ -135,16 +145,7 @@ def _quantization(cfg: ModelConfig, device: torch.device) -> Any:
         ) from None
     dtype = torch.bfloat16 if cfg.compute_dtype == "bfloat16" else torch.float32
     # Heads stay in full precision: they are trainable (classifier) or tied (lm_head).
-    skip = ["classifier", "score", "lm_head", "pooler"]
-    if cfg.quantization == "4bit":
-        return transformers.BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg.quant_type,
-            bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=dtype,
-            llm_int8_skip_modules=skip,
-        )
-    return transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return QUANTIZATION[cfg.quantization](cfg, dtype, ["classifier", "score", "lm_head", "pooler"])
 
 
 def _disable_cpu_inference_repack(model: torch.nn.Module) -> None:

@@ -212,11 +212,11 @@ def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, 
         batch = collate(data, index, pad_id, device)
         logits = model(batch["input_ids"], batch["attention_mask"])
         loss_sum += float(task.loss(logits, batch)) * len(index)
-        if not isinstance(task, Generation):
+        if not task.generative:
             preds.append(task.predict(logits, batch).cpu())
             golds.append(batch["labels"].cpu())
     out = {"loss": loss_sum / max(n, 1)}
-    if isinstance(task, Generation):
+    if task.generative:
         em = exact_match(model, task, data, n, device)
         out.update(accuracy=em, exact_match=em)
     else:

@@ -54,8 +54,12 @@ class PrivacyError(ValueError):
     """A DP configuration whose guarantee would be false or unreachable; the message says why."""
 
 
+# privacy.accountant -> Opacus's accountant class (Opacus keeps the same kind of registry).
+ACCOUNTANTS = {"rdp": RDPAccountant, "prv": PRVAccountant}
+
+
 def _accountant(kind: str):
-    return RDPAccountant() if kind == "rdp" else PRVAccountant()
+    return ACCOUNTANTS[kind]()
 
 
 def epsilon(history: list[tuple[float, float, int]], delta: float, kind: str = "rdp") -> float:

@@ -85,6 +85,8 @@ def _cached(tokenizer, settings: dict, texts: list[str], build) -> Encoded:
 class Task:
     name = ""
     metric_names = ("accuracy", "macro_f1")
+    # Evaluated by decoding (exact match) rather than by class predictions.
+    generative = False
 
     def encode(self, ds) -> Encoded:
         raise NotImplementedError
@@ -192,6 +194,7 @@ class Generation(Task):
 
     name = "generation"
     metric_names = ("accuracy", "exact_match")
+    generative = True
 
     def __init__(self, tokenizer, cfg: Config, labels: list[str]):
         self.tok, self.max_length = tokenizer, cfg.model.max_length

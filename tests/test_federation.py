@@ -243,3 +243,16 @@ def test_reload_per_message_rebuilds_the_client_every_call_and_learns_the_same(t
         digests[reload] = [r["digest"] for r in rows[1:]]
     handler._CLIENTS.clear()
     assert digests[True] == digests[False]
+
+
+def test_every_configurable_strategy_is_registered_and_builds():
+    """federation.strategy's allowed names are exactly the registry's, and each builds."""
+    import typing
+
+    from fedprompt.config import FederationConfig
+    from fedprompt.federation.strategy import STRATEGIES, make_strategy
+
+    allowed = typing.get_args(typing.get_type_hints(FederationConfig)["strategy"])
+    assert set(allowed) == set(STRATEGIES)
+    for name in allowed:
+        assert make_strategy(tiny_config("bert", "prompt", federation__strategy=name)) is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,58 +41,87 @@ def _check_classes(y: list[int], labels: list[str], where: str, what: str) -> No
         raise DataError(f"{where}: class {_listed(small)} has too few examples{what} to stratify a train/test split; give every class at least 2 examples")
 
 
+@dataclass
+class _Labelled:
+    """A classification source's rows before the split: label names per row, and the label list
+    (index = class id)."""
+
+    name: str
+    texts: list[str]
+    raw_labels: list[str]
+    labels: list[str]
+
+
+def _builtin(cfg: DataConfig, texts: list[str], raw_labels: list[str]) -> _Labelled:
+    name = cfg.dataset
+    if cfg.task == "generation":
+        raise DataError(f"data.task: the built-in {name!r} dataset is classification only; use data.task auto or classification")
+    builtin = sorted(set(raw_labels))
+    if cfg.labels:
+        unknown = [lab for lab in cfg.labels if lab not in builtin]
+        if unknown:
+            raise DataError(f"data.labels: {', '.join(map(repr, unknown))} not in the {name} labels; allowed: {', '.join(builtin)}")
+        keep = [i for i, lab in enumerate(raw_labels) if lab in cfg.labels]  # a subset filters rows
+        texts, raw_labels = [texts[i] for i in keep], [raw_labels[i] for i in keep]
+    return _Labelled(name, texts, raw_labels, list(cfg.labels) or builtin)
+
+
+def _bbc(cfg: DataConfig, ds_mod: Any, rng: Any) -> _Labelled:
+    texts, raw_labels = map(list, _bbc_raw())
+    return _builtin(cfg, texts, raw_labels)
+
+
+def _tweets(cfg: DataConfig, ds_mod: Any, rng: Any) -> _Labelled:
+    rows = [r for r in _tweets_raw() if r[2] >= cfg.min_confidence]
+    return _builtin(cfg, [r[0] for r in rows], [r[1] for r in rows])
+
+
+def _file(cfg: DataConfig, ds_mod: Any, rng: Any) -> _Labelled | TaskData:
+    raw = _load_file(cfg)
+    name = Path(cfg.path).name
+    cols = set(raw.column_names)
+    task = cfg.task
+    if task == "auto":
+        if {cfg.text_column, cfg.label_column} <= cols:
+            task = "classification"
+        elif {cfg.prompt_column, cfg.response_column} <= cols:
+            task = "generation"
+        else:
+            raise DataError(
+                f"data file {cfg.path!r}: cannot tell the task; it needs columns {cfg.text_column!r}+{cfg.label_column!r} "
+                f"(classification) or {cfg.prompt_column!r}+{cfg.response_column!r} (generation); columns found: {_listed(raw.column_names)}"
+            )
+    if task == "generation":
+        prompts, responses = _column(raw, cfg, "prompt"), _column(raw, cfg, "response")
+        return _generation(ds_mod, list(map(str, prompts)), list(map(str, responses)), cfg, name, rng)
+    texts = [str(t) for t in _column(raw, cfg, "text")]
+    raw_labels = []
+    for i, v in enumerate(_column(raw, cfg, "label")):
+        # ints and strings both become label names; pandas reads 1 as 1.0 in a gappy column
+        lab = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
+        if cfg.labels and lab not in cfg.labels:
+            raise DataError(f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels "
+                            f"({', '.join(cfg.labels)}); fix the row or add the label")
+        raw_labels.append(lab)
+    return _Labelled(name, texts, raw_labels, list(cfg.labels) or sorted(set(raw_labels)))
+
+
+# data.dataset -> (config, the datasets module, rng) -> a classification source's rows, or a
+# generation task's data (already split).
+DATASETS = {"bbc": _bbc, "tweets": _tweets, "file": _file}
+
+
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load the configured dataset and split it deterministically (stratified for classification)."""
     import numpy as np
     ds_mod = _datasets()
     rng = np.random.default_rng(cfg.seed)
-    if cfg.dataset in ("bbc", "tweets"):
-        name = cfg.dataset
-        if cfg.task == "generation":
-            raise DataError(f"data.task: the built-in {name!r} dataset is classification only; use data.task auto or classification")
-        if cfg.dataset == "bbc":
-            texts, raw_labels = map(list, _bbc_raw())
-        else:
-            rows = [r for r in _tweets_raw() if r[2] >= cfg.min_confidence]
-            texts, raw_labels = [r[0] for r in rows], [r[1] for r in rows]
-        builtin = sorted(set(raw_labels))
-        if cfg.labels:
-            unknown = [lab for lab in cfg.labels if lab not in builtin]
-            if unknown:
-                raise DataError(f"data.labels: {', '.join(map(repr, unknown))} not in the {name} labels; allowed: {', '.join(builtin)}")
-            keep = [i for i, lab in enumerate(raw_labels) if lab in cfg.labels]  # a subset filters rows
-            texts, raw_labels = [texts[i] for i in keep], [raw_labels[i] for i in keep]
-        labels = list(cfg.labels) or builtin
-    elif cfg.dataset == "file":
-        raw = _load_file(cfg)
-        name = Path(cfg.path).name
-        cols = set(raw.column_names)
-        task = cfg.task
-        if task == "auto":
-            if {cfg.text_column, cfg.label_column} <= cols:
-                task = "classification"
-            elif {cfg.prompt_column, cfg.response_column} <= cols:
-                task = "generation"
-            else:
-                raise DataError(
-                    f"data file {cfg.path!r}: cannot tell the task; it needs columns {cfg.text_column!r}+{cfg.label_column!r} "
-                    f"(classification) or {cfg.prompt_column!r}+{cfg.response_column!r} (generation); columns found: {_listed(raw.column_names)}"
-                )
-        if task == "generation":
-            prompts, responses = _column(raw, cfg, "prompt"), _column(raw, cfg, "response")
-            return _generation(ds_mod, list(map(str, prompts)), list(map(str, responses)), cfg, name, rng)
-        texts = [str(t) for t in _column(raw, cfg, "text")]
-        raw_labels = []
-        for i, v in enumerate(_column(raw, cfg, "label")):
-            # ints and strings both become label names; pandas reads 1 as 1.0 in a gappy column
-            lab = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
-            if cfg.labels and lab not in cfg.labels:
-                raise DataError(f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels "
-                                f"({', '.join(cfg.labels)}); fix the row or add the label")
-            raw_labels.append(lab)
-        labels = list(cfg.labels) or sorted(set(raw_labels))
-    else:
-        raise DataError(f"data.dataset: {cfg.dataset!r} is not allowed; expected bbc, tweets or file")
+    if cfg.dataset not in DATASETS:
+        raise DataError(f"data.dataset: {cfg.dataset!r} is not allowed; expected {', '.join(DATASETS)}")
+    got = DATASETS[cfg.dataset](cfg, ds_mod, rng)
+    if isinstance(got, TaskData):
+        return got
+    name, texts, raw_labels, labels = got.name, got.texts, got.raw_labels, got.labels
 
     index = {lab: i for i, lab in enumerate(labels)}
     y = [index[lab] for lab in raw_labels]

@@ -9,7 +9,7 @@ from flwr.app import Message
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
 from fedprompt.federation import robust
-from fedprompt.federation.strategy import client_dp, restore_strategy, strategy_state
+from fedprompt.federation.strategy import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.federation.wire import from_record, to_record
 
 
@@ -24,11 +24,12 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
     its replies first. An aggregate, or a server-optimizer state (FedAdam's moments), that is
     not finite is not kept: the global and strategy state of the last round stay."""
     f = cfg.federation
-    if f.strategy in ("krum", "multikrum"):
+    select = STRATEGIES[f.strategy].select
+    if select is not None:
         if len(good) <= 2 * f.num_malicious + 2:
             log(f"round {rnd}: {f.strategy} tolerates federation.num_malicious {f.num_malicious} only with more than "
                 f"{2 * f.num_malicious + 2} updates, this round has {len(good)}: its choice proves nothing")
-        keep = 1 if f.strategy == "krum" else len(good) - f.num_malicious
+        keep = select(f, len(good))
         chosen = robust.krum_select(state.tensors, [from_record(r.content["arrays"]) for r in good], f.num_malicious, keep)
         log(f"round {rnd}: {f.strategy} keeps node(s) {', '.join(str(good[i].metadata.src_node_id) for i in chosen)}")
         good = [good[i] for i in chosen]

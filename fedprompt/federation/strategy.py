@@ -7,11 +7,14 @@ pieces a resumable server needs: which metrics are averaged, and the strategy's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 from flwr.app import MetricRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from fedprompt.config import Config
+from fedprompt.config import Config, FederationConfig
 from fedprompt.protocol import NUM_EXAMPLES as WEIGHT_KEY
 from fedprompt.protocol import UNIFORM_WEIGHT as UNIFORM_KEY  # client-level DP: a uniform mean (share <= clip/m)
 from fedprompt.protocol import WORKER_KEYS  # worker bookkeeping and privacy accounts: never averaged
@@ -66,23 +69,32 @@ def _dp_wrap(cfg: Config, inner: fl.FedAvg) -> fl.Strategy:
     return cls(inner, p.client_noise_multiplier, p.client_clip_norm, m)
 
 
+@dataclass(frozen=True)
+class StrategySpec:
+    """How `federation.strategy` = a name becomes a Flower strategy. `build(f, common)` makes it
+    from the federation section and the shared keyword arguments; `select(f, n)`, for the Krum
+    family, says how many of the round's n replies robust.krum_select keeps before the mean
+    (Flower's Krum scores raw float32 parameters, where distances between tiny updates drown in
+    rounding: the choice is fedprompt's, on the updates in float64, and FedAvg means the kept)."""
+
+    build: Callable[[FederationConfig, dict], fl.FedAvg]
+    select: Callable[[FederationConfig, int], int] | None = None
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec(lambda f, c: fl.FedAvg(**c)),
+    "fedprox": StrategySpec(lambda f, c: fl.FedProx(**c, proximal_mu=f.proximal_mu)),
+    "fedadam": StrategySpec(lambda f, c: fl.FedAdam(**c, eta=f.server_lr)),
+    "fedyogi": StrategySpec(lambda f, c: fl.FedYogi(**c, eta=f.server_lr)),
+    "fedmedian": StrategySpec(lambda f, c: fl.FedMedian(**c)),
+    "trimmedmean": StrategySpec(lambda f, c: fl.FedTrimmedAvg(**c, beta=f.trim_fraction)),
+    "krum": StrategySpec(lambda f, c: fl.FedAvg(**c), select=lambda f, n: 1),
+    "multikrum": StrategySpec(lambda f, c: fl.FedAvg(**c), select=lambda f, n: n - f.num_malicious),
+}
+
+
 def _inner(cfg: Config, common: dict) -> fl.FedAvg:
-    f = cfg.federation
-    if f.strategy == "fedavg":
-        return fl.FedAvg(**common)
-    if f.strategy == "fedprox":
-        return fl.FedProx(**common, proximal_mu=f.proximal_mu)
-    if f.strategy == "fedadam":
-        return fl.FedAdam(**common, eta=f.server_lr)
-    if f.strategy == "fedyogi":
-        return fl.FedYogi(**common, eta=f.server_lr)
-    if f.strategy == "fedmedian":
-        return fl.FedMedian(**common)
-    if f.strategy == "trimmedmean":
-        return fl.FedTrimmedAvg(**common, beta=f.trim_fraction)
-    if f.strategy in ("krum", "multikrum"):  # the round loop picks the replies (robust.krum_select); FedAvg means them
-        return fl.FedAvg(**common)
-    raise ValueError(f"federation.strategy: {f.strategy!r} is not known")  # config/checks.py validates first
+    return STRATEGIES[cfg.federation.strategy].build(cfg.federation, common)  # config/checks.py validated the name
 
 
 # Server-optimizer moments of FedOpt strategies (FedAdam, FedYogi): dicts name -> array.
