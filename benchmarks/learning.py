@@ -48,14 +48,14 @@ def federation_sets(long: bool, model: str) -> list[str]:
 
 def run_federated(cfg, out: Path) -> list[dict]:
     """The round loop of `fedprompt simulate`, against one LocalClient serving every node."""
+    from fedprompt.federation.localgrid import LocalGrid, client_responder
     from fedprompt.federation.server_app import serve
     from fedprompt.local import LocalClient
-    from tests.fakegrid import FakeGrid, client_responder
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())
     client = LocalClient(cfg, num_partitions=cfg.federation.num_clients, state_dir=out / "clients")
-    grid = FakeGrid({i: client_responder(client, i) for i in range(cfg.federation.num_clients)})
+    grid = LocalGrid({i: client_responder(client, i) for i in range(cfg.federation.num_clients)})
     serve(grid, cfg, out, centralized=True)
     return rows(out)
 

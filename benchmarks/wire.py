@@ -33,12 +33,12 @@ def measure(model: str, method: str) -> dict:
 
     from fedprompt import payload
     from fedprompt.federation.client_app import reply_message
+    from fedprompt.federation.localgrid import set_task_identity
     from fedprompt.federation.wire import to_record, wire_bytes
     from fedprompt.protocol import Reply
     from fedprompt.run import setup
-    from tests.fakegrid import _identity
 
-    _identity()  # the run/task/node identity a running ClientApp has
+    set_task_identity()  # the run/task/node identity a running ClientApp has
     cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml",
                       [f"model.name={model}", f"peft.method={method}", "data.max_examples=50"])
     s = setup(cfg)

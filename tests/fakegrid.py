@@ -1,75 +1,14 @@
-"""An in-process stand-in for Flower's Grid: messages go to Python responders, not processes.
-
-It lets the ServerApp's round loop run in a test in a second, with real LocalClients (tiny
-models) behind each node, or with hostile ones.
-"""
+"""The in-process grid (fedprompt.federation.localgrid) under the names the tests use, and a
+tampering helper."""
 
 from __future__ import annotations
 
-import uuid
-from typing import Callable
+from flwr.app import Message, RecordDict
 
-from flwr.app import Error, Message, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
-
-from fedprompt.federation.client_app import clipping_mod, reply_message, request_of
-from fedprompt.federation.handler import handle
-
-Responder = Callable[[Message], "Message | None"]
-
-
-def _identity() -> None:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class FakeContext:
-    def __init__(self, node_config: dict):
-        self.node_config = node_config
-        self.run_config: dict = {}
-
-
-def client_responder(client, partition_id: int) -> Responder:
-    """A node served by `client` (a LocalClient) as partition `partition_id`, through the same
-    request/reply code as the real ClientApp."""
-    context = FakeContext({"partition-id": partition_id})
-
-    def serve(msg: Message, ctx: FakeContext) -> Message:
-        return reply_message(msg, handle(client, request_of(msg, ctx)))
-
-    def respond(msg: Message) -> Message:
-        mod = clipping_mod(msg) if msg.metadata.message_type == "train" else None
-        try:
-            return mod(msg, context, serve) if mod else serve(msg, context)
-        except Exception as e:  # what Flower does with an exception in a ClientApp
-            return Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
-
-    return respond
-
-
-class FakeGrid:
-    def __init__(self, responders: dict[int, Responder]):
-        _identity()
-        self.responders = responders
-        self.sent: list[Message] = []
-        self._replies: dict[str, Message] = {}
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.responders)
-
-    def push_messages(self, messages) -> list[str]:
-        """Answer each message at once (as a Flower node would, later); keep the replies."""
-        ids = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # what Flower's grids do
-            self.sent.append(m)
-            reply = self.responders[m.metadata.dst_node_id](m)
-            if reply is not None:
-                self._replies[m.metadata.message_id] = reply
-            ids.append(m.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids) -> list[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+from fedprompt.federation.localgrid import LocalContext as FakeContext  # noqa: F401
+from fedprompt.federation.localgrid import LocalGrid as FakeGrid  # noqa: F401
+from fedprompt.federation.localgrid import client_responder  # noqa: F401
+from fedprompt.federation.localgrid import set_task_identity as _identity  # noqa: F401
 
 
 def replace_arrays(msg: Message, reply: Message, tensors: dict) -> Message:
