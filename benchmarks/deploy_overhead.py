@@ -41,7 +41,7 @@ from benchmarks.common import quiet_env, set_args, stop_group  # noqa: E402
 quiet_env()
 
 from fedprompt.config import Config, load_config
-from fedprompt.federation.processes import free_port
+from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
 
 NAME = "deploy_overhead"

@@ -48,9 +48,9 @@ def federation_sets(long: bool, model: str) -> list[str]:
 
 def run_federated(cfg, out: Path) -> list[dict]:
     """The round loop of `fedprompt simulate`, against one LocalClient serving every node."""
-    from fedprompt.federation.localgrid import LocalGrid, client_responder
-    from fedprompt.federation.server_app import serve
     from fedprompt.local import LocalClient
+    from fedprompt.server.app import serve
+    from fedprompt.server.localgrid import LocalGrid, client_responder
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(cfg.to_yaml())

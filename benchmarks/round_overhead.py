@@ -41,7 +41,7 @@ def main() -> int:
     f = cfg.federation
     k = max(int(f.num_clients * f.fraction_fit), 1)
 
-    from fedprompt.federation.runner import run_simulate
+    from fedprompt.server.runner import run_simulate
 
     with tempfile.TemporaryDirectory() as d:
         res = run_simulate(cfg, Path(d) / "run", quiet=True)

@@ -32,11 +32,11 @@ def measure(model: str, method: str) -> dict:
     from flwr.app import ConfigRecord, Message, RecordDict
 
     from fedprompt import payload
-    from fedprompt.federation.client_app import reply_message
-    from fedprompt.federation.localgrid import set_task_identity
-    from fedprompt.federation.wire import to_record, wire_bytes
+    from fedprompt.client.app import reply_message
     from fedprompt.protocol import Reply
     from fedprompt.run import setup
+    from fedprompt.server.localgrid import set_task_identity
+    from fedprompt.wire import to_record, wire_bytes
 
     set_task_identity()  # the run/task/node identity a running ClientApp has
     cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml",

@@ -147,7 +147,7 @@ def _train(args, cfg) -> None:
 
 
 def _federated(args, cfg) -> None:
-    from fedprompt.federation import runner
+    from fedprompt.server import runner
 
     # Stop Flower's processes on SIGTERM too, and on SIGINT even when it was inherited as
     # ignored (a background job of a non-interactive shell).
@@ -161,7 +161,7 @@ def _federated(args, cfg) -> None:
 
 
 def _client(args, cfg) -> None:
-    from fedprompt.federation.worker import run_client
+    from fedprompt.client.worker import run_client
 
     run_client(cfg, partition_id=args.partition_id, num_partitions=args.num_partitions, server=args.server, insecure=args.insecure)
 

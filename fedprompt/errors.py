@@ -11,8 +11,8 @@ import sys
 # was imported, so only those are looked up: no command imports torch, flwr or opacus for this.
 OWNERS = (("fedprompt.config", "ConfigError"), ("fedprompt.data", "DataError"), ("fedprompt.backbone", "BackboneError"),
           ("fedprompt.payload", "PayloadError"), ("fedprompt.rundir", "RunError"), ("fedprompt.tasks", "TaskError"),
-          ("fedprompt.checkpoint", "CheckpointError"), ("fedprompt.federation.processes", "ProcessError"),
-          ("fedprompt.federation.security", "SecurityError"), ("fedprompt.certs", "CertError"),
+          ("fedprompt.checkpoint", "CheckpointError"), ("fedprompt.processes", "ProcessError"),
+          ("fedprompt.security", "SecurityError"), ("fedprompt.certs", "CertError"),
           ("fedprompt.privacy", "PrivacyError"))
 
 

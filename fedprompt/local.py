@@ -3,7 +3,7 @@
 A `LocalClient` loads its backbone once and keeps it for its whole life. It can serve several
 data partitions (a simulation worker serves many virtual clients with one backbone); each call
 only changes the tiny tensors, the optimizer and the batch order. The Flower glue
-(federation/) calls `fit` and `evaluate` with the global payload and sends back what they return.
+(client/handler.py) calls `fit` and `evaluate` with the global payload and sends back what they return.
 """
 
 from __future__ import annotations

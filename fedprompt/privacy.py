@@ -16,7 +16,7 @@ Noise and sampling draw from generators seeded from os.urandom, never from the c
 noise that anyone holding the config can regenerate protects nothing. DP runs are therefore
 not bit-reproducible.
 
-Client-level DP (`privacy.mode: client`) is Flower's strategy wrappers (federation/strategy.py),
+Client-level DP (`privacy.mode: client`) is Flower's strategy wrappers (server/strategies.py),
 accounted with `gaussian_epsilon` here (no sampling amplification claimed).
 """
 

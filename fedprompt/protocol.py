@@ -2,7 +2,7 @@
 
 One exchange is a `Request` (its kind, the round, the global tensors, the kind's options) and
 a `Reply` (tensors, metrics, and for `init` the adapter config). Flower carries them as
-messages (federation/client_app.py converts); the client's work (federation/handler.py) sees
+messages (client/app.py converts); the client's work (client/handler.py) sees
 only these objects. Plain Python and numpy: no Flower, no torch.
 """
 

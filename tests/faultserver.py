@@ -34,7 +34,7 @@ def arm(point: str, rnd: int) -> None:
     import safetensors.numpy
     from flwr.serverapp import strategy as fl
 
-    from fedprompt.federation import server_app
+    from fedprompt.server import app as server_app
 
     current = {"round": 0}
     if point == "aggregate":  # after Flower computed the aggregate, before anything is kept
@@ -85,8 +85,8 @@ def arm(point: str, rnd: int) -> None:
 
 def main(out: str, point: str, rnd: int) -> None:
     torch.set_num_threads(1)  # the same arithmetic in every process, so digests compare
-    from fedprompt.federation.server_app import serve
     from fedprompt.local import LocalClient
+    from fedprompt.server.app import serve
     from tests.fakegrid import FakeGrid, client_responder
 
     cfg = config()

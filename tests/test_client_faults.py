@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedprompt.federation.processes import free_port
+from fedprompt.processes import free_port
 from tests.helpers import TINY, metrics_rows, set_args, start_fedprompt, stop_all
 from tests.tiny import tiny_folder
 

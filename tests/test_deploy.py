@@ -547,7 +547,7 @@ def test_front_runs_and_forwards_only_the_fleet_api(rendered, pki_deploy, tmp_pa
     4 MiB body too), GET /health is answered by the SuperLink, and every other request,
     the Control and runtime APIs first, gets 403 from the front without reaching it."""
     need_nginx()
-    from fedprompt.federation.processes import free_port
+    from fedprompt.processes import free_port
 
     _, pki = pki_deploy
     front_port, link_port = free_port(), free_port()

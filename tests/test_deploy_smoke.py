@@ -29,7 +29,7 @@ import psutil
 import pytest
 import yaml
 
-from fedprompt.federation.processes import free_port
+from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
 from tests.helpers import stop_all
 from tests.k8slocal import local_specs

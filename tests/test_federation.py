@@ -11,10 +11,10 @@ from flwr.app import Error, Message
 
 from fedprompt import payload
 from fedprompt.checkpoint import load_latest
-from fedprompt.federation import strategy as fs
-from fedprompt.federation.server_app import FederationError, serve
 from fedprompt.local import LocalClient
 from fedprompt.report import read_jsonl
+from fedprompt.server import strategies as fs
+from fedprompt.server.app import FederationError, serve
 from tests.fakegrid import FakeGrid, client_responder, replace_arrays
 from tests.tiny import tiny_config
 
@@ -160,8 +160,8 @@ def test_fedprox_mu_reaches_the_client(tmp_path, client):
 
 
 def test_prepare_resumes_only_the_same_configuration(tmp_path, client):
-    from fedprompt.federation.runner import prepare
     from fedprompt.run import RunError
+    from fedprompt.server.runner import prepare
 
     cfg = _cfg(federation__rounds=2)
     client.cfg = cfg
@@ -180,7 +180,7 @@ def test_prepare_resumes_only_the_same_configuration(tmp_path, client):
 def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
     """main(): config from the run directory, centralized evaluation only in simulation and
     only when asked, status.json written."""
-    from fedprompt.federation.server_app import main
+    from fedprompt.server.app import main
     from tests.fakegrid import FakeContext
 
     for mode, central, expect_central in (("simulation", "true", True), ("simulation", "false", False), ("deployment", "true", False)):
@@ -200,8 +200,8 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
 
 
 def test_a_finished_run_is_recognised_for_keep_alive(tmp_path, client):
-    from fedprompt.federation import runner
     from fedprompt.run import RunError
+    from fedprompt.server import runner
 
     cfg = _cfg()
     client.cfg = cfg
@@ -220,7 +220,7 @@ def test_reload_per_message_rebuilds_the_client_every_call_and_learns_the_same(t
     every message builds a new backbone through handler.client_for, and the federation's
     tensors are exactly those of the cached client (it changes the cost, not the result)."""
     from fedprompt import local
-    from fedprompt.federation import handler
+    from fedprompt.client import handler
 
     digests = {}
     for reload in (False, True):
@@ -250,7 +250,7 @@ def test_every_configurable_strategy_is_registered_and_builds():
     import typing
 
     from fedprompt.config import FederationConfig
-    from fedprompt.federation.strategy import STRATEGIES, make_strategy
+    from fedprompt.server.strategies import STRATEGIES, make_strategy
 
     allowed = typing.get_args(typing.get_type_hints(FederationConfig)["strategy"])
     assert set(allowed) == set(STRATEGIES)

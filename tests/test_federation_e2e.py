@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from fedprompt.config import load_config
-from fedprompt.federation.processes import free_port
+from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
 from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder

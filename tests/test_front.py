@@ -1,4 +1,4 @@
-"""The server's front (fedprompt/federation/front.py) against a real HTTP upstream: it forwards
+"""The server's front (fedprompt/server/front.py) against a real HTTP upstream: it forwards
 exactly the Fleet API and /health, bodies and headers intact, and refuses everything else."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fedprompt.federation.executor import AppIdentity, mismatch
-from fedprompt.federation.front import Front, allowed
-from fedprompt.federation.processes import free_port
+from fedprompt.client.executor import AppIdentity, mismatch
+from fedprompt.processes import free_port
+from fedprompt.server.front import Front, allowed
 
 
 class _Echo(BaseHTTPRequestHandler):
@@ -112,8 +112,8 @@ def test_the_installed_app_identity_is_what_flwr_run_submits():
 
     from flwr.cli.build import build_fab_from_disk
 
-    from fedprompt.federation.executor import installed_app
-    from fedprompt.federation.processes import APP_DIR
+    from fedprompt.client.executor import installed_app
+    from fedprompt.processes import APP_DIR
 
     me = installed_app()
     assert me.fab_id == "fedprompt/fedprompt-app"
@@ -123,7 +123,7 @@ def test_the_installed_app_identity_is_what_flwr_run_submits():
 def test_a_participants_error_text_is_logged_as_one_short_plain_line():
     from types import SimpleNamespace
 
-    from fedprompt.federation.wire import error_reason
+    from fedprompt.wire import error_reason
 
     hostile = SimpleNamespace(error=SimpleNamespace(reason="\x1b[92mINFO\x1b[0m: bad\nthing\r\x07" + "x" * 10_000))
     text = error_reason(hostile)

@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedprompt.federation.processes import port_in_use
+from fedprompt.processes import port_in_use
 from tests.helpers import TINY, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedprompt.federation.processes import binary, env, free_port
+from fedprompt.processes import binary, env, free_port
 from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all
 from tests.tiny import tiny_folder
 

@@ -10,10 +10,10 @@ import pytest
 from flwr.app import Error, Message
 
 from fedprompt import payload, privacy
-from fedprompt.federation import strategy as fs
-from fedprompt.federation.server_app import serve
 from fedprompt.local import LocalClient
 from fedprompt.report import read_jsonl
+from fedprompt.server import strategies as fs
+from fedprompt.server.app import serve
 from tests.fakegrid import FakeGrid, client_responder
 from tests.tiny import tiny_config
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from fedprompt import certs as c
-from fedprompt.federation import processes, security
-from fedprompt.federation.processes import free_port
+from fedprompt import processes, security
+from fedprompt.processes import free_port
 
 
 @pytest.fixture(scope="module")

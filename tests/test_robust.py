@@ -1,5 +1,5 @@
 """Broken and hostile updates: payload validation (property-based), screening and norm bounding
-(fedprompt/federation/robust.py), robust strategies against poisoned updates on synthetic
+(fedprompt/server/robust.py), robust strategies against poisoned updates on synthetic
 vectors, and the round loop with hostile clients on a tiny model (in-process grid)."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from hypothesis.extra import numpy as hnp
 
 from fedprompt import payload
 from fedprompt.config import ConfigError, load_config
-from fedprompt.federation import robust
-from fedprompt.federation import strategy as fs
-from fedprompt.federation.wire import from_record, to_record
+from fedprompt.server import robust
+from fedprompt.server import strategies as fs
+from fedprompt.wire import from_record, to_record
 
 # ---- payload.validate: exact matches pass, anything else is a PayloadError naming the tensor ----
 
@@ -212,7 +212,7 @@ def _cosine(glob: dict, new: dict, true: dict) -> float:
 def _aggregate(cfg, glob, replies, strategy=None) -> dict:
     """The round loop's aggregation step (Krum's choice, the strategy, the finiteness check)."""
     from fedprompt.checkpoint import ServerState
-    from fedprompt.federation.aggregate import aggregate
+    from fedprompt.server.aggregate import aggregate
 
     state = ServerState(round=0, tensors=glob)
     manifest = payload.manifest_from({k: torch.from_numpy(v) for k, v in glob.items()})
@@ -236,7 +236,7 @@ def test_robust_strategies_resist_two_of_eight_scaled_updates(sets):
 
 
 def test_norm_bounding_keeps_fedavg_on_course(capsys):
-    from fedprompt.federation.aggregate import screen_and_bound as _screen_and_bound
+    from fedprompt.server.aggregate import screen_and_bound as _screen_and_bound
 
     glob, replies, true = _poisoned_round()
     honest = sorted(robust.update_norm(glob, from_record(r.content["arrays"])) for r in replies[:6])
@@ -253,7 +253,7 @@ def test_norm_bounding_keeps_fedavg_on_course(capsys):
 
 
 def test_screening_in_the_round_rejects_absurd_updates_with_node_and_reason():
-    from fedprompt.federation.aggregate import screen_and_bound as _screen_and_bound
+    from fedprompt.server.aggregate import screen_and_bound as _screen_and_bound
 
     glob, replies, _ = _poisoned_round()
     honest = from_record(replies[0].content["arrays"])
@@ -354,8 +354,8 @@ def _cfg(**sets):
 
 
 def _serve(cfg, out, responders):
-    from fedprompt.federation.server_app import serve
     from fedprompt.report import read_jsonl
+    from fedprompt.server.app import serve
     from tests.fakegrid import FakeGrid
 
     out.mkdir()
@@ -418,7 +418,7 @@ def test_norm_bound_in_a_round_bounds_every_long_update(tmp_path, client, capsys
 
 
 def test_an_attacking_client_sends_its_update_scaled(client):
-    from fedprompt.federation.handler import attacking, handle
+    from fedprompt.client.handler import attacking, handle
     from fedprompt.protocol import Kind, Request
 
     glob = {k: v.numpy() for k, v in client.initial_payload().items()}
@@ -437,7 +437,7 @@ def test_an_attacking_client_sends_its_update_scaled(client):
 def test_an_aggregate_that_overflows_is_not_released(tmp_path, client, capsys, monkeypatch):
     """Finite updates can still average to Inf in float32: the round keeps the global state."""
     from fedprompt.checkpoint import load_latest
-    from fedprompt.federation import server_app
+    from fedprompt.server import app as server_app
     from tests.fakegrid import client_responder
 
     real = server_app.make_strategy

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Message, RecordDict
 
-from fedprompt.federation.client_app import reply_message
-from fedprompt.federation.wire import from_record, to_record, wire_bytes
+from fedprompt.client.app import reply_message
 from fedprompt.protocol import Reply
+from fedprompt.wire import from_record, to_record, wire_bytes
 from tests.fakegrid import _identity
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "manifests.json").read_text())

@@ -30,7 +30,8 @@ class Worker:
 
     def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False,
                  root_certificates: str | None = None, auth_key: str | None = None):
-        from fedprompt.federation import executor, processes
+        from fedprompt import processes
+        from fedprompt.client import executor
 
         self.client, self.partition_id, self.superlink, self.quiet = client, partition_id, superlink, quiet
         self.root_certificates, self.auth_key = root_certificates, auth_key
@@ -49,7 +50,7 @@ class Worker:
     def _supervise(self) -> None:
         """Keep one SuperNode running; restart it (after a pause) whenever it exits, unless
         it can never connect (untrusted server, unregistered key): then stop the client."""
-        from fedprompt.federation import processes, security
+        from fedprompt import processes, security
 
         log, home = self.folder / "supernode.log", self.folder / "flwr"
         refused_since = None  # an unregistered key may be registered in a moment (a server starting)
@@ -96,7 +97,7 @@ class Worker:
         error is logged and raised (the executor answers it as this client's error)."""
         import dataclasses
 
-        from fedprompt.federation.handler import handle
+        from fedprompt.client.handler import handle
 
         request = dataclasses.replace(request, partition_id=self.partition_id)  # ours, whatever the message says
         t0 = time.perf_counter()
@@ -117,7 +118,9 @@ class Worker:
     def serve(self) -> None:
         """Answer the SuperNode's tasks until SIGTERM/SIGINT; then stop the SuperNode and
         remove the private folder."""
-        from fedprompt.federation import client_app, executor, processes
+        from fedprompt import processes
+        from fedprompt.client import app as client_app
+        from fedprompt.client import executor
 
         def on_term(signum, frame):
             raise KeyboardInterrupt
@@ -143,7 +146,7 @@ class Worker:
             processes.reap()
             shutil.rmtree(self.folder, ignore_errors=True)
         if self.fatal:
-            from fedprompt.federation.security import SecurityError
+            from fedprompt.security import SecurityError
 
             raise SecurityError(self.fatal)
 
@@ -152,9 +155,9 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
                insecure: bool = False) -> None:
     """`fedprompt client`: load the backbone and this partition once, then serve until stopped.
     Over TLS (client.root_certificates) with this client's key (client.auth_key), unless `insecure`."""
-    from fedprompt.federation import security
-    from fedprompt.federation.processes import split_address
+    from fedprompt import security
     from fedprompt.local import LocalClient
+    from fedprompt.processes import split_address
 
     superlink = server or cfg.client.server
     split_address(superlink, "--server")

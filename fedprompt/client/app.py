@@ -15,8 +15,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedprompt.federation.wire import from_record, to_record
 from fedprompt.protocol import KIND_OF, Reply, Request
+from fedprompt.wire import from_record, to_record
 
 app = ClientApp()
 
@@ -44,7 +44,7 @@ def serve(request: Request, context: Context) -> Reply:
     this process's LocalClient for the run's config."""
     if _IN_PROCESS is not None:  # deployment: this is the `fedprompt client` process
         return _IN_PROCESS(request)
-    from fedprompt.federation.handler import client_for, handle
+    from fedprompt.client.handler import client_for, handle
 
     config_file = Path(str(context.run_config["output"])) / "config.yaml"
     num_partitions = int(context.node_config.get("num-partitions", 1))

@@ -1,4 +1,4 @@
-"""An in-process Grid: the server's round loop (server_app.serve) talks to Python responders
+"""An in-process Grid: the server's round loop (server/app.py, serve) talks to Python responders
 instead of Flower processes.
 
 Each node is a responder: a LocalClient behind the same request/reply code as the real
@@ -15,8 +15,8 @@ from typing import Callable
 from flwr.app import Error, Message
 from flwr.supercore.task_identity import TaskIdentity
 
-from fedprompt.federation.client_app import clipping_mod, reply_message, request_of
-from fedprompt.federation.handler import handle
+from fedprompt.client.app import clipping_mod, reply_message, request_of
+from fedprompt.client.handler import handle
 
 Responder = Callable[[Message], "Message | None"]
 

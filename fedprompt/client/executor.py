@@ -34,7 +34,7 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedprompt.federation.processes import APP_DIR
+from fedprompt.processes import APP_DIR
 
 # Error codes of the replies this process makes (Flower's ErrorCode values start at 0; ours
 # are apart so a server's log tells them from Flower's own).

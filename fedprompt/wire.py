@@ -19,7 +19,7 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def error_reason(message: Message, limit: int = 300) -> str:
     """A reply's error reason as one printable line of at most `limit` characters: a
     participant's text is untrusted (terminal control sequences, newlines, megabytes)."""
-    from fedprompt.federation.processes import plain
+    from fedprompt.processes import plain
 
     text = " ".join("".join(ch if ch.isprintable() else " " for ch in plain(str(message.error.reason)[:100_000])).split())
     return text if len(text) <= limit else text[:limit] + "..."

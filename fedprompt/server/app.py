@@ -20,8 +20,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config, load_config
-from fedprompt.federation.aggregate import aggregate, log, screen_and_bound
-from fedprompt.federation.strategy import (
+from fedprompt.protocol import MESSAGE_TYPE, Kind
+from fedprompt.report import append_jsonl, plot_curves
+from fedprompt.server.aggregate import aggregate, log, screen_and_bound
+from fedprompt.server.strategies import (
     WEIGHT_KEY,
     WORKER_KEYS,
     client_dp,
@@ -31,9 +33,7 @@ from fedprompt.federation.strategy import (
     strategy_state,
     weighted_mean,
 )
-from fedprompt.federation.wire import error_reason, from_record, to_record, wire_bytes
-from fedprompt.protocol import MESSAGE_TYPE, Kind
-from fedprompt.report import append_jsonl, plot_curves
+from fedprompt.wire import error_reason, from_record, to_record, wire_bytes
 
 app = ServerApp()
 STATUS = "status.json"

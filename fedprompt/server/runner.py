@@ -18,12 +18,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from fedprompt import checkpoint
+from fedprompt import checkpoint, processes
 from fedprompt.config import Config
-from fedprompt.federation import processes
-from fedprompt.federation.server_app import STATUS
 from fedprompt.report import Table, summary
 from fedprompt.rundir import RunError, prepare_output
+from fedprompt.server.app import STATUS
 
 # Keys a resumed run may change: how long it runs, where it listens, where it writes.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout", "server.", "client.", "output.")
@@ -210,14 +209,14 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
                                          log=logs / "superlink.log", tls=tls)
         processes.write_connection(home, f"127.0.0.1:{link_port}", root_certificates=tls["ca"] if tls else None)
         if not simulation and cfg.server.front == "builtin":
-            from fedprompt.federation.front import Front
+            from fedprompt.server.front import Front
 
             front = Front(host, port, f"{'https' if tls else 'http'}://127.0.0.1:{link_port}", say=say,
                           certfile=tls and tls["cert"], keyfile=tls and tls["key"], cafile=tls and tls["ca"])
             front.start()
         tick = None
         if tls:  # admit exactly the clients in authorized/, now and as it changes
-            from fedprompt.federation.security import Registry
+            from fedprompt.security import Registry
 
             registry = Registry(cfg.server.certs_dir, home)
             registry.sync(say)
@@ -273,7 +272,7 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
     TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`.
     `keep_alive`: once the run is finished (now or before), stay up idle until stopped (a
     Kubernetes Deployment restarts a server that exits)."""
-    from fedprompt.federation import security
+    from fedprompt import security
 
     out = Path(output)
     if keep_alive and _finished(cfg, out):

@@ -8,9 +8,9 @@ from flwr.app import Message
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.federation import robust
-from fedprompt.federation.strategy import STRATEGIES, client_dp, restore_strategy, strategy_state
-from fedprompt.federation.wire import from_record, to_record
+from fedprompt.server import robust
+from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
+from fedprompt.wire import from_record, to_record
 
 
 def log(text: str) -> None:
@@ -60,7 +60,7 @@ def screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good
     norms = [robust.update_norm(global_, t) for t in received]
     # Not under client-level DP: every update is already clipped to client_clip_norm there, and
     # a rejection, decided on the clients' data, would only turn the round into one releasing
-    # nothing (the noise is sized for exactly m updates; see server_app._round).
+    # nothing (the noise is sized for exactly m updates; see server/app.py, _round).
     verdicts = robust.screen(norms, 0.0 if client_dp(cfg) else f.reject_norm_factor)
     kept, bounded = [], 0
     for rep, tensors, norm, why in zip(good, received, norms, verdicts, strict=True):

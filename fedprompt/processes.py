@@ -22,7 +22,7 @@ from pathlib import Path
 
 import psutil
 
-APP_DIR = Path(__file__).parent / "app"
+APP_DIR = Path(__file__).parent / "flower_app"  # the Flower App that `flwr run` submits
 QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",  # telemetry and update checks try to reach the internet
     "FLWR_DISABLE_UPDATE_CHECK": "1",

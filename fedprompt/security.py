@@ -22,7 +22,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedprompt.federation import processes
+from fedprompt import processes
 
 
 class SecurityError(ValueError):

@@ -46,7 +46,7 @@ def _fit(client, req: Request, tensors: dict, worker: dict) -> Reply:
     ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
     reply = _numpy(ordered)
     if attacking(client.cfg, req.partition_id):
-        from fedprompt.federation.robust import scale_update
+        from fedprompt.server.robust import scale_update
 
         reply = scale_update(_numpy(tensors), reply, client.cfg.attack.scale)
     return Reply(tensors=reply, metrics=metrics)

@@ -1,0 +1,10 @@
+"""The client side: `fedprompt client` and the ClientApp.
+
+    app.py       the ClientApp: Flower message <-> protocol.Request / Reply; in simulation it
+                 serves in the Ray worker, in deployment inside the `fedprompt client` process
+    worker.py    `fedprompt client`: holds the backbone, supervises the SuperNode, serves tasks
+    executor.py  takes the SuperNode's tasks and answers them in this process, refusing runs
+                 of any app but the fedprompt installed here
+    handler.py   what a client does with one Request (init / fit / evaluate), no Flower
+The client's plain training code is `fedprompt.local` (shared with the audit and benchmarks).
+"""
