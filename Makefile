@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow lint bench bench-long results dp-results clean
+.PHONY: install demo test test-fast test-slow lint format bench bench-long results dp-results clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -32,8 +32,14 @@ test: install
 	$(BIN)/pytest -q
 
 # Style and static checks (ruff, configured in pyproject.toml); CI runs it before the tests.
+# `make format` rewrites the code the way `lint` expects it.
 lint: install
 	$(BIN)/ruff check fedprompt tests benchmarks deploy
+	$(BIN)/ruff format --check fedprompt tests benchmarks deploy
+
+format: install
+	$(BIN)/ruff check --fix fedprompt tests benchmarks deploy
+	$(BIN)/ruff format fedprompt tests benchmarks deploy
 
 test-fast: install
 	$(BIN)/pytest -q -m "not slow"

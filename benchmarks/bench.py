@@ -53,23 +53,45 @@ TARGETS = [
 # What a reader needs to read a section's figures right (prose, not figures: those are measured).
 NOTES = {
     "learning": "Quick mode trains briefly (8 rounds x 10 local steps x 4 clients = 320 local steps, 32 tokens) to fit "
-                "`make bench`'s 30 minutes, and at equal local steps FedAvg is at a disadvantage: it averages 4 clients' "
-                "10-step updates, so a round moves the adapter about as far as 10 centralized steps, not 40; under label "
-                "skew the clients' updates also pull apart. Where the federation has not converged yet at this length "
-                "the ratio says so. At the demo's scale (10 rounds x 10 steps x 4 clients, 64 tokens, README: Results, "
-                "Federated) Dirichlet 0.5 prompt tuning reaches 0.961x the centralized accuracy; `make bench-long` "
-                "runs 20 rounds x 10 steps for every method.",
+    "`make bench`'s 30 minutes, and at equal local steps FedAvg is at a disadvantage: it averages 4 clients' "
+    "10-step updates, so a round moves the adapter about as far as 10 centralized steps, not 40; under label "
+    "skew the clients' updates also pull apart. Where the federation has not converged yet at this length "
+    "the ratio says so. At the demo's scale (10 rounds x 10 steps x 4 clients, 64 tokens, README: Results, "
+    "Federated) Dirichlet 0.5 prompt tuning reaches 0.961x the centralized accuracy; `make bench-long` "
+    "runs 20 rounds x 10 steps for every method.",
 }
-VERSIONS = ["torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "opacus", "flwr", "flwr-datasets"]
+VERSIONS = [
+    "torch",
+    "transformers",
+    "peft",
+    "accelerate",
+    "deepspeed",
+    "bitsandbytes",
+    "opacus",
+    "flwr",
+    "flwr-datasets",
+]
 
 
 def machine() -> list[str]:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor() or "?") if Path("/proc/cpuinfo").exists() else "?"
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor() or "?",
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "?"
+    )
     import psutil
 
-    lines = [f"- CPU: {cpu}, {os.cpu_count()} logical cores; RAM {psutil.virtual_memory().total / 2**30:.1f} GiB; "
-             f"{platform.system()} {platform.release()} {platform.machine()}; Python {platform.python_version()}"]
+    lines = [
+        f"- CPU: {cpu}, {os.cpu_count()} logical cores; RAM {psutil.virtual_memory().total / 2**30:.1f} GiB; "
+        f"{platform.system()} {platform.release()} {platform.machine()}; Python {platform.python_version()}"
+    ]
     try:
         import torch
 
@@ -85,7 +107,9 @@ def machine() -> list[str]:
             vers.append(f"{name} -")
     lines.append("- Versions: " + ", ".join(vers))
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         rev = ""
     lines.append(f"- fedprompt commit: {rev or 'unknown'}")
@@ -103,8 +127,12 @@ def run_section(name: str, script: str, out: Path, long: bool) -> dict:
     with open(d / "log.txt", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    meta = {"wall_s": round(wall, 1), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "mode": "long" if long else "quick", "rc": rc}
+    meta = {
+        "wall_s": round(wall, 1),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": "long" if long else "quick",
+        "rc": rc,
+    }
     (d / "meta.json").write_text(json.dumps(meta))
     status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {d / 'log.txt'})"
     print(f"[bench] {name}: {status} in {wall:.0f} s", flush=True)
@@ -162,8 +190,10 @@ def report(out: Path, results_md: Path, total_s: float) -> None:
                 kept.add(name)
             continue
         found[name] = res
-        head = f"## {res['title'] if res else name}\n\n*`python benchmarks/{script}{' --long' if meta['mode'] == 'long' else ''}`, " \
-               f"{meta['mode']} mode, {meta['date']}, {meta['wall_s']:.0f} s.*\n"
+        head = (
+            f"## {res['title'] if res else name}\n\n*`python benchmarks/{script}{' --long' if meta['mode'] == 'long' else ''}`, "
+            f"{meta['mode']} mode, {meta['date']}, {meta['wall_s']:.0f} s.*\n"
+        )
         if res is None:
             sections.append(f"{head}\nFAILED (exit status {meta['rc']}); its log: `{out / name / 'log.txt'}`.\n")
             continue
@@ -182,20 +212,36 @@ def report(out: Path, results_md: Path, total_s: float) -> None:
         v = (found[name] or {}).get("summary", {}).get(key)
         shown = "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
         rows.append(f"| {what} | {shown} | {op} {bound} | {verdict(v, op, bound)} |")
-    text = "\n".join([
-        "# Benchmark results", "",
-        "Written by `make bench` (`python benchmarks/bench.py`; `make bench-long` for the long mode). Every figure below "
-        "was measured by the run named in its section; ratios compare two things measured in the same run. "
-        "Do not edit by hand: rerun the benchmark (`--only SECTION` reruns one; the others keep their earlier text "
-        "and dates).", "",
-        f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
-        f"{f', this invocation {total_s / 60:.1f} min' if total_s else ''}.", "",
-        *machine(), *(["", f"(The machine above ran this invocation's sections; {', '.join(sorted(kept))} kept their text "
-                          "from an earlier run, which may have been on another machine: each section's date says when.)"]
-                        if kept else []), "",
-        "## Targets", "", *rows, "",
-        *sections,
-    ])
+    text = "\n".join(
+        [
+            "# Benchmark results",
+            "",
+            "Written by `make bench` (`python benchmarks/bench.py`; `make bench-long` for the long mode). Every figure below "
+            "was measured by the run named in its section; ratios compare two things measured in the same run. "
+            "Do not edit by hand: rerun the benchmark (`--only SECTION` reruns one; the others keep their earlier text "
+            "and dates).",
+            "",
+            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
+            f"{f', this invocation {total_s / 60:.1f} min' if total_s else ''}.",
+            "",
+            *machine(),
+            *(
+                [
+                    "",
+                    f"(The machine above ran this invocation's sections; {', '.join(sorted(kept))} kept their text "
+                    "from an earlier run, which may have been on another machine: each section's date says when.)",
+                ]
+                if kept
+                else []
+            ),
+            "",
+            "## Targets",
+            "",
+            *rows,
+            "",
+            *sections,
+        ]
+    )
     results_md.write_text(text.rstrip() + "\n")
     print(f"[bench] wrote {results_md} ({len(sections)} sections, plots in {plots})")
 

@@ -15,8 +15,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def quiet_env() -> None:
     """Offline, quiet, CPU DeepSpeed, also when no harness or Makefile set them (children inherit)."""
-    for k, v in {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                 "FLWR_DISABLE_UPDATE_CHECK": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
+    for k, v in {
+        "DS_ACCELERATOR": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }.items():
         os.environ.setdefault(k, v)
 
 
@@ -24,13 +29,15 @@ def write_result(out: Path, *, title: str, markdown: str, summary: dict, plots: 
     """out/result.json: a section of RESULTS.md (title, Markdown body, key figures, PNG names
     under `out`); also printed, so a script run alone shows its table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(json.dumps({"title": title, "markdown": markdown, "summary": summary,
-                                                 "plots": plots or []}, indent=2) + "\n")
+    (out / "result.json").write_text(
+        json.dumps({"title": title, "markdown": markdown, "summary": summary, "plots": plots or []}, indent=2) + "\n"
+    )
     print(f"## {title}\n\n{markdown}\n")
 
 
-def plot(series: dict[str, tuple[list, list]], path: Path, *, xlabel: str, ylabel: str, title: str,
-         logx: bool = False) -> None:
+def plot(
+    series: dict[str, tuple[list, list]], path: Path, *, xlabel: str, ylabel: str, title: str, logx: bool = False
+) -> None:
     """One PNG with a line per series (name -> (xs, ys))."""
     import matplotlib
 

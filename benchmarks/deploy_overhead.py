@@ -62,8 +62,15 @@ def _start(args: list[str], log: Path, *, threads: int | None = None, code: Path
     if code != ROOT:
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=code)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedprompt", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            cwd=code,
+        )
 
 
 def checkout(rev: str, into: Path) -> Path | None:
@@ -101,12 +108,41 @@ def run_deployment(sets: list[str], work: Path, timeout: float, code: Path = ROO
     common = ["--config", str(CONFIG), *set_args(sets)]
     server_log = work / "server.log"
     t0 = time.perf_counter()
-    server = _start(["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
-                     "--output", str(out)], server_log, code=code)
-    clients = [_start(["client", *common, *set_args([f"client.root_certificates={certs / 'ca.crt'}",
-                                                  f"client.auth_key={certs / 'clients' / f'client-{i}'}"]),
-                       "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", str(CLIENTS)],
-                      work / f"client{i}.log", threads=1, code=code) for i in range(CLIENTS)]
+    server = _start(
+        [
+            "server",
+            *common,
+            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
+            "--output",
+            str(out),
+        ],
+        server_log,
+        code=code,
+    )
+    clients = [
+        _start(
+            [
+                "client",
+                *common,
+                *set_args(
+                    [
+                        f"client.root_certificates={certs / 'ca.crt'}",
+                        f"client.auth_key={certs / 'clients' / f'client-{i}'}",
+                    ]
+                ),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                str(CLIENTS),
+            ],
+            work / f"client{i}.log",
+            threads=1,
+            code=code,
+        )
+        for i in range(CLIENTS)
+    ]
     try:
         deadline = time.monotonic() + timeout
         while server.poll() is None:
@@ -140,8 +176,16 @@ def plain_loop(cfg: Config, client_rounds: int) -> tuple[float, int]:
     t0 = time.perf_counter()
     for i in range(client_rounds):
         data = shards[i % CLIENTS]
-        train_steps(engine, s.task, data, cfg, steps=cfg.round_steps, stream=batches(len(data), cfg.train.batch_size, i),
-                    pad_id=s.pad_id, device=s.backbone.device)
+        train_steps(
+            engine,
+            s.task,
+            data,
+            cfg,
+            steps=cfg.round_steps,
+            stream=batches(len(data), cfg.train.batch_size, i),
+            pad_id=s.pad_id,
+            device=s.backbone.device,
+        )
     return time.perf_counter() - t0, torch.get_num_threads()
 
 
@@ -194,19 +238,31 @@ def before_after(rev: str, workloads: list[tuple[str, list[str]]], rounds: int, 
             out.append((what, *timed))
     table = ["| workload | before (s per round) | after (s per round) | after / before |", "|---|---|---|---|"]
     table += [f"| {w} | {b:.2f} | {a:.2f} | {a / b:.3f} |" for w, b, a in out]
-    return {"rows": out, "markdown": "\n".join([
-        f"Before/after the perimeter, each workload run with revision `{rev}`'s code (its SuperLink on the port itself, a "
-        "new ClientApp process per message forwarding to the client over a Unix socket) and with this tree's (the front; "
-        "the client serves the SuperNode's tasks in its own process), back to back on this machine, "
-        f"{rounds} rounds each, 2 clients over TLS:", "", *table])}
+    return {
+        "rows": out,
+        "markdown": "\n".join(
+            [
+                f"Before/after the perimeter, each workload run with revision `{rev}`'s code (its SuperLink on the port itself, a "
+                "new ClientApp process per message forwarding to the client over a Unix socket) and with this tree's (the front; "
+                "the client serves the SuperNode's tasks in its own process), back to back on this machine, "
+                f"{rounds} rounds each, 2 clients over TLS:",
+                "",
+                *table,
+            ]
+        ),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--long", action="store_true", help="5 rounds x 50 local steps (default: 3 x 20)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / NAME), help="result folder")
-    ap.add_argument("--baseline", default=BASELINE_REV, metavar="REV",
-                    help=f"also time the rounds with this revision's code (default {BASELINE_REV}: before the perimeter; '' skips)")
+    ap.add_argument(
+        "--baseline",
+        default=BASELINE_REV,
+        metavar="REV",
+        help=f"also time the rounds with this revision's code (default {BASELINE_REV}: before the perimeter; '' skips)",
+    )
     args = ap.parse_args()
     rounds, steps = (5, 50) if args.long else (3, 20)
     out = Path(args.out)
@@ -214,9 +270,16 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s: no process left behind
 
     # Evaluation off: the ratio is about training rounds. IID so both clients hold the same amount.
-    sets = [f"federation.rounds={rounds}", f"federation.local_steps={steps}", f"federation.num_clients={CLIENTS}",
-            f"federation.min_clients={CLIENTS}", "federation.fraction_fit=1.0", "federation.fraction_evaluate=0",
-            "data.partition=iid", "model.max_length=32"]
+    sets = [
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={steps}",
+        f"federation.num_clients={CLIENTS}",
+        f"federation.min_clients={CLIENTS}",
+        "federation.fraction_fit=1.0",
+        "federation.fraction_evaluate=0",
+        "data.partition=iid",
+        "model.max_length=32",
+    ]
     cfg = load_config(CONFIG, sets)  # fails here, before any process starts, on a bad override
     t_start, load1 = time.perf_counter(), os.getloadavg()[0]  # other work inflates the multi-threaded loop most
     with tempfile.TemporaryDirectory(prefix="fedprompt-bench-deploy-") as d:
@@ -232,10 +295,18 @@ def main() -> int:
             loads[pid] = max(loads.get(pid, 0), int(n))
 
     latency = [x for x in sets if not x.startswith(("federation.local_steps=", "federation.fraction_evaluate="))]
-    before = before_after(args.baseline, [(f"training: {steps} local steps, evaluation off", sets),
-                                          ("latency: 1 local step, federated evaluation on",
-                                           [*latency, "federation.local_steps=1", "federation.fraction_evaluate=1.0"])],
-                          rounds, steps)
+    before = before_after(
+        args.baseline,
+        [
+            (f"training: {steps} local steps, evaluation off", sets),
+            (
+                "latency: 1 local step, federated evaluation on",
+                [*latency, "federation.local_steps=1", "federation.fraction_evaluate=1.0"],
+            ),
+        ],
+        rounds,
+        steps,
+    )
     client_rounds = sum(r["clients"] for r in rows)
     plain_s, threads = plain_loop(cfg, client_rounds)
     ratio = fed_s / plain_s
@@ -249,49 +320,83 @@ def main() -> int:
         t = r.get("client_train_s") or 0.0
         table.append(f"| {r['round']} | {r['clients']} | {r['round_s']:.2f} | {t:.2f} | {r['round_s'] - t:.2f} |")
     mean_train = sum(r.get("client_train_s") or 0.0 for r in rows) / rounds
-    table.append(f"| rounds 1..{rounds}, sum | | **{fed_s:.2f}** | {mean_train * rounds:.2f} | {fed_s - mean_train * rounds:.2f} |")
+    table.append(
+        f"| rounds 1..{rounds}, sum | | **{fed_s:.2f}** | {mean_train * rounds:.2f} | {fed_s - mean_train * rounds:.2f} |"
+    )
     table.append(f"| plain loop, same {total_steps} steps | | **{plain_s:.2f}** | | |")
     why = ""
     if ratio > TARGET_RATIO:
         per_round_rest = (fed_s - mean_train * rounds) / rounds
-        why = (f" — why: of the {fed_s / rounds:.1f} s of a round, the clients' own training (1 thread each, in parallel) "
-               f"took {mean_train:.1f} s and {per_round_rest:.1f} s were outside it (Flower's per-message latency — an idle "
-               f"SuperNode polls every 3 s, hard-coded in Flower — plus the per-round "
-               f"engine build), against {plain_s / rounds:.1f} s of plain compute per round on {threads} threads; more "
-               f"local steps per round amortise the fixed part")
+        why = (
+            f" — why: of the {fed_s / rounds:.1f} s of a round, the clients' own training (1 thread each, in parallel) "
+            f"took {mean_train:.1f} s and {per_round_rest:.1f} s were outside it (Flower's per-message latency — an idle "
+            f"SuperNode polls every 3 s, hard-coded in Flower — plus the per-round "
+            f"engine build), against {plain_s / rounds:.1f} s of plain compute per round on {threads} threads; more "
+            f"local steps per round amortise the fixed part"
+        )
     loads_txt = ", ".join(f"pid {p}: {n}" for p, n in sorted(loads.items()))
-    md = "\n".join([
-        (f"A real `fedprompt server` (TLS + client authentication, certificates from `fedprompt.certs`) and {CLIENTS} real "
-        f"`fedprompt client` processes over loopback ran {rounds} rounds of {CLIENTS} clients x {steps} local steps of "
-        f"`configs/bbc-minilm-prompt.yaml` (MiniLM prompt tuning, `model.max_length=32`, batch {cfg.train.batch_size}, IID "
-        f"partitions, evaluation off). Each client process had `OMP_NUM_THREADS=1` (the two share this machine's {ncpu} cores "
-        f"and train in parallel). Measured: the sum of the server's `round_s` over rounds 1..{rounds} (start-up, backbone "
-        f"loads and round 0 excluded; the whole deployment took {fed_wall:.1f} s wall), against the same {total_steps} local "
-        f"steps on the same two partitions in one plain loop in the benchmark process afterwards (one DeepSpeed engine, no "
-        f"Flower, torch threads = {threads}). Backbone loads per client process are the rows' `backbone_loads`. "
-        f"1-minute load average when the benchmark started: {load1:.1f} on {ncpu} cores."),
-        "",
-        *table,
-        "",
-        f"Seconds per round: {fed_s / rounds:.2f} (plain compute of the same steps: {plain_s / rounds:.2f} per round).",
-        *([] if before is None else ["", before["markdown"]]),
-        "",
-        f"- Round overhead ratio: **{ratio:.3f}** (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'MISSED'}{why}.",
-        (f"- Backbone loads per client process over its lifetime: {loads_txt} (target: 1 per client, {CLIENTS} clients): "
-        f"{'met' if loads_ok else 'MISSED — a client reloaded its backbone (or a client process did not report)'}."),
-    ])
-    summary = {"ratio": round(ratio, 4), "federated_rounds_s": round(fed_s, 3), "plain_loop_s": round(plain_s, 3),
-               "seconds_per_round": round(fed_s / rounds, 3), "plain_seconds_per_round": round(plain_s / rounds, 3),
-               "client_train_s_per_round": round(mean_train, 3), "rounds": rounds, "local_steps": steps,
-               "clients": CLIENTS, "total_steps": total_steps, "client_threads": 1, "plain_loop_threads": threads,
-               "backbone_loads_max": max(loads.values()) if loads else 0, "client_processes": len(loads),
-               "ratio_target": TARGET_RATIO, "ratio_met": ratio <= TARGET_RATIO, "loads_met": loads_ok,
-               **({} if not before or not before["rows"] else {
-                   "baseline_rev": args.baseline,
-                   "before_after_s_per_round": {w: [round(b, 3), round(a, 3)] for w, b, a in before["rows"]}}),
-               "deployment_wall_s": round(fed_wall, 1), "load_average_at_start": round(load1, 2), "benchmark_wall_s": round(time.perf_counter() - t_start, 1)}
-    result = {"title": "Deployment round overhead (server + 2 clients over TLS)", "markdown": md, "summary": summary,
-              "plots": ["rounds.png"]}
+    md = "\n".join(
+        [
+            (
+                f"A real `fedprompt server` (TLS + client authentication, certificates from `fedprompt.certs`) and {CLIENTS} real "
+                f"`fedprompt client` processes over loopback ran {rounds} rounds of {CLIENTS} clients x {steps} local steps of "
+                f"`configs/bbc-minilm-prompt.yaml` (MiniLM prompt tuning, `model.max_length=32`, batch {cfg.train.batch_size}, IID "
+                f"partitions, evaluation off). Each client process had `OMP_NUM_THREADS=1` (the two share this machine's {ncpu} cores "
+                f"and train in parallel). Measured: the sum of the server's `round_s` over rounds 1..{rounds} (start-up, backbone "
+                f"loads and round 0 excluded; the whole deployment took {fed_wall:.1f} s wall), against the same {total_steps} local "
+                f"steps on the same two partitions in one plain loop in the benchmark process afterwards (one DeepSpeed engine, no "
+                f"Flower, torch threads = {threads}). Backbone loads per client process are the rows' `backbone_loads`. "
+                f"1-minute load average when the benchmark started: {load1:.1f} on {ncpu} cores."
+            ),
+            "",
+            *table,
+            "",
+            f"Seconds per round: {fed_s / rounds:.2f} (plain compute of the same steps: {plain_s / rounds:.2f} per round).",
+            *([] if before is None else ["", before["markdown"]]),
+            "",
+            f"- Round overhead ratio: **{ratio:.3f}** (target <= {TARGET_RATIO}): {'met' if ratio <= TARGET_RATIO else 'MISSED'}{why}.",
+            (
+                f"- Backbone loads per client process over its lifetime: {loads_txt} (target: 1 per client, {CLIENTS} clients): "
+                f"{'met' if loads_ok else 'MISSED — a client reloaded its backbone (or a client process did not report)'}."
+            ),
+        ]
+    )
+    summary = {
+        "ratio": round(ratio, 4),
+        "federated_rounds_s": round(fed_s, 3),
+        "plain_loop_s": round(plain_s, 3),
+        "seconds_per_round": round(fed_s / rounds, 3),
+        "plain_seconds_per_round": round(plain_s / rounds, 3),
+        "client_train_s_per_round": round(mean_train, 3),
+        "rounds": rounds,
+        "local_steps": steps,
+        "clients": CLIENTS,
+        "total_steps": total_steps,
+        "client_threads": 1,
+        "plain_loop_threads": threads,
+        "backbone_loads_max": max(loads.values()) if loads else 0,
+        "client_processes": len(loads),
+        "ratio_target": TARGET_RATIO,
+        "ratio_met": ratio <= TARGET_RATIO,
+        "loads_met": loads_ok,
+        **(
+            {}
+            if not before or not before["rows"]
+            else {
+                "baseline_rev": args.baseline,
+                "before_after_s_per_round": {w: [round(b, 3), round(a, 3)] for w, b, a in before["rows"]},
+            }
+        ),
+        "deployment_wall_s": round(fed_wall, 1),
+        "load_average_at_start": round(load1, 2),
+        "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    result = {
+        "title": "Deployment round overhead (server + 2 clients over TLS)",
+        "markdown": md,
+        "summary": summary,
+        "plots": ["rounds.png"],
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

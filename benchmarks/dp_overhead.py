@@ -35,12 +35,24 @@ def measure(cfg, steps: int, repeats: int) -> tuple[float, float]:
     plain_engine = make_engine(plain.model, cfg, total)
     with privacy.per_example_gradients(private.model):
         dp_engine = make_engine(private.model, cfg, total, dp=plan)
-        streams = {"plain": batches(len(plain.train), cfg.train.batch_size, 0), "dp": batches(len(private.train), cfg.train.batch_size, 0)}
+        streams = {
+            "plain": batches(len(plain.train), cfg.train.batch_size, 0),
+            "dp": batches(len(private.train), cfg.train.batch_size, 0),
+        }
 
         def block(s, engine, key, dp) -> float:
             t = time.perf_counter()
-            train_steps(engine, s.task, s.train, cfg, steps=steps, stream=streams[key], pad_id=s.pad_id,
-                        device=s.backbone.device, private=dp)
+            train_steps(
+                engine,
+                s.task,
+                s.train,
+                cfg,
+                steps=steps,
+                stream=streams[key],
+                pad_id=s.pad_id,
+                device=s.backbone.device,
+                private=dp,
+            )
             return (time.perf_counter() - t) / steps
 
         block(plain, plain_engine, "plain", False), block(private, dp_engine, "dp", True)  # warm-up
@@ -68,21 +80,35 @@ def main() -> int:
         cfg = load_config(args.config, [*args.overrides, f"peft.method={method}", "privacy.mode=sample"])
         p, d = measure(cfg, args.steps, args.repeats)
         rows.append((method, p, d))
-        print(f"{method:7s} non-DP {p * 1000:8.1f} ms/step   DP-SGD {d * 1000:8.1f} ms/step   ratio {d / p:.3f}", flush=True)
+        print(
+            f"{method:7s} non-DP {p * 1000:8.1f} ms/step   DP-SGD {d * 1000:8.1f} ms/step   ratio {d / p:.3f}",
+            flush=True,
+        )
     cfg = load_config(args.config, args.overrides)
-    print(f"config: {args.config} ({cfg.model.name}, {cfg.model.quantization}, batch {cfg.train.batch_size}); "
-          f"median of {args.repeats} blocks of {args.steps} steps; design target <= 2.0")
+    print(
+        f"config: {args.config} ({cfg.model.name}, {cfg.model.quantization}, batch {cfg.train.batch_size}); "
+        f"median of {args.repeats} blocks of {args.steps} steps; design target <= 2.0"
+    )
     worst = max(d / p for _, p, d in rows)
     print(f"worst ratio: {worst:.3f}")
-    lines = [f"DP-SGD (Opacus per-example gradients + DPOptimizer inside the DeepSpeed engine) step vs the non-private "
-             f"step, same batches, {cfg.model.name} ({cfg.model.quantization}), batch {cfg.train.batch_size} x "
-             f"{cfg.model.max_length} tokens; two copies of the model, blocks of {args.steps} steps alternating, medians of "
-             f"{args.repeats}.", "",
-             "| method | non-DP (ms/step) | DP-SGD (ms/step) | ratio (design target <= 2.0) |", "|---|---|---|---|",
-             *[f"| {m} | {p * 1000:.1f} | {d * 1000:.1f} | {d / p:.3f} |" for m, p, d in rows], "",
-             f"Worst ratio {worst:.3f}: target <= 2.0 {'met' if worst <= 2.0 else 'MISSED'}."]
-    write_result(Path(args.out), title="Differential privacy: DP-SGD step overhead", markdown="\n".join(lines),
-                 summary={"max_ratio": round(worst, 3), **{f"{m}_ratio": round(d / p, 3) for m, p, d in rows}})
+    lines = [
+        f"DP-SGD (Opacus per-example gradients + DPOptimizer inside the DeepSpeed engine) step vs the non-private "
+        f"step, same batches, {cfg.model.name} ({cfg.model.quantization}), batch {cfg.train.batch_size} x "
+        f"{cfg.model.max_length} tokens; two copies of the model, blocks of {args.steps} steps alternating, medians of "
+        f"{args.repeats}.",
+        "",
+        "| method | non-DP (ms/step) | DP-SGD (ms/step) | ratio (design target <= 2.0) |",
+        "|---|---|---|---|",
+        *[f"| {m} | {p * 1000:.1f} | {d * 1000:.1f} | {d / p:.3f} |" for m, p, d in rows],
+        "",
+        f"Worst ratio {worst:.3f}: target <= 2.0 {'met' if worst <= 2.0 else 'MISSED'}.",
+    ]
+    write_result(
+        Path(args.out),
+        title="Differential privacy: DP-SGD step overhead",
+        markdown="\n".join(lines),
+        summary={"max_ratio": round(worst, 3), **{f"{m}_ratio": round(d / p, 3) for m, p, d in rows}},
+    )
     return 0
 
 

@@ -43,13 +43,17 @@ def main() -> int:
         rows.append((f"epsilon {eps}", s))
         print(f"epsilon {eps}: accuracy {s['accuracy']:.4f}, spent {s['epsilon']:.3f}", flush=True)
     base = rows[0][1]["accuracy"]
-    lines = ["| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in rows:
         a = s["audit"]
         eps = f"{s['epsilon']:.2f}" if "epsilon" in s else "-"
-        lines.append(f"| {name} | {s['accuracy']:.4f} | {s['accuracy'] / base:.3f} | {eps} | {a['mia_auc']:.3f} | "
-                     f"{a['canary_exposure']:.2f} / {a['canary_exposure_max']:.2f} |")
+        lines.append(
+            f"| {name} | {s['accuracy']:.4f} | {s['accuracy'] / base:.3f} | {eps} | {a['mia_auc']:.3f} | "
+            f"{a['canary_exposure']:.2f} / {a['canary_exposure_max']:.2f} |"
+        )
     table = "\n".join(lines)
     print(table)
     (out / "table.md").write_text(f"config: {args.config}\n\n{table}\n")

@@ -37,7 +37,9 @@ def measure(config: str, overrides: list[str], steps: int, repeats: int) -> dict
     plain = setup(cfg)
     params = list(plain.model.trainable().values())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total, schedule=cfg.train.schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total, schedule=cfg.train.schedule)
+    )
     clip = cfg.deepspeed.gradient_clipping
     dev = ds.backbone.device
     # Identical batch streams for both loops.
@@ -74,9 +76,16 @@ def measure(config: str, overrides: list[str], steps: int, repeats: int) -> dict
         ds_times.append(ds_block())
         plain_times.append(plain_block())
     d, p = statistics.median(ds_times), statistics.median(plain_times)
-    return {"model": f"{cfg.model.name}, {cfg.model.quantization}", "method": cfg.peft.method,
-            "batch": f"{cfg.train.batch_size} x {cfg.model.max_length} tokens", "plain_ms": p * 1000, "ds_ms": d * 1000,
-            "ratio": d / p, "steps": steps, "repeats": repeats}
+    return {
+        "model": f"{cfg.model.name}, {cfg.model.quantization}",
+        "method": cfg.peft.method,
+        "batch": f"{cfg.train.batch_size} x {cfg.model.max_length} tokens",
+        "plain_ms": p * 1000,
+        "ds_ms": d * 1000,
+        "ratio": d / p,
+        "steps": steps,
+        "repeats": repeats,
+    }
 
 
 def main() -> int:
@@ -88,22 +97,34 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=0)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    plan = [(args.config, args.overrides, args.steps or 10, args.repeats or 5)] if args.config else [
-        (str(ROOT / "configs" / "bbc-minilm-prompt.yaml"), [], args.steps or 5, args.repeats or 3)]
+    plan = (
+        [(args.config, args.overrides, args.steps or 10, args.repeats or 5)]
+        if args.config
+        else [(str(ROOT / "configs" / "bbc-minilm-prompt.yaml"), [], args.steps or 5, args.repeats or 3)]
+    )
     if args.long and not args.config:
         plan.append((str(ROOT / "configs" / "bbc-smollm2-lora.yaml"), [], 3, 3))
     res = [measure(*p) for p in plan]
-    lines = ["DeepSpeed engine (ZeRO 0, fp32, torch AdamW) step vs a plain torch loop (forward, backward, clip, AdamW, "
-             "LR schedule) on the same model and the same batches, in one process; blocks of steps alternate "
-             "between the two, medians compared.", "",
-             "| model | method | batch | plain torch loop (ms/step) | DeepSpeed engine (ms/step) | ratio (target <= 1.05) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "DeepSpeed engine (ZeRO 0, fp32, torch AdamW) step vs a plain torch loop (forward, backward, clip, AdamW, "
+        "LR schedule) on the same model and the same batches, in one process; blocks of steps alternate "
+        "between the two, medians compared.",
+        "",
+        "| model | method | batch | plain torch loop (ms/step) | DeepSpeed engine (ms/step) | ratio (target <= 1.05) |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res:
-        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['plain_ms']:.1f} | {r['ds_ms']:.1f} | {r['ratio']:.3f} |")
+        lines.append(
+            f"| {r['model']} | {r['method']} | {r['batch']} | {r['plain_ms']:.1f} | {r['ds_ms']:.1f} | {r['ratio']:.3f} |"
+        )
     worst = max(r["ratio"] for r in res)
     lines += ["", f"Largest ratio {worst:.3f}: target <= 1.05 {'met' if worst <= 1.05 else 'MISSED'}."]
-    write_result(Path(args.out), title="Engine: DeepSpeed step vs a plain torch loop", markdown="\n".join(lines),
-                 summary={"ratio": round(worst, 3), **{f"{r['model'].split(',')[0]}_ratio": round(r["ratio"], 3) for r in res}})
+    write_result(
+        Path(args.out),
+        title="Engine: DeepSpeed step vs a plain torch loop",
+        markdown="\n".join(lines),
+        summary={"ratio": round(worst, 3), **{f"{r['model'].split(',')[0]}_ratio": round(r["ratio"], 3) for r in res}},
+    )
     return 0
 
 

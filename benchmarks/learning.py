@@ -35,15 +35,28 @@ def federation_sets(long: bool, model: str) -> list[str]:
     """The federation every setting shares: 8 clients, 4 sampled per round, FedAvg."""
     if model == "smollm2-135m":
         rounds, steps = (8, 5)
-        base = ["model.name=smollm2-135m", "model.quantization=4bit", "train.batch_size=8", "model.max_length=48",
-                "train.max_eval_examples=200"]
+        base = [
+            "model.name=smollm2-135m",
+            "model.quantization=4bit",
+            "train.batch_size=8",
+            "model.max_length=48",
+            "train.max_eval_examples=200",
+        ]
     else:
         rounds, steps = (20, 10) if long else (8, 10)
         base = ["model.max_length=32"]
-    return base + ["federation.num_clients=8", "federation.fraction_fit=0.5", "federation.min_clients=2",
-                   f"federation.rounds={rounds}", f"federation.local_steps={steps}", "federation.fraction_evaluate=0",
-                   "federation.strategy=fedavg", "federation.centralized_eval=true", "train.warmup_steps=5",
-                   "output.plots=false"]
+    return base + [
+        "federation.num_clients=8",
+        "federation.fraction_fit=0.5",
+        "federation.min_clients=2",
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={steps}",
+        "federation.fraction_evaluate=0",
+        "federation.strategy=fedavg",
+        "federation.centralized_eval=true",
+        "train.warmup_steps=5",
+        "output.plots=false",
+    ]
 
 
 def run_federated(cfg, out: Path) -> list[dict]:
@@ -102,7 +115,12 @@ def main() -> int:
                         hist = run_federated(cfg, d)
                         xs = [r["round"] for r in hist]
                     acc = [r["accuracy"] for r in hist]
-                    results[key][name] = {"final": acc[-1], "start": acc[0], "best": max(acc), "s": time.perf_counter() - t0}
+                    results[key][name] = {
+                        "final": acc[-1],
+                        "start": acc[0],
+                        "best": max(acc),
+                        "s": time.perf_counter() - t0,
+                    }
                     curves[key][name] = (xs, acc)
                     print(f"{key} {name}: {acc[0]:.3f} -> {acc[-1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -113,7 +131,8 @@ def main() -> int:
         f"{f.local_steps} local steps (MiniLM: max_length 32, batch 16), FedAvg; centralized = `fedprompt train` "
         "on all the data for the same total number of steps. Accuracy on the whole held-out test split after the "
         "last round (SmolLM2 rows: its first 200 examples). Federations run the server's real round loop on an "
-        "in-process grid (see the script's docstring).", "",
+        "in-process grid (see the script's docstring).",
+        "",
         "| model, method | " + " | ".join(names) + " | alpha 0.5 / centralized |",
         "|---|" + "---|" * (len(names) + 1),
     ]
@@ -128,11 +147,21 @@ def main() -> int:
     plots = []
     for key, c in curves.items():
         png = f"learning-{key.replace(' ', '-')}.png"
-        plot({n: c[n] for n in names}, out / png, xlabel="round (centralized: same steps)", ylabel="test accuracy",
-             title=f"BBC, {key}: accuracy per round")
+        plot(
+            {n: c[n] for n in names},
+            out / png,
+            xlabel="round (centralized: same steps)",
+            ylabel="test accuracy",
+            title=f"BBC, {key}: accuracy per round",
+        )
         plots.append(png)
-    write_result(out, title="Learning: centralized vs federated (IID, Dirichlet)", markdown="\n".join(lines),
-                 summary=summary, plots=plots)
+    write_result(
+        out,
+        title="Learning: centralized vs federated (IID, Dirichlet)",
+        markdown="\n".join(lines),
+        summary=summary,
+        plots=plots,
+    )
     return 0
 
 

@@ -70,7 +70,7 @@ def _label(p) -> str:
     if "python" in Path(cmd[0]).name:
         if "-m" in cmd[1:]:
             i = cmd.index("-m")
-            return " ".join(cmd[i + 1:i + 3])
+            return " ".join(cmd[i + 1 : i + 3])
         return Path(cmd[1]).name if len(cmd) > 1 else "python"
     return Path(cmd[0]).name
 
@@ -153,19 +153,43 @@ def simulate_peak(n: int, rounds: int, steps: int, work: Path) -> dict:
     from fedprompt.report import read_jsonl
 
     frac = SAMPLED / n  # exact in binary for the powers of two used here
-    sets = [f"federation.num_clients={n}", f"federation.fraction_fit={frac}", "federation.workers=1",
-            f"federation.min_clients={SAMPLED}", f"federation.rounds={rounds}", f"federation.local_steps={steps}",
-            "federation.fraction_evaluate=0", "federation.centralized_eval=false", "data.partition=iid",
-            "model.max_length=32"]
+    sets = [
+        f"federation.num_clients={n}",
+        f"federation.fraction_fit={frac}",
+        "federation.workers=1",
+        f"federation.min_clients={SAMPLED}",
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={steps}",
+        "federation.fraction_evaluate=0",
+        "federation.centralized_eval=false",
+        "data.partition=iid",
+        "model.max_length=32",
+    ]
     load_config(CONFIG, sets)  # a bad override fails here, not in a subprocess
     mark = f"{NAME}-{n}-{uuid.uuid4().hex}"
     out, log = work / f"run{n}", work / f"sim{n}.log"
     env = dict(os.environ, **{MARK_VAR: mark})
     t0 = time.perf_counter()
     with open(log, "wb") as f:
-        p = subprocess.Popen([sys.executable, "-m", "fedprompt", "simulate", "--config", str(CONFIG), *set_args(sets),
-                              "--output", str(out)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             env=env, cwd=ROOT, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedprompt",
+                "simulate",
+                "--config",
+                str(CONFIG),
+                *set_args(sets),
+                "--output",
+                str(out),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     sampler = TreeSampler(p.pid, mark)
     sampler.start()
     try:
@@ -177,13 +201,20 @@ def simulate_peak(n: int, rounds: int, steps: int, work: Path) -> dict:
         _reap_marked(mark)
     wall = time.perf_counter() - t0
     if rc != 0:
-        raise SystemExit(f"fedprompt simulate ({n} clients) exited with status {rc}: "
-                         f"{log.read_text(errors='replace')[-2000:]}")
+        raise SystemExit(
+            f"fedprompt simulate ({n} clients) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}"
+        )
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["round"] > 0]
     if len(rows) != rounds or any(r["clients"] != SAMPLED for r in rows):
         raise SystemExit(f"{n} clients: unexpected rows {[(r['round'], r['clients']) for r in rows]}")
-    return {"clients": n, "peak": sampler.peak, "procs": sampler.peak_procs, "breakdown": sampler.breakdown(),
-            "timeline": sampler.timeline, "wall": wall}
+    return {
+        "clients": n,
+        "peak": sampler.peak,
+        "procs": sampler.peak_procs,
+        "breakdown": sampler.breakdown(),
+        "timeline": sampler.timeline,
+        "wall": wall,
+    }
 
 
 def _reap_marked(mark: str) -> None:
@@ -276,20 +307,41 @@ def child_load(quant: str) -> int:
         for t in [*bb.model.parameters(), *bb.model.buffers()]:
             if t.numel():
                 t.detach().reshape(-1)[:: max(1, 4096 // t.element_size())].float().sum()  # one element per page
-    print("RESULT " + json.dumps({
-        "quant": quant, "rss_before": before, "rss_after": after, "peak_rss": peak, "rss_touched": _rss_parts(),
-        "weight_bytes": total, "by_dtype": by_dtype, "largest": largest, "load_s": load_s,
-        "tied": bool(getattr(bb.model.config, "tie_word_embeddings", False))}), flush=True)
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "quant": quant,
+                "rss_before": before,
+                "rss_after": after,
+                "peak_rss": peak,
+                "rss_touched": _rss_parts(),
+                "weight_bytes": total,
+                "by_dtype": by_dtype,
+                "largest": largest,
+                "load_s": load_s,
+                "tied": bool(getattr(bb.model.config, "tie_word_embeddings", False)),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
 def load_in_subprocess(quant: str) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--_load", quant], check=False, capture_output=True, text=True, timeout=900, cwd=ROOT,
-                       start_new_session=True)
+    p = subprocess.run(
+        [sys.executable, __file__, "--_load", quant],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+        start_new_session=True,
+    )
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise SystemExit(f"loading SmolLM2-135M at {quant} failed (status {p.returncode}): {p.stderr[-2000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +371,12 @@ def plots(sims: list[dict], loads: list[dict], out: Path) -> list[str]:
     xs = range(len(loads))
     ax.bar([i - 0.27 for i in xs], [x["weight_bytes"] / MiB for x in loads], width=0.27, label="weight bytes")
     ax.bar(list(xs), [x["peak_rss"] / MiB for x in loads], width=0.27, label="peak RSS after load")
-    ax.bar([i + 0.27 for i in xs], [x["rss_touched"]["anon"] / MiB for x in loads], width=0.27,
-           label="private (anon) RSS, weights read")
+    ax.bar(
+        [i + 0.27 for i in xs],
+        [x["rss_touched"]["anon"] / MiB for x in loads],
+        width=0.27,
+        label="private (anon) RSS, weights read",
+    )
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("MiB")
     ax.set_title("SmolLM2-135M by model.quantization")
@@ -360,68 +416,105 @@ def main() -> int:
     q4 = next(x for x in loads if x["quant"] == "4bit")
     q4_ratio = q4["weight_bytes"] / fp32
 
-    t1 = [("| virtual clients | peak RSS, all processes (MiB) | vs 2 clients | processes at the peak | "
-          "largest at the peak (MiB) | run wall (s) |"), "|---|---|---|---|---|---|"]
+    t1 = [
+        (
+            "| virtual clients | peak RSS, all processes (MiB) | vs 2 clients | processes at the peak | "
+            "largest at the peak (MiB) | run wall (s) |"
+        ),
+        "|---|---|---|---|---|---|",
+    ]
     for s in sims:
         top = ", ".join(f"{name} {rss / MiB:.0f}" for name, rss in s["breakdown"][:2])
-        t1.append(f"| {s['clients']} | {s['peak'] / MiB:.0f} | {s['peak'] / base['peak']:.3f}x | {s['procs']} | {top} | "
-                  f"{s['wall']:.1f} |")
-    t2 = [("| model.quantization | weight bytes (MiB) | vs fp32 | by dtype (MiB) | RSS before load | peak RSS after load | "
-          "RSS after load: anon + file | weights read once: anon + file | load (s) |"), "|---|---|---|---|---|---|---|---|---|"]
+        t1.append(
+            f"| {s['clients']} | {s['peak'] / MiB:.0f} | {s['peak'] / base['peak']:.3f}x | {s['procs']} | {top} | "
+            f"{s['wall']:.1f} |"
+        )
+    t2 = [
+        (
+            "| model.quantization | weight bytes (MiB) | vs fp32 | by dtype (MiB) | RSS before load | peak RSS after load | "
+            "RSS after load: anon + file | weights read once: anon + file | load (s) |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for x in loads:
         dt = ", ".join(f"{k} {v / MiB:.1f}" for k, v in sorted(x["by_dtype"].items(), key=lambda kv: -kv[1]))
         a, t = x["rss_after"], x["rss_touched"]
-        t2.append(f"| {x['quant']} | {x['weight_bytes'] / MiB:.1f} | {x['weight_bytes'] / fp32:.3f}x | {dt} | "
-                  f"{x['rss_before'] / MiB:.0f} | **{x['peak_rss'] / MiB:.0f}** | {a['anon'] / MiB:.0f} + {a['file'] / MiB:.0f} | "
-                  f"{t['anon'] / MiB:.0f} + {t['file'] / MiB:.0f} | {x['load_s']:.1f} |")
+        t2.append(
+            f"| {x['quant']} | {x['weight_bytes'] / MiB:.1f} | {x['weight_bytes'] / fp32:.3f}x | {dt} | "
+            f"{x['rss_before'] / MiB:.0f} | **{x['peak_rss'] / MiB:.0f}** | {a['anon'] / MiB:.0f} + {a['file'] / MiB:.0f} | "
+            f"{t['anon'] / MiB:.0f} + {t['file'] / MiB:.0f} | {x['load_s']:.1f} |"
+        )
 
     sim_why = ""
     if sim_ratio > TARGET_SIM:
-        grew = sorted(((name, rss - dict(base["breakdown"]).get(name, 0)) for name, rss in at64["breakdown"]),
-                      key=lambda x: -x[1])[:2]
-        sim_why = " — why: the largest growth at the peak is in " + ", ".join(f"{k} (+{v / MiB:.0f} MiB)" for k, v in grew)
+        grew = sorted(
+            ((name, rss - dict(base["breakdown"]).get(name, 0)) for name, rss in at64["breakdown"]), key=lambda x: -x[1]
+        )[:2]
+        sim_why = " — why: the largest growth at the peak is in " + ", ".join(
+            f"{k} (+{v / MiB:.0f} MiB)" for k, v in grew
+        )
     q4_why = ""
     f32_left = q4["by_dtype"].get("float32", 0)
     if q4_ratio > TARGET_4BIT:
         big = q4["largest"][0]
-        q4_why = (f" — why: {f32_left / MiB:.0f} MiB of the 4-bit model stays float32, mostly `{big[0]}` ({big[1] / MiB:.0f} MiB, "
-                  f"{big[2]}){' — the word embeddings, tied to lm_head, which is kept in full precision' if q4['tied'] else ''}; "
-                  "bitsandbytes quantizes only the Linear layers")
+        q4_why = (
+            f" — why: {f32_left / MiB:.0f} MiB of the 4-bit model stays float32, mostly `{big[0]}` ({big[1] / MiB:.0f} MiB, "
+            f"{big[2]}){' — the word embeddings, tied to lm_head, which is kept in full precision' if q4['tied'] else ''}; "
+            "bitsandbytes quantizes only the Linear layers"
+        )
     else:
-        q4_why = (f" ({f32_left / MiB:.0f} MiB of it is still float32, mostly `{q4['largest'][0][0]}`: the embeddings"
-                  f"{', tied to lm_head' if q4['tied'] else ''}, which bitsandbytes does not quantize)")
-    md = "\n".join([
-        (f"(a) `fedprompt simulate` of `configs/bbc-minilm-prompt.yaml` (MiniLM, `model.max_length=32`, IID) with "
-        f"{', '.join(str(c) for c in counts)} virtual clients on one worker (`federation.workers=1`), {SAMPLED} sampled per round "
-        f"(`fraction_fit` = {SAMPLED} / clients), {rounds} rounds x {steps} local steps, evaluation off. Every 0.2 s the RSS of "
-        f"every process of the run (the simulate process, SuperLink, SuperExec, ServerApp, the simulation driver, Ray's daemons "
-        f"and worker) was summed; processes are found by a mark in their environment that each inherits (Ray daemonises some "
-        f"out of the process tree), plus the simulate process's descendants. A sum of RSS counts pages shared between "
-        f"processes once per process, so it overstates the absolute total; the ratio between runs is what is compared. "
-        f"(b) SmolLM2-135M loaded through `fedprompt.backbone.load_backbone` at each `model.quantization`, each in a fresh "
-        f"subprocess: weight bytes are every parameter and buffer storage once (tied weights share one), bitsandbytes' packed "
-        f"4-bit / int8 data as stored plus its quantization state (absmax, code, nested state; SCB). RSS columns (MiB): before "
-        f"the load (torch/transformers imported), the peak right after it, and the anonymous (private) and file-backed "
-        f"(memory-mapped checkpoint pages) parts right after it and after every weight page was read once. 1-minute load "
-        f"average when the benchmark started: {load1:.1f}."),
-        "",
-        *t1,
-        "",
-        *t2,
-        "",
-        (f"- Simulation memory, 64 vs 2 virtual clients: **{sim_ratio:.3f}x** (target <= {TARGET_SIM}x): "
-        f"{'met' if sim_ratio <= TARGET_SIM else 'MISSED'}{sim_why}."),
-        (f"- SmolLM2-135M 4-bit weight bytes vs fp32: **{q4_ratio:.3f}x** ({q4['weight_bytes'] / MiB:.1f} of {fp32 / MiB:.1f} MiB; "
-        f"target <= {TARGET_4BIT}x): {'met' if q4_ratio <= TARGET_4BIT else 'MISSED'}{q4_why}."),
-        "",
-        f"Peak RSS right after the load, 4-bit vs fp32: {q4['peak_rss'] / loads[0]['peak_rss']:.2f}x "
-        f"({q4['peak_rss'] / MiB:.0f} vs {loads[0]['peak_rss'] / MiB:.0f} MiB; not a target); private (anonymous) memory "
-        f"once every weight was read: {q4['rss_touched']['anon'] / MiB:.0f} vs {loads[0]['rss_touched']['anon'] / MiB:.0f} MiB, "
-        f"file-backed {q4['rss_touched']['file'] / MiB:.0f} vs {loads[0]['rss_touched']['file'] / MiB:.0f} MiB"
-        + (" (the quantizing load reads the whole fp32 checkpoint through a memory map that stays mapped, so its pages "
-           "stay in the RSS, as reclaimable page cache)." if q4["rss_after"]["file"] > 0.5 * fp32 else "."),
-    ])
-    summary: dict = {"sim_ratio_64_vs_2": round(sim_ratio, 4), "sim_target": TARGET_SIM, "sim_met": sim_ratio <= TARGET_SIM}
+        q4_why = (
+            f" ({f32_left / MiB:.0f} MiB of it is still float32, mostly `{q4['largest'][0][0]}`: the embeddings"
+            f"{', tied to lm_head' if q4['tied'] else ''}, which bitsandbytes does not quantize)"
+        )
+    md = "\n".join(
+        [
+            (
+                f"(a) `fedprompt simulate` of `configs/bbc-minilm-prompt.yaml` (MiniLM, `model.max_length=32`, IID) with "
+                f"{', '.join(str(c) for c in counts)} virtual clients on one worker (`federation.workers=1`), {SAMPLED} sampled per round "
+                f"(`fraction_fit` = {SAMPLED} / clients), {rounds} rounds x {steps} local steps, evaluation off. Every 0.2 s the RSS of "
+                f"every process of the run (the simulate process, SuperLink, SuperExec, ServerApp, the simulation driver, Ray's daemons "
+                f"and worker) was summed; processes are found by a mark in their environment that each inherits (Ray daemonises some "
+                f"out of the process tree), plus the simulate process's descendants. A sum of RSS counts pages shared between "
+                f"processes once per process, so it overstates the absolute total; the ratio between runs is what is compared. "
+                f"(b) SmolLM2-135M loaded through `fedprompt.backbone.load_backbone` at each `model.quantization`, each in a fresh "
+                f"subprocess: weight bytes are every parameter and buffer storage once (tied weights share one), bitsandbytes' packed "
+                f"4-bit / int8 data as stored plus its quantization state (absmax, code, nested state; SCB). RSS columns (MiB): before "
+                f"the load (torch/transformers imported), the peak right after it, and the anonymous (private) and file-backed "
+                f"(memory-mapped checkpoint pages) parts right after it and after every weight page was read once. 1-minute load "
+                f"average when the benchmark started: {load1:.1f}."
+            ),
+            "",
+            *t1,
+            "",
+            *t2,
+            "",
+            (
+                f"- Simulation memory, 64 vs 2 virtual clients: **{sim_ratio:.3f}x** (target <= {TARGET_SIM}x): "
+                f"{'met' if sim_ratio <= TARGET_SIM else 'MISSED'}{sim_why}."
+            ),
+            (
+                f"- SmolLM2-135M 4-bit weight bytes vs fp32: **{q4_ratio:.3f}x** ({q4['weight_bytes'] / MiB:.1f} of {fp32 / MiB:.1f} MiB; "
+                f"target <= {TARGET_4BIT}x): {'met' if q4_ratio <= TARGET_4BIT else 'MISSED'}{q4_why}."
+            ),
+            "",
+            f"Peak RSS right after the load, 4-bit vs fp32: {q4['peak_rss'] / loads[0]['peak_rss']:.2f}x "
+            f"({q4['peak_rss'] / MiB:.0f} vs {loads[0]['peak_rss'] / MiB:.0f} MiB; not a target); private (anonymous) memory "
+            f"once every weight was read: {q4['rss_touched']['anon'] / MiB:.0f} vs {loads[0]['rss_touched']['anon'] / MiB:.0f} MiB, "
+            f"file-backed {q4['rss_touched']['file'] / MiB:.0f} vs {loads[0]['rss_touched']['file'] / MiB:.0f} MiB"
+            + (
+                " (the quantizing load reads the whole fp32 checkpoint through a memory map that stays mapped, so its pages "
+                "stay in the RSS, as reclaimable page cache)."
+                if q4["rss_after"]["file"] > 0.5 * fp32
+                else "."
+            ),
+        ]
+    )
+    summary: dict = {
+        "sim_ratio_64_vs_2": round(sim_ratio, 4),
+        "sim_target": TARGET_SIM,
+        "sim_met": sim_ratio <= TARGET_SIM,
+    }
     for s in sims:
         summary[f"sim_peak_mib_{s['clients']}"] = round(s["peak"] / MiB, 1)
         summary[f"sim_procs_{s['clients']}"] = s["procs"]
@@ -430,12 +523,23 @@ def main() -> int:
         summary[f"smollm2_{x['quant']}_peak_rss_mib"] = round(x["peak_rss"] / MiB, 1)
         summary[f"smollm2_{x['quant']}_vs_fp32"] = round(x["weight_bytes"] / fp32, 4)
         summary[f"smollm2_{x['quant']}_anon_rss_mib"] = round(x["rss_touched"]["anon"] / MiB, 1)
-    summary.update({"smollm2_4bit_ratio": round(q4_ratio, 4), "smollm2_4bit_target": TARGET_4BIT,
-                    "smollm2_4bit_met": q4_ratio <= TARGET_4BIT, "rounds": rounds, "local_steps": steps,
-                    "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
-                    "load_average_at_start": round(load1, 2)})
-    result = {"title": "Memory: simulation process tree vs clients; SmolLM2-135M by quantization", "markdown": md,
-              "summary": summary, "plots": names}
+    summary.update(
+        {
+            "smollm2_4bit_ratio": round(q4_ratio, 4),
+            "smollm2_4bit_target": TARGET_4BIT,
+            "smollm2_4bit_met": q4_ratio <= TARGET_4BIT,
+            "rounds": rounds,
+            "local_steps": steps,
+            "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
+            "load_average_at_start": round(load1, 2),
+        }
+    )
+    result = {
+        "title": "Memory: simulation process tree vs clients; SmolLM2-135M by quantization",
+        "markdown": md,
+        "summary": summary,
+        "plots": names,
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

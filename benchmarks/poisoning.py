@@ -26,13 +26,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # The federation every run shares (the fast MiniLM config made IID, all 8 clients every round).
-BASE = ["federation.num_clients=8", "federation.fraction_fit=1.0", "federation.min_clients=8", "data.partition=iid",
-        "model.max_length=32", "federation.fraction_evaluate=0", "federation.strategy=fedavg",
-        "federation.reject_norm_factor=0", "output.plots=false"]
+BASE = [
+    "federation.num_clients=8",
+    "federation.fraction_fit=1.0",
+    "federation.min_clients=8",
+    "data.partition=iid",
+    "model.max_length=32",
+    "federation.fraction_evaluate=0",
+    "federation.strategy=fedavg",
+    "federation.reject_norm_factor=0",
+    "output.plots=false",
+]
 RUNS = ["clean", "fedavg", "screened", "median", "trimmed", "krum", "multikrum", "normbound"]
-LABELS = {"clean": "FedAvg, no attack", "fedavg": "FedAvg, no defence", "screened": "FedAvg + screening (x10, default)",
-          "median": "FedMedian", "trimmed": "trimmed mean", "krum": "Krum", "multikrum": "Multi-Krum",
-          "normbound": "FedAvg + norm bounding"}
+LABELS = {
+    "clean": "FedAvg, no attack",
+    "fedavg": "FedAvg, no defence",
+    "screened": "FedAvg + screening (x10, default)",
+    "median": "FedMedian",
+    "trimmed": "trimmed mean",
+    "krum": "Krum",
+    "multikrum": "Multi-Krum",
+    "normbound": "FedAvg + norm bounding",
+}
 
 
 def run(config: str, out: Path, sets: list[str], reuse: bool = False) -> dict:
@@ -55,7 +70,11 @@ def defence(name: str, k: int, bound: float | None) -> list[str]:
         "fedavg": [],
         "screened": ["federation.reject_norm_factor=10"],
         "median": ["federation.strategy=fedmedian"],
-        "trimmed": ["federation.strategy=trimmedmean", f"federation.trim_fraction={k / 8}", f"federation.num_malicious={k}"],
+        "trimmed": [
+            "federation.strategy=trimmedmean",
+            f"federation.trim_fraction={k / 8}",
+            f"federation.num_malicious={k}",
+        ],
         "krum": ["federation.strategy=krum", f"federation.num_malicious={k}"],
         "multikrum": ["federation.strategy=multikrum", f"federation.num_malicious={k}"],
         "normbound": [f"federation.norm_bound={bound}"],
@@ -68,12 +87,25 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--attackers", type=int, default=2, help="attacking clients of the 8 (the last ones)")
     ap.add_argument("--scale", type=float, default=-10.0, help="an attacker sends global + SCALE x its honest update")
-    ap.add_argument("--norm-bound", type=float, default=0.0, help="normbound's L2 bound (default: the clean run's median update norm)")
-    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} (clean always runs)")
+    ap.add_argument(
+        "--norm-bound",
+        type=float,
+        default=0.0,
+        help="normbound's L2 bound (default: the clean run's median update norm)",
+    )
+    ap.add_argument(
+        "--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} (clean always runs)"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "poisoning"))
     ap.add_argument("--reuse", action="store_true", help="keep runs already finished under OUT (same settings only!)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra config override for every run, e.g. model.name=FOLDER (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every run, e.g. model.name=FOLDER (repeatable)",
+    )
     args = ap.parse_args()
     wanted = [r for r in args.runs.split(",") if r and r != "clean"]
     unknown = sorted(set(wanted) - set(RUNS))
@@ -90,14 +122,21 @@ def main() -> int:
         results[name] = run(args.config, out / name, [*base, *attack, *defence(name, k, bound)], args.reuse)
         print(f"{name}: accuracy {results[name]['accuracy']:.4f}", flush=True)
     clean = results["clean"]["accuracy"]
-    lines = ["| run | final accuracy | vs clean | updates screened out | updates bounded | wall (s) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| run | final accuracy | vs clean | updates screened out | updates bounded | wall (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in results.items():
         rs = rows(out / name)[1:]
-        lines.append(f"| {LABELS[name]} | {s['accuracy']:.4f} | {s['accuracy'] - clean:+.4f} | "
-                     f"{sum(r.get('screened_out', 0) for r in rs)} | {sum(r.get('bounded', 0) for r in rs)} | {s['wall_s']:.0f} |")
+        lines.append(
+            f"| {LABELS[name]} | {s['accuracy']:.4f} | {s['accuracy'] - clean:+.4f} | "
+            f"{sum(r.get('screened_out', 0) for r in rs)} | {sum(r.get('bounded', 0) for r in rs)} | {s['wall_s']:.0f} |"
+        )
     table = "\n".join(lines)
-    head = (f"config: {args.config} with {' '.join(base)}\n"
-            f"attack: the last {k} of 8 clients send global + ({args.scale:g}) x their update; norm bound {bound:.4g}\n")
+    head = (
+        f"config: {args.config} with {' '.join(base)}\n"
+        f"attack: the last {k} of 8 clients send global + ({args.scale:g}) x their update; norm bound {bound:.4g}\n"
+    )
     print(table)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(f"{head}\n{table}\n")

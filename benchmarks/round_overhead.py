@@ -35,8 +35,12 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     rounds = args.rounds or (6 if args.long else 3)
-    sets = [f"federation.rounds={rounds}", "federation.fraction_evaluate=0", "federation.centralized_eval=false",
-            *args.overrides]
+    sets = [
+        f"federation.rounds={rounds}",
+        "federation.fraction_evaluate=0",
+        "federation.centralized_eval=false",
+        *args.overrides,
+    ]
     cfg = load_config(args.config, sets)
     f = cfg.federation
     k = max(int(f.num_clients * f.fraction_fit), 1)
@@ -61,25 +65,44 @@ def main() -> int:
     t0 = time.perf_counter()
     for i in range(sum(clients)):
         data = shards[i % k]
-        train_steps(engine, s.task, data, cfg, steps=cfg.round_steps, stream=batches(len(data), cfg.train.batch_size, i),
-                    pad_id=s.pad_id, device=s.backbone.device)
+        train_steps(
+            engine,
+            s.task,
+            data,
+            cfg,
+            steps=cfg.round_steps,
+            stream=batches(len(data), cfg.train.batch_size, i),
+            pad_id=s.pad_id,
+            device=s.backbone.device,
+        )
     plain_s = time.perf_counter() - t0
 
     ratio = fed_s / plain_s
-    summary = {"config": Path(args.config).name, "rounds": len(rows), "clients_per_round": clients,
-               "local_steps": cfg.round_steps, "total_steps": total, "federated_rounds_s": round(fed_s, 2),
-               "plain_loop_s": round(plain_s, 2), "ratio": round(ratio, 3)}
-    lines = [f"`{Path(args.config).name}` (MiniLM prompt tuning, max_length {cfg.model.max_length}), {len(rows)} rounds x {k} "
-             f"clients x {cfg.round_steps} local steps through the real simulation (SuperLink, one Ray worker, ServerApp, "
-             "messages, per-round engine rebuild, validation, checkpoint; evaluation off), against the same "
-             f"{total} steps on the same partitions in one plain loop (one engine, no Flower), in one invocation.", "",
-             "| federated rounds (s, sum of round_s) | plain loop (s) | local steps | s per round | ratio (target <= 1.10) |",
-             "|---|---|---|---|---|",
-             f"| {fed_s:.1f} | {plain_s:.1f} | {total} | {fed_s / len(rows):.1f} | {ratio:.3f} |", "",
-             f"Ratio {ratio:.3f}: target <= 1.10 {'met' if ratio <= 1.10 else 'MISSED'}. The federation's fixed cost is "
-             f"{(fed_s - plain_s) / sum(clients):.2f} s per client-round (engine rebuild, payload load and extract, "
-             "messages, aggregation, checkpoint): cheaper local steps than these (fewer tokens, fewer steps per round) "
-             "raise the ratio, dearer ones lower it."]
+    summary = {
+        "config": Path(args.config).name,
+        "rounds": len(rows),
+        "clients_per_round": clients,
+        "local_steps": cfg.round_steps,
+        "total_steps": total,
+        "federated_rounds_s": round(fed_s, 2),
+        "plain_loop_s": round(plain_s, 2),
+        "ratio": round(ratio, 3),
+    }
+    lines = [
+        f"`{Path(args.config).name}` (MiniLM prompt tuning, max_length {cfg.model.max_length}), {len(rows)} rounds x {k} "
+        f"clients x {cfg.round_steps} local steps through the real simulation (SuperLink, one Ray worker, ServerApp, "
+        "messages, per-round engine rebuild, validation, checkpoint; evaluation off), against the same "
+        f"{total} steps on the same partitions in one plain loop (one engine, no Flower), in one invocation.",
+        "",
+        "| federated rounds (s, sum of round_s) | plain loop (s) | local steps | s per round | ratio (target <= 1.10) |",
+        "|---|---|---|---|---|",
+        f"| {fed_s:.1f} | {plain_s:.1f} | {total} | {fed_s / len(rows):.1f} | {ratio:.3f} |",
+        "",
+        f"Ratio {ratio:.3f}: target <= 1.10 {'met' if ratio <= 1.10 else 'MISSED'}. The federation's fixed cost is "
+        f"{(fed_s - plain_s) / sum(clients):.2f} s per client-round (engine rebuild, payload load and extract, "
+        "messages, aggregation, checkpoint): cheaper local steps than these (fewer tokens, fewer steps per round) "
+        "raise the ratio, dearer ones lower it.",
+    ]
     write_result(Path(args.out), title="Simulation round overhead", markdown="\n".join(lines), summary=summary)
     return 0
 

@@ -42,31 +42,65 @@ STEPS = 2
 
 def simulate(k: int, rounds: int, work: Path) -> dict:
     """One `fedprompt simulate` with k of 64 clients per round; its rounds' figures."""
-    sets = [f"federation.num_clients={NUM_CLIENTS}", f"federation.fraction_fit={k / NUM_CLIENTS}", "federation.workers=1",
-            f"federation.rounds={rounds}", f"federation.local_steps={STEPS}", "federation.fraction_evaluate=0",
-            "federation.centralized_eval=false", "data.partition=iid", "model.max_length=32"]
+    sets = [
+        f"federation.num_clients={NUM_CLIENTS}",
+        f"federation.fraction_fit={k / NUM_CLIENTS}",
+        "federation.workers=1",
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={STEPS}",
+        "federation.fraction_evaluate=0",
+        "federation.centralized_eval=false",
+        "data.partition=iid",
+        "model.max_length=32",
+    ]
     cfg = load_config(CONFIG, sets)  # a bad override fails here, not in a subprocess
     out, log = work / f"run{k}", work / f"sim{k}.log"
     t0 = time.perf_counter()
     with open(log, "wb") as f:
-        p = subprocess.Popen([sys.executable, "-m", "fedprompt", "simulate", "--config", str(CONFIG), *set_args(sets),
-                              "--output", str(out)], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                             cwd=ROOT, start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedprompt",
+                "simulate",
+                "--config",
+                str(CONFIG),
+                *set_args(sets),
+                "--output",
+                str(out),
+            ],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+        )
     try:
         rc = p.wait(timeout=600 + 30 * k * rounds)
     finally:
         stop_group(p)
     wall = time.perf_counter() - t0
     if rc != 0:
-        raise SystemExit(f"fedprompt simulate (k={k}) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}")
+        raise SystemExit(
+            f"fedprompt simulate (k={k}) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}"
+        )
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["round"] > 0]
     if len(rows) != rounds or any(r["clients"] != k for r in rows):
-        raise SystemExit(f"k={k}: expected {rounds} rounds of {k} clients, got {[(r['round'], r['clients']) for r in rows]}")
+        raise SystemExit(
+            f"k={k}: expected {rounds} rounds of {k} clients, got {[(r['round'], r['clients']) for r in rows]}"
+        )
     round_s = sum(r["round_s"] for r in rows) / rounds
     train_s = sum(r.get("client_train_s") or 0.0 for r in rows) / rounds
-    return {"k": k, "round_s": round_s, "per_client_s": round_s / k, "client_train_s": train_s,
-            "rounds_s": [r["round_s"] for r in rows], "wall": wall, "startup": wall - sum(r["round_s"] for r in rows),
-            "batch": cfg.train.batch_size}
+    return {
+        "k": k,
+        "round_s": round_s,
+        "per_client_s": round_s / k,
+        "client_train_s": train_s,
+        "rounds_s": [r["round_s"] for r in rows],
+        "wall": wall,
+        "startup": wall - sum(r["round_s"] for r in rows),
+        "batch": cfg.train.batch_size,
+    }
 
 
 def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float, float]:
@@ -112,7 +146,9 @@ def plot(res: list[dict], a: float, b: float, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--long", action="store_true", help="k = 1, 2, 4, ..., 64, 2 rounds each (default: 1, 4, 16, 64, 1 round)")
+    ap.add_argument(
+        "--long", action="store_true", help="k = 1, 2, 4, ..., 64, 2 rounds each (default: 1, 4, 16, 64, 1 round)"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / NAME), help="result folder")
     args = ap.parse_args()
     ks, rounds = ((1, 2, 4, 8, 16, 32, 64), 2) if args.long else ((1, 4, 16, 64), 1)
@@ -131,40 +167,70 @@ def main() -> int:
     ref = by_k.get(16, res[len(res) // 2])
     top = res[-1]
     flat = top["per_client_s"] / ref["per_client_s"]
-    table = ["| k (clients per round) | round_s | round_s / k | client train_s (mean) | start-up of the run (s) |",
-             "|---|---|---|---|---|"]
+    table = [
+        "| k (clients per round) | round_s | round_s / k | client train_s (mean) | start-up of the run (s) |",
+        "|---|---|---|---|---|",
+    ]
     for r in res:
-        table.append(f"| {r['k']} | {r['round_s']:.2f} | **{r['per_client_s']:.3f}** | {r['client_train_s']:.3f} | {r['startup']:.1f} |")
-    md = "\n".join([
-        (f"`fedprompt simulate` of `configs/bbc-minilm-prompt.yaml` with {NUM_CLIENTS} virtual clients (MiniLM prompt tuning, "
-         f"IID, `model.max_length=32`, batch {res[0]['batch']}) on one worker (`federation.workers=1`), `fraction_fit` = k / "
-         f"{NUM_CLIENTS} so that k clients train per round, {rounds} round(s) of {STEPS} local steps per client, evaluation off "
-         f"(`fraction_evaluate=0`, `centralized_eval=false`); one run per k, one after another. Measured: the metrics rows' "
-         f"`round_s` (mean over the run's rounds; start-up excluded, shown apart), round_s / k, and the clients' own mean "
-         f"training time (`client_train_s`). One worker serves the sampled clients sequentially, so round time should grow "
-         f"about linearly with k and the per-client time should stay flat; at small k the fixed cost of a round (sampling, "
-         f"messages, aggregation, checkpoint) is shared by few clients. 1-minute load average when the benchmark started: "
-         f"{load1:.1f}."),
-        "",
-        *table,
-        "",
-        (f"Linear fit round_s = a + b·k: a = {a:.2f} s fixed per round, b = {b:.3f} s per client, R² = {r2:.4f}. "
-         f"A client's training ({STEPS} steps) is {top['client_train_s']:.3f} s of its {top['per_client_s']:.3f} s at k = {top['k']}."),
-        "",
-        (f"- Per-client time, k = {top['k']} vs k = {ref['k']}: **{flat:.3f}x** (expectation, not a project target: flat, ~1.0; "
-         f"round time linear in k, R² {r2:.3f}): {'flat' if 0.75 <= flat <= 1.25 else 'NOT flat'}"
-         + ("" if 0.75 <= flat <= 1.25 else " — per-client cost changes with k: see the table's client train_s against round_s / k")
-         + "."),
-    ])
+        table.append(
+            f"| {r['k']} | {r['round_s']:.2f} | **{r['per_client_s']:.3f}** | {r['client_train_s']:.3f} | {r['startup']:.1f} |"
+        )
+    md = "\n".join(
+        [
+            (
+                f"`fedprompt simulate` of `configs/bbc-minilm-prompt.yaml` with {NUM_CLIENTS} virtual clients (MiniLM prompt tuning, "
+                f"IID, `model.max_length=32`, batch {res[0]['batch']}) on one worker (`federation.workers=1`), `fraction_fit` = k / "
+                f"{NUM_CLIENTS} so that k clients train per round, {rounds} round(s) of {STEPS} local steps per client, evaluation off "
+                f"(`fraction_evaluate=0`, `centralized_eval=false`); one run per k, one after another. Measured: the metrics rows' "
+                f"`round_s` (mean over the run's rounds; start-up excluded, shown apart), round_s / k, and the clients' own mean "
+                f"training time (`client_train_s`). One worker serves the sampled clients sequentially, so round time should grow "
+                f"about linearly with k and the per-client time should stay flat; at small k the fixed cost of a round (sampling, "
+                f"messages, aggregation, checkpoint) is shared by few clients. 1-minute load average when the benchmark started: "
+                f"{load1:.1f}."
+            ),
+            "",
+            *table,
+            "",
+            (
+                f"Linear fit round_s = a + b·k: a = {a:.2f} s fixed per round, b = {b:.3f} s per client, R² = {r2:.4f}. "
+                f"A client's training ({STEPS} steps) is {top['client_train_s']:.3f} s of its {top['per_client_s']:.3f} s at k = {top['k']}."
+            ),
+            "",
+            (
+                f"- Per-client time, k = {top['k']} vs k = {ref['k']}: **{flat:.3f}x** (expectation, not a project target: flat, ~1.0; "
+                f"round time linear in k, R² {r2:.3f}): {'flat' if 0.75 <= flat <= 1.25 else 'NOT flat'}"
+                + (
+                    ""
+                    if 0.75 <= flat <= 1.25
+                    else " — per-client cost changes with k: see the table's client train_s against round_s / k"
+                )
+                + "."
+            ),
+        ]
+    )
     summary: dict = {f"round_s_k{r['k']}": round(r["round_s"], 3) for r in res}
     summary.update({f"per_client_s_k{r['k']}": round(r["per_client_s"], 4) for r in res})
     summary.update({f"client_train_s_k{r['k']}": round(r["client_train_s"], 4) for r in res})
-    summary.update({"fit_fixed_s": round(a, 3), "fit_per_client_s": round(b, 4), "fit_r2": round(r2, 4),
-                    "per_client_ratio_max_vs_ref": round(flat, 4), "per_client_ref_k": ref["k"], "rounds": rounds, "local_steps": STEPS,
-                    "num_clients": NUM_CLIENTS, "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
-                    "load_average_at_start": round(load1, 2)})
-    result = {"title": "Simulation scaling: round time vs clients per round", "markdown": md, "summary": summary,
-              "plots": ["scaling.png"]}
+    summary.update(
+        {
+            "fit_fixed_s": round(a, 3),
+            "fit_per_client_s": round(b, 4),
+            "fit_r2": round(r2, 4),
+            "per_client_ratio_max_vs_ref": round(flat, 4),
+            "per_client_ref_k": ref["k"],
+            "rounds": rounds,
+            "local_steps": STEPS,
+            "num_clients": NUM_CLIENTS,
+            "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
+            "load_average_at_start": round(load1, 2),
+        }
+    )
+    result = {
+        "title": "Simulation scaling: round time vs clients per round",
+        "markdown": md,
+        "summary": summary,
+        "plots": ["scaling.png"],
+    }
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

@@ -44,8 +44,9 @@ CONFIG = ROOT / "configs" / "bbc-smollm2-lora.yaml"  # QLoRA on a causal LM: the
 def import_cost() -> float:
     """Seconds a fresh Python process takes to import what a template ClientApp imports."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"], check=True, capture_output=True
+    )
     return time.perf_counter() - t0
 
 
@@ -69,9 +70,19 @@ def main() -> int:
     rounds, steps = (8, 10) if args.long else (3, 5)
     # Every client every round: Flower samples a fraction at random, which would give the two runs
     # different clients per round, and then different tensors.
-    sets = ["federation.num_clients=2", "federation.fraction_fit=1.0", "federation.min_clients=2", "federation.workers=1",
-            f"federation.rounds={rounds}", f"federation.local_steps={steps}", "federation.fraction_evaluate=0",
-            "federation.centralized_eval=true", "train.max_eval_examples=100", "data.partition=iid", "output.plots=false"]
+    sets = [
+        "federation.num_clients=2",
+        "federation.fraction_fit=1.0",
+        "federation.min_clients=2",
+        "federation.workers=1",
+        f"federation.rounds={rounds}",
+        f"federation.local_steps={steps}",
+        "federation.fraction_evaluate=0",
+        "federation.centralized_eval=true",
+        "train.max_eval_examples=100",
+        "data.partition=iid",
+        "output.plots=false",
+    ]
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in (("fedprompt", []), ("template pattern", ["client.reload_per_message=true"])):
@@ -96,7 +107,8 @@ def main() -> int:
         "client's tokenized partition for every message, as FlowerTune's ClientApp does per call; it does not copy "
         "the template's SFTTrainer, gradient checkpointing or per-call tokenization (those make it slower still). "
         "Time per round is the median training exchange (server sends, clients work, replies in); "
-        f"target accuracy = 80% of the way from the start ({start:.3f}) to fedprompt's final ({final:.3f}): {target:.3f}.", "",
+        f"target accuracy = 80% of the way from the start ({start:.3f}) to fedprompt's final ({final:.3f}): {target:.3f}.",
+        "",
         "| run | s per round (median) | backbone loads (worker, whole run) | round reaching target | time to target (s) | final accuracy |",
         "|---|---|---|---|---|---|",
     ]
@@ -105,26 +117,40 @@ def main() -> int:
         rnd, t = time_to(target, v["rows"])
         summary[f"{n.split()[0]}_round_s"] = round(per_round[n], 2)
         summary[f"{n.split()[0]}_time_to_target_s"] = None if t is None else round(t, 1)
-        lines.append(f"| {n} | {per_round[n]:.1f} | {loads[n]} | {rnd if rnd is not None else 'not reached'} | "
-                     f"{'-' if t is None else f'{t:.1f}'} | {v['rows'][-1]['accuracy']:.3f} |")
+        lines.append(
+            f"| {n} | {per_round[n]:.1f} | {loads[n]} | {rnd if rnd is not None else 'not reached'} | "
+            f"{'-' if t is None else f'{t:.1f}'} | {v['rows'][-1]['accuracy']:.3f} |"
+        )
     t_f, t_t = summary["fedprompt_time_to_target_s"], summary["template_time_to_target_s"]
     if t_f and t_t:
         summary["ratio_time_to_target"] = round(t_t / t_f, 3)
     rebuild = (per_round["template pattern"] - per_round["fedprompt"]) / 2  # two clients' messages per round
     summary["rebuild_s_per_message"] = round(rebuild, 2)
-    lines += ["", f"Template pattern / fedprompt, time per round: **{ratio:.2f}x** (target: fedprompt >= 3x faster: "
-              f"{'met' if ratio >= 3 else 'MISSED'}). Rebuilding costs {rebuild:.1f} s per message here (one worker serves "
-              "both clients in turn); the ratio is (local steps + rebuild) / local steps, so it grows with the backbone "
-              "(the rebuild reads and quantizes every weight) and shrinks with more or dearer local steps: a 135M-parameter "
-              "backbone on a CPU, where a step is slow and a load is fast, is the pattern's best case. "
-              f"Same global tensors every round in both runs: {'yes' if same else 'NO'} (the pattern changes the cost, not the result). "
-              f"In a deployment the template also starts a new ClientApp process per message: importing torch, "
-              f"transformers, peft and bitsandbytes in a fresh process took {imports_s:.1f} s here, per message, on top."]
-    plot({n: ([r["round"] for r in v["rows"][1:]], [r["train_s"] for r in v["rows"][1:]]) for n, v in runs.items()},
-         out / "template-round-time.png", xlabel="round", ylabel="training exchange (s)",
-         title="Seconds per round: fedprompt vs the reload-per-call pattern")
-    write_result(out, title="fedprompt vs the common pattern (Flower's LLM template)", markdown="\n".join(lines),
-                 summary=summary, plots=["template-round-time.png"])
+    lines += [
+        "",
+        f"Template pattern / fedprompt, time per round: **{ratio:.2f}x** (target: fedprompt >= 3x faster: "
+        f"{'met' if ratio >= 3 else 'MISSED'}). Rebuilding costs {rebuild:.1f} s per message here (one worker serves "
+        "both clients in turn); the ratio is (local steps + rebuild) / local steps, so it grows with the backbone "
+        "(the rebuild reads and quantizes every weight) and shrinks with more or dearer local steps: a 135M-parameter "
+        "backbone on a CPU, where a step is slow and a load is fast, is the pattern's best case. "
+        f"Same global tensors every round in both runs: {'yes' if same else 'NO'} (the pattern changes the cost, not the result). "
+        f"In a deployment the template also starts a new ClientApp process per message: importing torch, "
+        f"transformers, peft and bitsandbytes in a fresh process took {imports_s:.1f} s here, per message, on top.",
+    ]
+    plot(
+        {n: ([r["round"] for r in v["rows"][1:]], [r["train_s"] for r in v["rows"][1:]]) for n, v in runs.items()},
+        out / "template-round-time.png",
+        xlabel="round",
+        ylabel="training exchange (s)",
+        title="Seconds per round: fedprompt vs the reload-per-call pattern",
+    )
+    write_result(
+        out,
+        title="fedprompt vs the common pattern (Flower's LLM template)",
+        markdown="\n".join(lines),
+        summary=summary,
+        plots=["template-round-time.png"],
+    )
     return 0
 
 

@@ -48,7 +48,9 @@ def example_losses(state, enc) -> np.ndarray:
     out, bs = [], state.cfg.train.eval_batch_size
     for i in range(0, len(enc), bs):
         batch = collate(enc, list(range(i, min(i + bs, len(enc)))), state.pad_id, state.backbone.device)
-        out.append(state.task.example_losses(state.model(batch["input_ids"], batch["attention_mask"]), batch).float().cpu())
+        out.append(
+            state.task.example_losses(state.model(batch["input_ids"], batch["attention_mask"]), batch).float().cpu()
+        )
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -67,9 +69,18 @@ def run_audit(cfg: Config, run_dir: str | Path, *, quiet: bool = False) -> dict:
     shard = client.shard(a.client)
     members = Encoded(shard.train.ids[: shard.members], shard.train.target[: shard.members])
     m_loss, n_loss = example_losses(client.state, members), example_losses(client.state, shard.test)
-    result = {"client": a.client, "members": len(m_loss), "nonmembers": len(n_loss), "mia_auc": auc(m_loss, n_loss),
-              "member_loss": float(m_loss.mean()), "nonmember_loss": float(n_loss.mean()),
-              "canaries": a.canaries, "canary_repeats": a.canary_repeats, "references": a.references, "canary_exposure": None}
+    result = {
+        "client": a.client,
+        "members": len(m_loss),
+        "nonmembers": len(n_loss),
+        "mia_auc": auc(m_loss, n_loss),
+        "member_loss": float(m_loss.mean()),
+        "nonmember_loss": float(n_loss.mean()),
+        "canaries": a.canaries,
+        "canary_repeats": a.canary_repeats,
+        "references": a.references,
+        "canary_exposure": None,
+    }
     if a.canaries:
         planted, refs = canaries(cfg, len(client.state.data.labels))
         from fedprompt.data import with_rows
@@ -80,16 +91,34 @@ def run_audit(cfg: Config, run_dir: str | Path, *, quiet: bool = False) -> dict:
             ds = with_rows(client.state.data.test.select([]), [text, *refs], [label] * (len(refs) + 1))
             losses = example_losses(client.state, task.encode(ds))
             exps.append(exposure(float(losses[0]), losses[1:]))
-        result.update(canary_exposure=float(np.mean(exps)), canary_exposure_max=float(np.max(exps)),
-                      exposure_ceiling=math.log2(a.references + 1))
+        result.update(
+            canary_exposure=float(np.mean(exps)),
+            canary_exposure_max=float(np.max(exps)),
+            exposure_ceiling=math.log2(a.references + 1),
+        )
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
         from fedprompt.report import summary
 
-        summary(f"Privacy audit of {run_dir} (client {a.client})", [
-            ("membership inference AUC", f"{result['mia_auc']:.3f} ({result['members']} members vs {result['nonmembers']} held out; 0.5 = no leak)"),
-            *([("canary exposure", f"{result['canary_exposure']:.2f} bits mean, {result['canary_exposure_max']:.2f} max "
-                                   f"(random ~1.4, ceiling {result['exposure_ceiling']:.1f})")] if a.canaries else []),
-            ("written", str(run_dir / "audit.json")),
-        ])
+        summary(
+            f"Privacy audit of {run_dir} (client {a.client})",
+            [
+                (
+                    "membership inference AUC",
+                    f"{result['mia_auc']:.3f} ({result['members']} members vs {result['nonmembers']} held out; 0.5 = no leak)",
+                ),
+                *(
+                    [
+                        (
+                            "canary exposure",
+                            f"{result['canary_exposure']:.2f} bits mean, {result['canary_exposure_max']:.2f} max "
+                            f"(random ~1.4, ceiling {result['exposure_ceiling']:.1f})",
+                        )
+                    ]
+                    if a.canaries
+                    else []
+                ),
+                ("written", str(run_dir / "audit.json")),
+            ],
+        )
     return result

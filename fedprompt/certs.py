@@ -29,6 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedprompt.errors import UserError
+
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.crt"
 CLIENTS, AUTHORIZED = "clients", "authorized"
@@ -43,7 +45,7 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 
 
-class CertError(ValueError):
+class CertError(UserError, ValueError):
     """Bad input for a certificate operation; the message is one line for the user."""
 
 
@@ -79,9 +81,7 @@ def init_ca(dir: str | Path, *, days: int = 3650, overwrite: bool = False) -> Pa
     return d / CA_CERT
 
 
-def issue_server_cert(
-    dir: str | Path, *, names: Sequence[str] = (), days: int = 825, overwrite: bool = False
-) -> Path:
+def issue_server_cert(dir: str | Path, *, names: Sequence[str] = (), days: int = 825, overwrite: bool = False) -> Path:
     """Create `server.key` (0600) and `server.crt` signed by the CA in `dir`.
 
     `names` are the host names or IP addresses clients use to reach the SuperLink; they
@@ -114,9 +114,7 @@ def issue_server_cert(
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False)
         .sign(ca_key, _HASH)
     )
     _write(d / SERVER_KEY, _pem_key(key), private=True)
@@ -222,8 +220,7 @@ def _check_name(name: str) -> None:
     # Names become file names: no separators, no dots (so "a.pub" cannot shadow a's key).
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise CertError(
-            f"invalid client name {name!r}: use 1-64 letters, digits, '-' or '_', "
-            "starting with a letter or digit"
+            f"invalid client name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
         )
 
 

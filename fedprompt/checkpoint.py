@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
+from fedprompt.errors import UserError
+
 FILE = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used (corrupt, from another config)."""
 
 
@@ -51,8 +53,14 @@ def save(folder: Path, state: ServerState) -> Path:
     arrays = {f"global/{k}": np.ascontiguousarray(v) for k, v in state.tensors.items()}
     for slot, tensors in state.strategy.items():
         arrays.update({f"strategy/{slot}/{k}": np.ascontiguousarray(v) for k, v in tensors.items()})
-    meta = {"round": str(state.round), "rows": json.dumps(state.rows), "adapter_config": state.adapter_config,
-            "config": state.config_yaml, "sha256": _checksum(arrays), "format": "fedprompt-checkpoint-1"}
+    meta = {
+        "round": str(state.round),
+        "rows": json.dumps(state.rows),
+        "adapter_config": state.adapter_config,
+        "config": state.config_yaml,
+        "sha256": _checksum(arrays),
+        "format": "fedprompt-checkpoint-1",
+    }
     final, tmp = folder / FILE, folder / (FILE + ".tmp")
     save_file(arrays, str(tmp), metadata=meta)
     with open(tmp, "rb") as f:
@@ -76,13 +84,20 @@ def _read(path: Path) -> ServerState:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated headers
-        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise CheckpointError(
+            f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from None
     if meta.get("format") != "fedprompt-checkpoint-1":
         raise CheckpointError(f"{path}: not a fedprompt checkpoint")
     if _checksum(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
-    state = ServerState(round=int(meta["round"]), tensors={}, rows=json.loads(meta["rows"]),
-                        adapter_config=meta.get("adapter_config", ""), config_yaml=meta.get("config", ""))
+    state = ServerState(
+        round=int(meta["round"]),
+        tensors={},
+        rows=json.loads(meta["rows"]),
+        adapter_config=meta.get("adapter_config", ""),
+        config_yaml=meta.get("config", ""),
+    )
     for k, v in arrays.items():
         kind, _, rest = k.partition("/")
         if kind == "global":
@@ -115,5 +130,8 @@ def export_adapter(folder: Path, tensors: dict[str, np.ndarray], adapter_config:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(adapter_config, encoding="utf-8")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-              str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+        str(folder / "adapter_model.safetensors"),
+        metadata={"format": "pt"},
+    )

@@ -91,8 +91,15 @@ class LocalClient:
             self.state.model.adapter_config(self.state.backbone.path).save_pretrained(d)
             return (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
 
-    def fit(self, tensors: dict[str, torch.Tensor], *, partition_id: int = 0, round_num: int, source: str = "server",
-            proximal_mu: float = 0.0) -> FitResult:
+    def fit(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        partition_id: int = 0,
+        round_num: int,
+        source: str = "server",
+        proximal_mu: float = 0.0,
+    ) -> FitResult:
         """Load the global payload, train `cfg.round_steps` steps with a fresh optimizer (the LR
         schedule continues across rounds), return the updated payload. With `proximal_mu` > 0
         the loss gains mu/2 * ||w - w_global||^2 (FedProx)."""
@@ -114,14 +121,25 @@ class LocalClient:
         # (Not under DP: its batches and noise come from the OS entropy pool.)
         round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
         torch.manual_seed(round_seed)
-        with self._dp(data) as dp:
-            engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=dp.plan)
-            stream = dp.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
+        with self._dp(data) as account:
+            engine = make_engine(
+                s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=account.plan
+            )
+            stream = account.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
             t0 = time.perf_counter()
-            loss = train_steps(engine, s.task, data, cfg, steps=steps, stream=stream, pad_id=s.pad_id,
-                               device=s.backbone.device, extra_loss=proximal if anchor is not None else None,
-                               private=private)
-            metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0, **dp.spent(steps)}
+            loss = train_steps(
+                engine,
+                s.task,
+                data,
+                cfg,
+                steps=steps,
+                stream=stream,
+                pad_id=s.pad_id,
+                device=s.backbone.device,
+                extra_loss=proximal if anchor is not None else None,
+                private=private,
+            )
+            metrics = {"train_loss": loss, "train_s": time.perf_counter() - t0, **account.spent(steps)}
         if private:  # the loss on the private examples is not noised: it stays on the client
             del metrics["train_loss"]
         return FitResult(payload.extract(s.model), len(data), metrics)
@@ -144,14 +162,17 @@ class LocalClient:
         plan = privacy.plan(cfg, n=len(data), planned_steps=cfg.federation.rounds * cfg.round_steps)
         ledger = privacy.Ledger.open(self.ledger_path(data), p.accountant)
         if ledger.would_exceed(plan.sigma, plan.q, cfg.round_steps, target=p.target_epsilon, delta=p.delta):
-            raise privacy.PrivacyError(f"privacy budget exhausted: this client has spent epsilon {ledger.epsilon(p.delta):.3f} "
-                                       f"of privacy.target_epsilon {p.target_epsilon} ({ledger.steps} DP steps, ledger "
-                                       f"{ledger.path}); it trains no further")
+            raise privacy.PrivacyError(
+                f"privacy budget exhausted: this client has spent epsilon {ledger.epsilon(p.delta):.3f} "
+                f"of privacy.target_epsilon {p.target_epsilon} ({ledger.steps} DP steps, ledger "
+                f"{ledger.path}); it trains no further"
+            )
         with privacy.per_example_gradients(self.state.model):
             yield _DP(plan, ledger, len(data), p.delta)
 
-    def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None,
-                 source: str = "server") -> tuple[dict[str, float], int]:
+    def evaluate(
+        self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None, source: str = "server"
+    ) -> tuple[dict[str, float], int]:
         """Metrics of the global payload on partition `partition_id`'s test split, or on the
         whole held-out test split when None (centralized evaluation); (metrics, examples)."""
         from fedprompt.engine import evaluate
@@ -203,5 +224,9 @@ class _DP:
     def spent(self, steps: int) -> dict:
         """Record this round's steps; the client's epsilon so far (metrics of the reply)."""
         self.ledger.record(self.plan.sigma, self.plan.q, steps)
-        return {"epsilon": self.ledger.epsilon(self.delta), "noise_multiplier": self.plan.sigma,
-                "sample_rate": self.plan.q, "dp_steps": self.ledger.steps}
+        return {
+            "epsilon": self.ledger.epsilon(self.delta),
+            "noise_multiplier": self.plan.sigma,
+            "sample_rate": self.plan.q,
+            "dp_steps": self.ledger.steps,
+        }

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fedprompt.errors import UserError
+
 if TYPE_CHECKING:
     from fedprompt.methods.base import Adapted
 
 
-class PayloadError(ValueError):
+class PayloadError(UserError, ValueError):
     """A payload that does not match the manifest (names the source and the tensor)."""
 
 
@@ -55,7 +57,7 @@ def _is_torch(t: Any) -> bool:
 
 
 def _dtype(t: Any) -> str:
-    """"float32", "int64", "bool", ...: the same name for a torch tensor and a numpy array."""
+    """ "float32", "int64", "bool", ...: the same name for a torch tensor and a numpy array."""
     return str(t.dtype).removeprefix("torch.") if _is_torch(t) else t.dtype.name
 
 
@@ -103,14 +105,18 @@ def validate(tensors: dict, manifest: Manifest, *, source: str) -> None:
     """Raise PayloadError unless `tensors` (name -> numpy array or torch tensor) has exactly
     the manifest's names, shapes, dtypes, and only finite values."""
     if not isinstance(tensors, dict):
-        raise PayloadError(f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}")
+        raise PayloadError(
+            f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}"
+        )
     expected = {s.name: s for s in manifest}
     # key=repr: a hostile payload's keys need not be strings, nor comparable with each other.
     unknown = sorted(set(tensors) - set(expected), key=repr)
     missing = sorted(set(expected) - set(tensors))
     if unknown:
-        raise PayloadError(f"payload from {source}: unexpected tensor {reprlib.repr(unknown[0])} (not in the manifest of "
-                           f"{len(expected)} tensors)")  # reprlib: a hostile key may be megabytes long
+        raise PayloadError(
+            f"payload from {source}: unexpected tensor {reprlib.repr(unknown[0])} (not in the manifest of "
+            f"{len(expected)} tensors)"
+        )  # reprlib: a hostile key may be megabytes long
     if missing:
         raise PayloadError(f"payload from {source}: missing tensor {missing[0]!r}")
     for name, spec in expected.items():
@@ -118,7 +124,9 @@ def validate(tensors: dict, manifest: Manifest, *, source: str) -> None:
         if not (isinstance(t, np.ndarray) or _is_torch(t)):
             raise PayloadError(f"payload from {source}: tensor {name!r} is a {type(t).__name__}, not a tensor")
         if tuple(t.shape) != spec.shape:
-            raise PayloadError(f"payload from {source}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
+            raise PayloadError(
+                f"payload from {source}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}"
+            )
         dtype = _dtype(t)
         if dtype != spec.dtype:
             raise PayloadError(f"payload from {source}: tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
@@ -145,7 +153,9 @@ def _bytes(t: Any) -> bytes:
         import torch
 
         t = t.detach().cpu().contiguous()
-        return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # reshape: a 0-d tensor has no byte view
+        return (
+            t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        )  # reshape: a 0-d tensor has no byte view
     return np.ascontiguousarray(t).tobytes()
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from fedprompt.config import Config
+from fedprompt.errors import UserError
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # opacus warns at import about optional extras
@@ -44,13 +45,15 @@ with warnings.catch_warnings():
 
 # Opacus's backward hooks sit on modules whose inputs (token positions) need no gradient;
 # torch then warns on every step that the hook sees output gradients only, which is what it uses.
-warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+warnings.filterwarnings(
+    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
+)
 
 # Modules whose per-example gradient Opacus computes exactly with its own formulas.
 EXACT = (nn.Linear, nn.Embedding)
 
 
-class PrivacyError(ValueError):
+class PrivacyError(UserError, ValueError):
     """A DP configuration whose guarantee would be false or unreachable; the message says why."""
 
 
@@ -91,17 +94,21 @@ def check_model(model: nn.Module) -> None:
         if own and type(module) not in EXACT:
             bad.append(f"{name or '<root>'} ({type(module).__name__}: {', '.join(own)})")
     if bad:
-        raise PrivacyError("privacy.mode 'sample': per-example gradients cannot be computed exactly for the trainable "
-                           f"parameters of {'; '.join(bad)}; only nn.Linear and nn.Embedding are supported")
+        raise PrivacyError(
+            "privacy.mode 'sample': per-example gradients cannot be computed exactly for the trainable "
+            f"parameters of {'; '.join(bad)}; only nn.Linear and nn.Embedding are supported"
+        )
 
 
 def sample_rate(cfg: Config, n: int) -> float:
     """q = batch_size / n: the probability that a step's Poisson sample includes an example."""
     if n < 2 * cfg.train.batch_size:
-        raise PrivacyError(f"privacy.mode 'sample': {n} training examples are too few for train.batch_size "
-                           f"{cfg.train.batch_size} (sampling rate {cfg.train.batch_size / max(n, 1):.2f}); "
-                           f"DP-SGD needs at least 2 x batch_size examples per client: lower train.batch_size "
-                           f"or give each client more data")
+        raise PrivacyError(
+            f"privacy.mode 'sample': {n} training examples are too few for train.batch_size "
+            f"{cfg.train.batch_size} (sampling rate {cfg.train.batch_size / max(n, 1):.2f}); "
+            f"DP-SGD needs at least 2 x batch_size examples per client: lower train.batch_size "
+            f"or give each client more data"
+        )
     return cfg.train.batch_size / n
 
 
@@ -114,15 +121,25 @@ def noise_multiplier(cfg: Config, *, q: float, steps: int) -> float:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            sigma = get_noise_multiplier(target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q,
-                                         steps=steps, accountant=p.accountant, epsilon_tolerance=0.01)
+            sigma = get_noise_multiplier(
+                target_epsilon=p.target_epsilon,
+                target_delta=p.delta,
+                sample_rate=q,
+                steps=steps,
+                accountant=p.accountant,
+                epsilon_tolerance=0.01,
+            )
     except ValueError as e:
-        raise PrivacyError(f"privacy.target_epsilon: {p.target_epsilon} cannot be met by {steps} steps at sampling "
-                           f"rate {q:.3f} and delta {p.delta:g} ({e}); raise the target, or plan fewer rounds or steps") from None
+        raise PrivacyError(
+            f"privacy.target_epsilon: {p.target_epsilon} cannot be met by {steps} steps at sampling "
+            f"rate {q:.3f} and delta {p.delta:g} ({e}); raise the target, or plan fewer rounds or steps"
+        ) from None
     if sigma > p.max_noise_multiplier:
-        raise PrivacyError(f"privacy.target_epsilon: {p.target_epsilon} over {steps} steps at sampling rate {q:.3f} needs a "
-                           f"noise multiplier of {sigma:.1f}, above privacy.max_noise_multiplier ({p.max_noise_multiplier}): "
-                           f"the updates would be noise. Raise the target, plan fewer steps, or lower train.batch_size")
+        raise PrivacyError(
+            f"privacy.target_epsilon: {p.target_epsilon} over {steps} steps at sampling rate {q:.3f} needs a "
+            f"noise multiplier of {sigma:.1f}, above privacy.max_noise_multiplier ({p.max_noise_multiplier}): "
+            f"the updates would be noise. Raise the target, plan fewer steps, or lower train.batch_size"
+        )
     return sigma
 
 
@@ -144,8 +161,10 @@ class Ledger:
             history = [(float(s), float(q), int(k)) for s, q, k in raw["history"]]
         except (OSError, ValueError, KeyError, TypeError) as e:
             # Never restart the count from zero on an unreadable ledger: that would understate epsilon.
-            raise PrivacyError(f"privacy ledger {str(path)!r} is unreadable ({e}); restore it from a backup. "
-                               "Deleting it would under-report this client's privacy loss") from None
+            raise PrivacyError(
+                f"privacy ledger {str(path)!r} is unreadable ({e}); restore it from a backup. "
+                "Deleting it would under-report this client's privacy loss"
+            ) from None
         return cls(Path(path), raw.get("accountant", accountant), history)
 
     def epsilon(self, delta: float) -> float:
@@ -166,7 +185,9 @@ class Ledger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}) + "\n", encoding="utf-8")
+            tmp.write_text(
+                json.dumps({"accountant": self.accountant, "history": self.history}) + "\n", encoding="utf-8"
+            )
             os.replace(tmp, self.path)
 
 
@@ -197,8 +218,10 @@ def plan(cfg: Config, *, n: int, planned_steps: int) -> SamplePlan:
     steps in all (every round it could be sampled in)."""
     q = sample_rate(cfg, n)
     if cfg.privacy.delta >= 1 / n:
-        raise PrivacyError(f"privacy.delta: {cfg.privacy.delta:g} is not below 1 / {n} (this client's examples): a delta "
-                           f"that large allows leaking an example outright; set it below {1 / n:.2g}")
+        raise PrivacyError(
+            f"privacy.delta: {cfg.privacy.delta:g} is not below 1 / {n} (this client's examples): a delta "
+            f"that large allows leaking an example outright; set it below {1 / n:.2g}"
+        )
     return SamplePlan(noise_multiplier(cfg, q=q, steps=planned_steps), q, cfg.train.batch_size)
 
 
@@ -217,8 +240,14 @@ def per_example_gradients(model: nn.Module) -> Iterator[GradSampleModule]:
 
 def dp_optimizer(optimizer: torch.optim.Optimizer, cfg: Config, p: SamplePlan) -> DPOptimizer:
     """The optimizer DeepSpeed will step: Opacus clips, sums, noises and averages first."""
-    return DPOptimizer(optimizer, noise_multiplier=p.sigma, max_grad_norm=cfg.privacy.max_grad_norm,
-                       expected_batch_size=p.expected_batch, loss_reduction="mean", generator=secure_generator())
+    return DPOptimizer(
+        optimizer,
+        noise_multiplier=p.sigma,
+        max_grad_norm=cfg.privacy.max_grad_norm,
+        expected_batch_size=p.expected_batch,
+        loss_reduction="mean",
+        generator=secure_generator(),
+    )
 
 
 def empty_step(model: nn.Module) -> None:

@@ -56,8 +56,10 @@ def setup(cfg: Config, *, data=None) -> Setup:
     positions = getattr(backbone.model.config, "max_position_embeddings", None)
     extra = cfg.peft.num_virtual_tokens if cfg.peft.method in ("prompt", "prefix") else 0
     if positions and cfg.model.max_length + extra > positions:
-        raise RunError(f"model.max_length: {cfg.model.max_length} + {extra} virtual tokens exceeds the backbone's "
-                       f"{positions} positions; lower model.max_length to at most {positions - extra}")
+        raise RunError(
+            f"model.max_length: {cfg.model.max_length} + {extra} virtual tokens exceeds the backbone's "
+            f"{positions} positions; lower model.max_length to at most {positions - extra}"
+        )
     model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
     kind = task_kind(data.task, backbone.causal)
     task = make_task(kind, backbone.tokenizer, cfg, data.labels)
@@ -90,37 +92,84 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     limit = cfg.train.max_eval_examples
 
-    table = Table([("round", 5), ("step", 6), ("train_loss", 10), ("test_loss", 9), ("accuracy", 8), ("macro_f1", 8), ("wall_s", 8)])
+    table = Table(
+        [
+            ("round", 5),
+            ("step", 6),
+            ("train_loss", 10),
+            ("test_loss", 9),
+            ("accuracy", 8),
+            ("macro_f1", 8),
+            ("wall_s", 8),
+        ]
+    )
     rows: list[dict] = []
 
     def record(k: int, step: int, train_loss: float | None) -> dict:
         m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=device, limit=limit)
-        row = {"round": k, "step": step, "accuracy": m["accuracy"], "loss": m["loss"], **{x: m[x] for x in m if x not in ("accuracy", "loss")},
-               "train_loss": train_loss, "bytes_up": 0, "bytes_down": 0, "wall_s": round(time.perf_counter() - t_start, 3)}
+        row = {
+            "round": k,
+            "step": step,
+            "accuracy": m["accuracy"],
+            "loss": m["loss"],
+            **{x: m[x] for x in m if x not in ("accuracy", "loss")},
+            "train_loss": train_loss,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "wall_s": round(time.perf_counter() - t_start, 3),
+        }
         if private:
-            row["epsilon"] = privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
+            row["epsilon"] = (
+                privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
+            )
         append_jsonl(out / "metrics.jsonl", row)
         rows.append(row)
         if not quiet:
-            table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), f"{row['wall_s']:.1f}"])
+            table.row(
+                [
+                    k,
+                    step,
+                    train_loss,
+                    m["loss"],
+                    m["accuracy"],
+                    m.get("macro_f1", m.get("exact_match")),
+                    f"{row['wall_s']:.1f}",
+                ]
+            )
         return row
 
     if not quiet:
-        print(f"fedprompt train: {cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method} on {s.data.name}: "
-              f"{len(s.train)} train / {len(s.test)} test examples, {steps} steps, payload {payload.raw_bytes(manifest):,} bytes")
+        print(
+            f"fedprompt train: {cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method} on {s.data.name}: "
+            f"{len(s.train)} train / {len(s.test)} test examples, {steps} steps, payload {payload.raw_bytes(manifest):,} bytes"
+        )
         table.header()
     record(0, 0, None)
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     done, k = 0, 0
     # A batch-order stream separate from the init seed (so the two are not correlated).
-    stream = privacy.poisson_batches(len(s.train), dp.q) if private else batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
+    stream = (
+        privacy.poisson_batches(len(s.train), dp.q)
+        if private
+        else batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
+    )
     train_time = 0.0
     while done < steps:
         chunk = min(every, steps - done)
         t0 = time.perf_counter()
-        loss = train_steps(engine, s.task, s.train, cfg, steps=chunk, stream=stream, pad_id=s.pad_id,
-                           device=device, start_step=done, private=private,
-                           on_step=lambda log: (bar.update(1), bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{log.lr:.2g}")))
+        loss = train_steps(
+            engine,
+            s.task,
+            s.train,
+            cfg,
+            steps=chunk,
+            stream=stream,
+            pad_id=s.pad_id,
+            device=device,
+            start_step=done,
+            private=private,
+            on_step=lambda log: (bar.update(1), bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{log.lr:.2g}")),
+        )
         train_time += time.perf_counter() - t0
         done += chunk
         k += 1
@@ -145,14 +194,30 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
-        summary("Summary", [
-            ("test accuracy", f"{last['accuracy']:.4f} (start {rows[0]['accuracy']:.4f})"),
-            ("steps", steps), ("wall time", f"{result['total_s']:.1f} s (training {result['train_s']:.1f} s)"),
-            ("peak memory", f"{result['peak_mem_mb']:.0f} MiB"), ("trainable params", f"{result['trainable_params']:,}"),
-            ("payload bytes", f"{result['payload_bytes']:,}"),
-            *([("epsilon", f"{last['epsilon']:.3f} at delta {cfg.privacy.delta:g} (DP-SGD, sigma {dp.sigma:.3f}, q {dp.q:.4f})")] if private else []),
-            ("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl")),
-        ])
+        summary(
+            "Summary",
+            [
+                ("test accuracy", f"{last['accuracy']:.4f} (start {rows[0]['accuracy']:.4f})"),
+                ("steps", steps),
+                ("wall time", f"{result['total_s']:.1f} s (training {result['train_s']:.1f} s)"),
+                ("peak memory", f"{result['peak_mem_mb']:.0f} MiB"),
+                ("trainable params", f"{result['trainable_params']:,}"),
+                ("payload bytes", f"{result['payload_bytes']:,}"),
+                *(
+                    [
+                        (
+                            "epsilon",
+                            f"{last['epsilon']:.3f} at delta {cfg.privacy.delta:g} (DP-SGD, sigma {dp.sigma:.3f}, q {dp.q:.4f})",
+                        )
+                    ]
+                    if private
+                    else []
+                ),
+                ("results", str(out)),
+                ("adapter", str(out / "adapter")),
+                ("metrics", str(out / "metrics.jsonl")),
+            ],
+        )
     return result
 
 
@@ -160,7 +225,9 @@ def adapter_file(folder: str | Path) -> Path:
     """The weights file of an exported adapter folder, or a RunError saying what to pass."""
     f = Path(folder) / "adapter_model.safetensors"
     if not f.is_file():
-        raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
+        raise RunError(
+            f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run"
+        )
     return f
 
 
@@ -183,6 +250,8 @@ def run_eval(cfg: Config, adapter: str | Path) -> dict:
     adapter_file(adapter)  # fail before loading data and backbone
     s = setup(cfg)
     load_adapter(s.model, adapter)
-    m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples)
+    m = evaluate(
+        s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples
+    )
     summary(f"Evaluation of {adapter} on {s.data.name} ({len(s.test)} test examples)", list(m.items()))
     return m

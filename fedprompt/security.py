@@ -23,28 +23,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedprompt import processes
+from fedprompt.errors import UserError
 
 
-class SecurityError(ValueError):
+class SecurityError(UserError, ValueError):
     """A TLS/authentication problem the user must fix; one line naming the fix."""
 
 
-INSECURE_WARNING = ("WARNING: --insecure: plain HTTP without client authentication. Anyone who can reach {where} "
-                    "can read and send model updates. Use only on a trusted network or for local tests.")
+INSECURE_WARNING = (
+    "WARNING: --insecure: plain HTTP without client authentication. Anyone who can reach {where} "
+    "can read and send model updates. Use only on a trusted network or for local tests."
+)
 
 
 def server_files(certs_dir: str) -> dict[str, Path]:
     """The server's TLS files from `server.certs_dir`, checked (a CertError-style message if not)."""
     if not certs_dir:
-        raise SecurityError("fedprompt server requires TLS and client authentication: create certificates with "
-                            "`fedprompt certs init --dir certs --server-name HOST` and pass --set server.certs_dir=certs, "
-                            "or pass --insecure for a plain, unauthenticated server (trusted networks only)")
+        raise SecurityError(
+            "fedprompt server requires TLS and client authentication: create certificates with "
+            "`fedprompt certs init --dir certs --server-name HOST` and pass --set server.certs_dir=certs, "
+            "or pass --insecure for a plain, unauthenticated server (trusted networks only)"
+        )
     d = Path(certs_dir).expanduser()
     files = {"ca": d / "ca.crt", "cert": d / "server.crt", "key": d / "server.key"}
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
-        raise SecurityError(f"server.certs_dir {certs_dir!r}: missing {', '.join(missing)}; "
-                            f"create them with `fedprompt certs init --dir {certs_dir} --server-name HOST`")
+        raise SecurityError(
+            f"server.certs_dir {certs_dir!r}: missing {', '.join(missing)}; "
+            f"create them with `fedprompt certs init --dir {certs_dir} --server-name HOST`"
+        )
     return {k: p.resolve() for k, p in files.items()}
 
 
@@ -60,12 +67,17 @@ def authorized_keys(certs_dir: str) -> dict[str, Path]:
 
 def _flwr_json(args: list[str], flwr_home: Path) -> dict:
     try:
-        r = subprocess.run([processes.binary("flwr"), *args, "--format", "json"], capture_output=True, text=True,
-                           timeout=60, env=processes.env(flwr_home))
+        r = subprocess.run(
+            [processes.binary("flwr"), *args, "--format", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=processes.env(flwr_home),
+        )
     except subprocess.TimeoutExpired:
         return {"success": False, "error-message": f"flwr {' '.join(args[:2])} timed out"}
     try:
-        out = json.loads(r.stdout[r.stdout.find("{"):])
+        out = json.loads(r.stdout[r.stdout.find("{") :])
     except ValueError:
         out = {"success": False, "error-message": (r.stdout + r.stderr).strip()[-300:]}
     if "error-message" in out:  # Flower colours its messages; ours carry none
@@ -86,7 +98,10 @@ class Registry:
         removed ones. Never raises: a problem is logged and retried at the next sync, and the
         federation goes on."""
         try:
-            keys = {name: (f.read_text(encoding="utf-8").split()[1], f) for name, f in authorized_keys(self.certs_dir).items()}
+            keys = {
+                name: (f.read_text(encoding="utf-8").split()[1], f)
+                for name, f in authorized_keys(self.certs_dir).items()
+            }
         except (SecurityError, OSError, IndexError) as e:
             say(f"authorized keys not readable, nothing changed: {e}")
             return
@@ -116,9 +131,11 @@ class Registry:
 def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
     """The client's CA certificate and private key paths, checked."""
     if not root_certificates or not auth_key:
-        raise SecurityError("fedprompt client requires TLS and a client key: set client.root_certificates to the "
-                            "federation's ca.crt and client.auth_key to this client's private key (`fedprompt certs client "
-                            "--dir CERTS --name NAME`), or pass --insecure to connect to an --insecure server")
+        raise SecurityError(
+            "fedprompt client requires TLS and a client key: set client.root_certificates to the "
+            "federation's ca.crt and client.auth_key to this client's private key (`fedprompt certs client "
+            "--dir CERTS --name NAME`), or pass --insecure to connect to an --insecure server"
+        )
     out = []
     for what, path in (("client.root_certificates", root_certificates), ("client.auth_key", auth_key)):
         f = Path(path).expanduser()
@@ -128,10 +145,14 @@ def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
     try:
         ssl.create_default_context(cafile=out[0])
     except ssl.SSLError as e:
-        raise SecurityError(f"client.root_certificates: {root_certificates!r} is not a PEM certificate ({e.reason})") from None
+        raise SecurityError(
+            f"client.root_certificates: {root_certificates!r} is not a PEM certificate ({e.reason})"
+        ) from None
     if "OPENSSH PRIVATE KEY" not in Path(out[1]).read_text(encoding="utf-8", errors="replace")[:100]:
-        raise SecurityError(f"client.auth_key: {auth_key!r} is not an OpenSSH private key; create one with "
-                            "`fedprompt certs client --dir CERTS --name NAME`")
+        raise SecurityError(
+            f"client.auth_key: {auth_key!r} is not an OpenSSH private key; create one with "
+            "`fedprompt certs client --dir CERTS --name NAME`"
+        )
     return out[0], out[1]
 
 
@@ -171,17 +192,21 @@ def check_server(address: str, *, root_certificates: str | None) -> str | None:
             if not head and not _speaks_tls(host, port):
                 return NOT_YET  # accepted, then closed without a word: a proxy before its backend is up
             if not head.startswith(b"HTTP/"):
-                return (f"the server at {address} speaks TLS (or not HTTP); drop --insecure and set client.root_certificates "
-                        "to the federation's CA certificate and client.auth_key to this client's key")
+                return (
+                    f"the server at {address} speaks TLS (or not HTTP); drop --insecure and set client.root_certificates "
+                    "to the federation's CA certificate and client.auth_key to this client's key"
+                )
             return None
         ctx = ssl.create_default_context(cafile=root_certificates)
         try:
             with ctx.wrap_socket(raw, server_hostname=host):
                 return None
         except ssl.SSLCertVerificationError as e:
-            return (f"the server at {address} is not trusted: {e.verify_message} (client.root_certificates = "
-                    f"{root_certificates}); use the CA that signed the server's certificate, and connect by a name "
-                    "or address listed in it")
+            return (
+                f"the server at {address} is not trusted: {e.verify_message} (client.root_certificates = "
+                f"{root_certificates}); use the CA that signed the server's certificate, and connect by a name "
+                "or address listed in it"
+            )
         except ssl.SSLError as e:
             if "WRONG_VERSION_NUMBER" in str(e) or "record layer failure" in str(e):  # a plain HTTP answer
                 return f"the server at {address} does not speak TLS (started with --insecure?); pass --insecure here too, or give it certificates"
@@ -197,10 +222,16 @@ NOT_REGISTERED = "it is not registered there"
 # Flower also refuses a key whose previous node still looks online (up to 2 heartbeats of 30 s).
 REGISTRATION_GRACE_S = 75.0
 FATAL = [
-    ("Failed to activate SuperNode", "the server refused this client's key: " + NOT_REGISTERED + ". Send "
-     "{pub} to the server operator (`fedprompt certs register --dir CERTS --name NAME --public-key FILE`)"),
-    ("Unable to parse the private key", "client.auth_key {key} is not an OpenSSH ECDSA private key; create one "
-     "with `fedprompt certs client --dir CERTS --name NAME`"),
+    (
+        "Failed to activate SuperNode",
+        "the server refused this client's key: " + NOT_REGISTERED + ". Send "
+        "{pub} to the server operator (`fedprompt certs register --dir CERTS --name NAME --public-key FILE`)",
+    ),
+    (
+        "Unable to parse the private key",
+        "client.auth_key {key} is not an OpenSSH ECDSA private key; create one "
+        "with `fedprompt certs client --dir CERTS --name NAME`",
+    ),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not trusted by client.root_certificates"),
 ]
 

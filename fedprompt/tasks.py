@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from fedprompt.config import Config
+from fedprompt.errors import UserError
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A user-facing problem with the task setup (e.g. label words that are not one token)."""
 
 
@@ -58,7 +59,11 @@ def collate(enc: Encoded, index: list[int], pad_id: int, device: torch.device) -
 
 def _cache_key(tokenizer, settings: dict, texts: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"tok": str(getattr(tokenizer, "name_or_path", "")), "n": len(tokenizer), **settings}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"tok": str(getattr(tokenizer, "name_or_path", "")), "n": len(tokenizer), **settings}, sort_keys=True
+        ).encode()
+    )
     for t in texts:
         h.update(t.encode("utf-8", "replace"))
         h.update(b"\0")
@@ -155,13 +160,17 @@ class VerbalizerClassification(HeadClassification):
         self.template = cfg.data.template
         words = cfg.data.label_words or [" " + lab for lab in labels]
         if len(words) != len(labels):
-            raise TaskError(f"data.label_words: {len(words)} words for {len(labels)} labels {labels}; give one per label")
+            raise TaskError(
+                f"data.label_words: {len(words)} words for {len(labels)} labels {labels}; give one per label"
+            )
         ids = []
         for w in words:
             t = tokenizer(w, add_special_tokens=False)["input_ids"]
             if len(t) != 1:
-                raise TaskError(f"data.label_words: {w!r} is {len(t)} tokens for this tokenizer; each label word must be exactly "
-                                "one token (try a leading space or a shorter word)")
+                raise TaskError(
+                    f"data.label_words: {w!r} is {len(t)} tokens for this tokenizer; each label word must be exactly "
+                    "one token (try a leading space or a shorter word)"
+                )
             ids.append(t[0])
         if len(set(ids)) != len(ids):
             raise TaskError(f"data.label_words: {words} map to repeated tokens; each label needs its own token")
@@ -216,7 +225,9 @@ class Generation(Task):
                 plen.append(len(p))
             return Encoded(ids=ids, target=target, prompt_len=plen, responses=responses)
 
-        return _cached(self.tok, {"task": self.name, "max_length": self.max_length}, prompts + ["\0"] + responses, build)
+        return _cached(
+            self.tok, {"task": self.name, "max_length": self.max_length}, prompts + ["\0"] + responses, build
+        )
 
     def loss(self, logits, batch):
         labels = batch["labels"]
@@ -261,4 +272,3 @@ def macro_f1(pred: torch.Tensor, gold: torch.Tensor, num_classes: int) -> float:
             continue
         f1s.append(2 * tp / (2 * tp + fp + fn))
     return sum(f1s) / max(len(f1s), 1)
-

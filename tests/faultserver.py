@@ -20,9 +20,18 @@ import torch
 def config():
     from tests.tiny import tiny_config
 
-    return tiny_config("bert", "prompt", federation__num_clients=3, federation__rounds=4, federation__min_clients=2,
-                       data__partition="iid", train__lr=0.05, federation__fraction_fit=1.0, federation__strategy="fedadam",
-                       federation__server_lr=0.05)
+    return tiny_config(
+        "bert",
+        "prompt",
+        federation__num_clients=3,
+        federation__rounds=4,
+        federation__min_clients=2,
+        data__partition="iid",
+        train__lr=0.05,
+        federation__fraction_fit=1.0,
+        federation__strategy="fedadam",
+        federation__server_lr=0.05,
+    )
 
 
 def die() -> None:
@@ -45,6 +54,7 @@ def arm(point: str, rnd: int) -> None:
             if server_round == rnd:
                 die()
             return out
+
         fl.FedAdam.aggregate_train = aggregate
         return
     original_save = server_app.checkpoint.save
@@ -52,6 +62,7 @@ def arm(point: str, rnd: int) -> None:
     def save(folder, state):
         current["round"] = state.round
         return original_save(folder, state)
+
     server_app.checkpoint.save = save
     if point == "checkpoint-write":  # half of the new file's bytes on disk, then death
         write = safetensors.numpy.save_file
@@ -62,6 +73,7 @@ def arm(point: str, rnd: int) -> None:
                 data = Path(path).read_bytes()
                 Path(path).write_bytes(data[: len(data) // 2])
                 die()
+
         safetensors.numpy.save_file = save_file
     elif point == "checkpoint-rename":  # the old checkpoint moved aside, the new one not yet in place
         replace = os.replace
@@ -70,6 +82,7 @@ def arm(point: str, rnd: int) -> None:
             replace(src, dst)
             if current["round"] == rnd and str(dst).endswith(".prev.safetensors"):
                 die()
+
         os.replace = os_replace
     elif point == "metrics-append":  # the checkpoint written, its metrics row not yet
         append = server_app.append_jsonl
@@ -78,6 +91,7 @@ def arm(point: str, rnd: int) -> None:
             if row["round"] == rnd:
                 die()
             append(path, row)
+
         server_app.append_jsonl = append_jsonl
     else:
         raise SystemExit(f"unknown point {point!r}")

@@ -15,8 +15,17 @@ from fedprompt.report import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["model.max_length=32", "peft.num_virtual_tokens=4", "peft.lora_r=4", "train.batch_size=4", "train.eval_batch_size=16",
-        "train.local_steps=3", "train.warmup_steps=1", "data.max_examples=100", "train.max_eval_examples=16"]
+TINY = [
+    "model.max_length=32",
+    "peft.num_virtual_tokens=4",
+    "peft.lora_r=4",
+    "train.batch_size=4",
+    "train.eval_batch_size=16",
+    "train.local_steps=3",
+    "train.warmup_steps=1",
+    "data.max_examples=100",
+    "train.max_eval_examples=16",
+]
 
 
 def set_args(items: list[str]) -> list[str]:
@@ -28,8 +37,14 @@ def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None) -
     if threads:  # several torch processes share this machine's cores: do not oversubscribe
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedprompt", *args],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=ROOT,
+        )
 
 
 def wait_for_round(out: Path, rnd: int, procs: list[subprocess.Popen], timeout: float) -> None:

@@ -52,8 +52,13 @@ def expand(text: str, env: dict[str, str]) -> str:
     return _VAR.sub(lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), text)
 
 
-def local_specs(objects: Sequence[dict], root: Path, *, entrypoint: Sequence[str] = LOCAL_ENTRYPOINT,
-                ports: Mapping[int, int] | None = None) -> dict[str, list[dict]]:
+def local_specs(
+    objects: Sequence[dict],
+    root: Path,
+    *,
+    entrypoint: Sequence[str] = LOCAL_ENTRYPOINT,
+    ports: Mapping[int, int] | None = None,
+) -> dict[str, list[dict]]:
     """Local process specs of every container of every Deployment and StatefulSet in
     `objects` (the rendered manifests of one overlay), with the pods' volumes under `root`.
 
@@ -111,15 +116,22 @@ def local_specs(objects: Sequence[dict], root: Path, *, entrypoint: Sequence[str
             labels = dict(template.get("metadata", {}).get("labels", {}))
             if kind == "StatefulSet":
                 labels.update({"apps.kubernetes.io/pod-index": str(i), "statefulset.kubernetes.io/pod-name": pod})
-            meta = {"name": pod, "namespace": obj["metadata"].get("namespace", "default"), "labels": labels,
-                    "annotations": dict(template.get("metadata", {}).get("annotations", {}))}
+            meta = {
+                "name": pod,
+                "namespace": obj["metadata"].get("namespace", "default"),
+                "labels": labels,
+                "annotations": dict(template.get("metadata", {}).get("annotations", {})),
+            }
             volumes = _materialize_volumes(template["spec"], pod, meta, root, by_kind, claim_templates)
             pod_spec = template["spec"]
             containers = [(c, True) for c in pod_spec.get("initContainers", [])]
             containers += [(c, False) for c in pod_spec["containers"]]
             for c, init in containers:
-                out[name].append(_container_spec(c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint,
-                                                 root=root, ports=dict(ports or {})))
+                out[name].append(
+                    _container_spec(
+                        c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint, root=root, ports=dict(ports or {})
+                    )
+                )
     return out
 
 
@@ -154,9 +166,14 @@ def _field(path: str, meta: dict) -> str:
     m = _FIELD.fullmatch(path)
     if m:
         return meta[m.group(1)].get(m.group(2), "")
-    simple = {"metadata.name": meta["name"], "metadata.namespace": meta["namespace"],
-              "spec.nodeName": "localhost", "spec.serviceAccountName": "default",
-              "status.podIP": "127.0.0.1", "status.hostIP": "127.0.0.1"}
+    simple = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "spec.nodeName": "localhost",
+        "spec.serviceAccountName": "default",
+        "status.podIP": "127.0.0.1",
+        "status.hostIP": "127.0.0.1",
+    }
     if path not in simple:
         raise ValueError(f"fieldRef {path!r} is not supported locally")
     return simple[path]
@@ -171,7 +188,9 @@ def _write_files(folder: Path, entries: list[tuple[str, bytes, int]], files: lis
         files.append(target)
 
 
-def _source_entries(source: dict, kind: str, default_mode: int, by_kind: dict, what: str) -> list[tuple[str, bytes, int]]:
+def _source_entries(
+    source: dict, kind: str, default_mode: int, by_kind: dict, what: str
+) -> list[tuple[str, bytes, int]]:
     """(relative path, content, mode) of one configMap/secret volume or projected source."""
     name = source.get("name") or source.get("secretName")
     optional = bool(source.get("optional", False))
@@ -190,8 +209,9 @@ def _source_entries(source: dict, kind: str, default_mode: int, by_kind: dict, w
     return entries
 
 
-def _materialize_volumes(pod_spec: dict, pod: str, meta: dict, root: Path, by_kind: dict,
-                         claim_templates: set[str]) -> dict[str, tuple[Path, list[Path]]]:
+def _materialize_volumes(
+    pod_spec: dict, pod: str, meta: dict, root: Path, by_kind: dict, claim_templates: set[str]
+) -> dict[str, tuple[Path, list[Path]]]:
     """volume name -> (local folder, files written)."""
     volumes: dict[str, tuple[Path, list[Path]]] = {}
     for claim in claim_templates:
@@ -227,8 +247,10 @@ def _materialize_volumes(pod_spec: dict, pod: str, meta: dict, root: Path, by_ki
                     elif "configMap" in s:
                         entries += _source_entries(s["configMap"], "ConfigMap", mode, by_kind, what)
                     elif "downwardAPI" in s:
-                        entries += [(it["path"], _field(it["fieldRef"]["fieldPath"], meta).encode(), it.get("mode", mode))
-                                    for it in s["downwardAPI"]["items"]]
+                        entries += [
+                            (it["path"], _field(it["fieldRef"]["fieldPath"], meta).encode(), it.get("mode", mode))
+                            for it in s["downwardAPI"]["items"]
+                        ]
                     else:
                         raise ValueError(f"{what}: projected source {sorted(s)} is not supported locally")
             else:
@@ -238,8 +260,19 @@ def _materialize_volumes(pod_spec: dict, pod: str, meta: dict, root: Path, by_ki
     return volumes
 
 
-def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, volumes: dict, by_kind: dict,
-                    entrypoint: Sequence[str], *, root: Path, ports: dict[int, int]) -> dict:
+def _container_spec(
+    c: dict,
+    init: bool,
+    pod: str,
+    meta: dict,
+    pod_spec: dict,
+    volumes: dict,
+    by_kind: dict,
+    entrypoint: Sequence[str],
+    *,
+    root: Path,
+    ports: dict[int, int],
+) -> dict:
     what = f"pod {pod}, container {c['name']}"
     env: dict[str, str] = {}
     for src in c.get("envFrom", []):
@@ -256,7 +289,11 @@ def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, v
         if "fieldRef" in source:
             env[var["name"]] = _field(source["fieldRef"]["fieldPath"], meta)
         elif "configMapKeyRef" in source or "secretKeyRef" in source:
-            kind, ref = ("ConfigMap", source["configMapKeyRef"]) if "configMapKeyRef" in source else ("Secret", source["secretKeyRef"])
+            kind, ref = (
+                ("ConfigMap", source["configMapKeyRef"])
+                if "configMapKeyRef" in source
+                else ("Secret", source["secretKeyRef"])
+            )
             value = _lookup(by_kind, kind, ref["name"], ref["key"], bool(ref.get("optional")), what)
             if value is not None:
                 env[var["name"]] = value.decode()
@@ -277,8 +314,10 @@ def _container_spec(c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, v
     # (a checkout under /tmp would otherwise land in the pod's /tmp volume).
     nginx = is_nginx_image(c.get("image", ""))
     if nginx and not c.get("command"):
-        raise ValueError(f"{what}: an nginx container needs its command (nginx -c <config> ...) to run locally: "
-                         "the image's default config is not in the manifests")
+        raise ValueError(
+            f"{what}: an nginx container needs its command (nginx -c <config> ...) to run locally: "
+            "the image's default config is not in the manifests"
+        )
     command = [rewrite(expand(a, env)) for a in c["command"]] if c.get("command") else list(entrypoint)
     argv = command + [rewrite(expand(a, env)) for a in c.get("args", [])]
     conf = None
@@ -329,8 +368,12 @@ def _nginx_local(argv: list[str], rewrite, folder: Path, ports: dict[int, int], 
     if _USER.search(text):
         raise ValueError(f"{what}: {source.name} sets `user`: an unprivileged container cannot switch users")
     port = lambda m: ports.get(int(m.group(2)), int(m.group(2)))  # noqa: E731
-    text = "".join(_LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{port(m)}", line) if _LISTEN.match(line)
-                   else _LOOPBACK.sub(lambda m: f"{m.group(1)}:{port(m)}", line) for line in text.splitlines(keepends=True))
+    text = "".join(
+        _LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{port(m)}", line)
+        if _LISTEN.match(line)
+        else _LOOPBACK.sub(lambda m: f"{m.group(1)}:{port(m)}", line)
+        for line in text.splitlines(keepends=True)
+    )
     folder.mkdir(parents=True, exist_ok=True)
     conf = folder / source.name
     conf.write_text(text)

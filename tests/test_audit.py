@@ -29,8 +29,16 @@ def test_exposure_by_hand():
 
 
 def test_canaries_are_planted_in_the_audited_client_only(tmp_path):
-    cfg = tiny_config("bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=3,
-                      audit__canary_repeats=2, audit__references=5, audit__client=1)
+    cfg = tiny_config(
+        "bert",
+        "prompt",
+        federation__num_clients=2,
+        data__partition="iid",
+        audit__canaries=3,
+        audit__canary_repeats=2,
+        audit__references=5,
+        audit__client=1,
+    )
     planted, refs = canaries.canaries(cfg, 5)
     assert planted == canaries.canaries(cfg, 5)[0]  # a function of the config
     assert len(refs) == 5 and not {t for t, _ in planted} & set(refs)
@@ -38,13 +46,14 @@ def test_canaries_are_planted_in_the_audited_client_only(tmp_path):
     s0, s1 = client.shard(0), client.shard(1)
     assert len(s0.train) == s0.members
     assert len(s1.train) == s1.members + 6
-    tail = s1.train.target[s1.members:]
+    tail = s1.train.target[s1.members :]
     assert tail == [y for _, y in planted] * 2
 
 
 def test_audit_of_a_run_writes_its_figures(tmp_path):
-    cfg = tiny_config("bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=2,
-                      audit__references=7)
+    cfg = tiny_config(
+        "bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=2, audit__references=7
+    )
     client = LocalClient(cfg, num_partitions=2)
     client.state.model.save_adapter(tmp_path / "adapter", client.state.backbone.path)
     res = audit.run_audit(cfg, tmp_path, quiet=True)

@@ -78,21 +78,18 @@ def test_server_cert_verifies_against_ca(pki):
         chain = PolicyBuilder().store(store).build_server_verifier(subject).verify(leaf, [])
         assert chain[-1] == ca
     with pytest.raises(VerificationError):
-        PolicyBuilder().store(store).build_server_verifier(
-            x509.DNSName("other.example.org")
-        ).verify(leaf, [])
+        PolicyBuilder().store(store).build_server_verifier(x509.DNSName("other.example.org")).verify(leaf, [])
     other = certs.init_ca(pki / "other")
     with pytest.raises(VerificationError):  # a different CA does not vouch for it
-        PolicyBuilder().store(Store([_cert(other)])).build_server_verifier(
-            x509.DNSName("localhost")
-        ).verify(leaf, [])
+        PolicyBuilder().store(Store([_cert(other)])).build_server_verifier(x509.DNSName("localhost")).verify(leaf, [])
 
 
 def test_openssl_accepts_server_cert_for_tls_servers(pki):
     out = subprocess.run(
-        ["openssl", "verify", "-CAfile", pki / "ca.crt", "-purpose", "sslserver",
-         pki / "server.crt"],
-        capture_output=True, text=True, check=False,
+        ["openssl", "verify", "-CAfile", pki / "ca.crt", "-purpose", "sslserver", pki / "server.crt"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert out.returncode == 0 and out.stdout.strip().endswith(": OK"), out.stdout + out.stderr
 
@@ -119,9 +116,7 @@ def test_sans_extensions_and_keys(pki):
 
 def test_default_names_are_local_only(tmp_path):
     certs.init_ca(tmp_path)
-    san = _cert(certs.issue_server_cert(tmp_path)).extensions.get_extension_for_class(
-        x509.SubjectAlternativeName
-    ).value
+    san = _cert(certs.issue_server_cert(tmp_path)).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert san.get_values_for_type(x509.DNSName) == ["localhost"]
     assert [str(i) for i in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1", "::1"]
 
@@ -203,8 +198,7 @@ def test_register_key_made_elsewhere(tmp_path):
     assert list(certs.registered(tmp_path)) == ["carol"]
     # the same key under a second name would be refused by the SuperLink ("Public key
     # already in use"): refuse it here, naming the holder
-    _raises(certs.register, "already registered", "'carol'",
-            dir=tmp_path, name="dave", public_key=pub)
+    _raises(certs.register, "already registered", "'carol'", dir=tmp_path, name="dave", public_key=pub)
     certs.new_client_key(tmp_path, name="carol")  # a different key for the same name
     _raises(certs.register, "another key", "revoke", dir=tmp_path, name="carol")
 
@@ -226,9 +220,7 @@ def test_existing_files_need_overwrite(tmp_path):
     certs.new_client_key(tmp_path, name="x", overwrite=True)
 
 
-@pytest.mark.parametrize(
-    "name", ["", "../x", "a/b", ".hidden", "a.pub", "a b", "-x", "é", "x" * 65, None]
-)
+@pytest.mark.parametrize("name", ["", "../x", "a/b", ".hidden", "a.pub", "a b", "-x", "é", "x" * 65, None])
 def test_invalid_client_names(tmp_path, name):
     for fn in (certs.new_client_key, certs.register, certs.revoke):
         _raises(fn, "invalid client name", dir=tmp_path, name=name)
@@ -237,13 +229,10 @@ def test_invalid_client_names(tmp_path, name):
 
 def test_unknown_client(tmp_path):
     _raises(certs.register, "unknown client 'ghost'", dir=tmp_path, name="ghost")
-    _raises(certs.register, "does not exist",
-            dir=tmp_path, name="ghost", public_key=tmp_path / "nope.pub")
+    _raises(certs.register, "does not exist", dir=tmp_path, name="ghost", public_key=tmp_path / "nope.pub")
 
 
-@pytest.mark.parametrize(
-    "bad", ["https://a.example", "host:8080", "", "  ", "bad_host!", "10.0.0", "a..b", "-a.b"]
-)
+@pytest.mark.parametrize("bad", ["https://a.example", "host:8080", "", "  ", "bad_host!", "10.0.0", "a..b", "-a.b"])
 def test_invalid_server_names(tmp_path, bad):
     certs.init_ca(tmp_path)
     _raises(certs.issue_server_cert, "invalid server name", dir=tmp_path, names=[bad])
@@ -278,8 +267,10 @@ def test_corrupt_or_wrong_public_keys(tmp_path):
     (tmp_path / "clients").mkdir()
     (tmp_path / "clients/eve.pub").write_text("not a key\n")
     _raises(certs.register, "not an OpenSSH public key", dir=tmp_path, name="eve")
-    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    p256 = (
+        ec.generate_private_key(ec.SECP256R1())
+        .public_key()
+        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     )
     (tmp_path / "clients/eve.pub").write_bytes(p256)
     _raises(certs.register, "not an ECDSA P-384 key", dir=tmp_path, name="eve")

@@ -29,20 +29,48 @@ def _wait(out: Path, pred, procs, timeout: float, what: str) -> dict:
                 return r
         assert all(p.poll() is None for p in procs), f"a process died while waiting for {what}"
         time.sleep(0.5)
-    raise AssertionError(f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in metrics_rows(out)]}")
+    raise AssertionError(
+        f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in metrics_rows(out)]}"
+    )
 
 
 def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
     port, out = free_port(), tmp_path / "run"
-    common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=40", "data.partition=iid",
-                    "federation.num_clients=3", "federation.min_clients=2", "federation.fraction_fit=1.0",
-                    "federation.fraction_evaluate=0", f"federation.round_timeout={TIMEOUT}"])
-    server = start_fedprompt(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"],
-                    tmp_path / "server.log")
+    common = set_args(
+        [
+            f"model.name={tiny_folder('bert')}",
+            *TINY,
+            "federation.rounds=40",
+            "data.partition=iid",
+            "federation.num_clients=3",
+            "federation.min_clients=2",
+            "federation.fraction_fit=1.0",
+            "federation.fraction_evaluate=0",
+            f"federation.round_timeout={TIMEOUT}",
+        ]
+    )
+    server = start_fedprompt(
+        ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"],
+        tmp_path / "server.log",
+    )
 
     def client(pid: int, log: str, extra: tuple[str, ...] = ()):
-        return start_fedprompt(["client", *common, *set_args(list(extra)), "--server", f"127.0.0.1:{port}", "--partition-id", str(pid),
-                       "--num-partitions", "3", "--insecure"], tmp_path / log, threads=1)
+        return start_fedprompt(
+            [
+                "client",
+                *common,
+                *set_args(list(extra)),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(pid),
+                "--num-partitions",
+                "3",
+                "--insecure",
+            ],
+            tmp_path / log,
+            threads=1,
+        )
 
     clients = [client(i, f"client{i}.log") for i in range(3)]
     everyone, procs = [server, *clients], [server, *clients]
@@ -57,16 +85,26 @@ def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
         everyone.append(bad)
         procs = [server, clients[0], bad]
         # The hung client's round: it waited the timeout, then went on with the replies it had.
-        hit = _wait(out, lambda r: r["round"] > first["round"] and r["failures"] >= 2 and r["round_s"] >= TIMEOUT - 1,
-                    procs, 600, "a round that went on without the killed and the hung client")
+        hit = _wait(
+            out,
+            lambda r: r["round"] > first["round"] and r["failures"] >= 2 and r["round_s"] >= TIMEOUT - 1,
+            procs,
+            600,
+            "a round that went on without the killed and the hung client",
+        )
         assert hit["clients"] >= 1
         # Back to life: the hung client continues, the killed one is restarted.
         os.killpg(clients[1].pid, signal.SIGCONT)
         again = client(2, "client2-restarted.log")
         everyone.append(again)
         procs = [server, clients[0], clients[1], bad, again]
-        later = _wait(out, lambda r: r["round"] > hit["round"] and r["clients"] == 3, procs, 900,
-                      "a later round with the restarted client")
+        later = _wait(
+            out,
+            lambda r: r["round"] > hit["round"] and r["clients"] == 3,
+            procs,
+            900,
+            "a later round with the restarted client",
+        )
         assert later["failures"] >= 1  # the misconfigured client still fails, every round it is sampled
     finally:
         os.killpg(clients[1].pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM

@@ -80,17 +80,20 @@ def test_defaults_and_empty_file(tmp_path):
 
 
 def test_override_types():
-    cfg = load_config(None, [
-        "train.local_steps=50",  # int
-        "train.lr=0.1",  # float
-        "federation.server_lr=1",  # an int widens to a float
-        "output.plots=false",  # bool
-        "model.double_quant=true",
-        "model.name=smollm2-135m",  # str
-        "peft.lora_target_modules=q_proj,v_proj",  # comma list
-        "data.labels=[a, b]",  # YAML flow list
-        "data.template={text} => topic:",
-    ])
+    cfg = load_config(
+        None,
+        [
+            "train.local_steps=50",  # int
+            "train.lr=0.1",  # float
+            "federation.server_lr=1",  # an int widens to a float
+            "output.plots=false",  # bool
+            "model.double_quant=true",
+            "model.name=smollm2-135m",  # str
+            "peft.lora_target_modules=q_proj,v_proj",  # comma list
+            "data.labels=[a, b]",  # YAML flow list
+            "data.template={text} => topic:",
+        ],
+    )
     assert cfg.train.local_steps == 50 and type(cfg.train.local_steps) is int
     assert cfg.train.lr == 0.1
     assert cfg.federation.server_lr == 1.0 and type(cfg.federation.server_lr) is float
@@ -152,50 +155,62 @@ def test_section_not_a_mapping(tmp_path):
     assert "model" in line and "5" in line and "mapping" in line
 
 
-@pytest.mark.parametrize("text, field, value, allowed", [
-    ("train: {local_steps: many}", "train.local_steps", "'many'", "an integer"),  # str for int
-    ("train: {batch_size: true}", "train.batch_size", "True", "an integer"),  # bool for int
-    ("train: {batch_size: 1.5}", "train.batch_size", "1.5", "an integer"),  # float for int
-    ("model: {name: [a, b]}", "model.name", "['a', 'b']", "a string"),  # list for str
-    ("train: {lr: fast}", "train.lr", "'fast'", "a number"),
-    ("output: {plots: 1}", "output.plots", "1", "true or false"),
-    ("peft: {lora_target_modules: 3}", "peft.lora_target_modules", "3", "a list of a string"),
-    ("data: {labels: [a, [b]]}", "data.labels[1]", "['b']", "a string"),
-])
+@pytest.mark.parametrize(
+    "text, field, value, allowed",
+    [
+        ("train: {local_steps: many}", "train.local_steps", "'many'", "an integer"),  # str for int
+        ("train: {batch_size: true}", "train.batch_size", "True", "an integer"),  # bool for int
+        ("train: {batch_size: 1.5}", "train.batch_size", "1.5", "an integer"),  # float for int
+        ("model: {name: [a, b]}", "model.name", "['a', 'b']", "a string"),  # list for str
+        ("train: {lr: fast}", "train.lr", "'fast'", "a number"),
+        ("output: {plots: 1}", "output.plots", "1", "true or false"),
+        ("peft: {lora_target_modules: 3}", "peft.lora_target_modules", "3", "a list of a string"),
+        ("data: {labels: [a, [b]]}", "data.labels[1]", "['b']", "a string"),
+    ],
+)
 def test_wrong_type(tmp_path, text, field, value, allowed):
     line = only(problems(tmp_path, text))
     assert line.startswith(f"{field}: {value} is not {allowed}"), line
 
 
-@pytest.mark.parametrize("text, field, value, allowed", [
-    ("model: {quantization: 3bit}", "model.quantization", "'3bit'", "'none', '8bit', '4bit'"),
-    ("peft: {method: adapter}", "peft.method", "'adapter'", "'prompt', 'prefix', 'lora'"),
-    ("train: {schedule: 1}", "train.schedule", "1", "'constant', 'linear', 'cosine'"),
-])
+@pytest.mark.parametrize(
+    "text, field, value, allowed",
+    [
+        ("model: {quantization: 3bit}", "model.quantization", "'3bit'", "'none', '8bit', '4bit'"),
+        ("peft: {method: adapter}", "peft.method", "'adapter'", "'prompt', 'prefix', 'lora'"),
+        ("train: {schedule: 1}", "train.schedule", "1", "'constant', 'linear', 'cosine'"),
+    ],
+)
 def test_not_in_literal(tmp_path, text, field, value, allowed):
     line = only(problems(tmp_path, text))
     assert line.startswith(f"{field}: {value} is not allowed; expected one of {allowed}"), line
 
 
-@pytest.mark.parametrize("override, field, value, allowed", [
-    ("train.lr=0", "train.lr", "0.0", "(0, 10]"),
-    ("data.test_fraction=1.5", "data.test_fraction", "1.5", "(0, 1)"),
-    ("deepspeed.zero_stage=5", "deepspeed.zero_stage", "5", "0, 1, 2 or 3"),
-    ("model.max_length=4", "model.max_length", "4", "8..8192"),
-    ("train.local_steps=0", "train.local_steps", "0", ">= 1"),
-    ("data.dataset=imdb", "data.dataset", "'imdb'", "'bbc', 'tweets', 'file'"),
-])
+@pytest.mark.parametrize(
+    "override, field, value, allowed",
+    [
+        ("train.lr=0", "train.lr", "0.0", "(0, 10]"),
+        ("data.test_fraction=1.5", "data.test_fraction", "1.5", "(0, 1)"),
+        ("deepspeed.zero_stage=5", "deepspeed.zero_stage", "5", "0, 1, 2 or 3"),
+        ("model.max_length=4", "model.max_length", "4", "8..8192"),
+        ("train.local_steps=0", "train.local_steps", "0", ">= 1"),
+        ("data.dataset=imdb", "data.dataset", "'imdb'", "'bbc', 'tweets', 'file'"),
+    ],
+)
 def test_out_of_range(tmp_path, override, field, value, allowed):
     line = only(problems(tmp_path, None, (override,)))
     assert line.startswith(f"{field}: {value}"), line
     assert allowed in line, line
 
 
-@pytest.mark.parametrize("text, field", [
-    ("train: {lr: .nan}", "train.lr"),
-    ("train: {weight_decay: .inf}", "train.weight_decay"),
-    ("data: {alpha: " + "9" * 400 + "}", "data.alpha"),  # too large for a float
-])
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ("train: {lr: .nan}", "train.lr"),
+        ("train: {weight_decay: .inf}", "train.weight_decay"),
+        ("data: {alpha: " + "9" * 400 + "}", "data.alpha"),  # too large for a float
+    ],
+)
 def test_non_finite_numbers(tmp_path, text, field):
     line = only(problems(tmp_path, text))
     assert line.startswith(f"{field}: ") and "finite number" in line
@@ -229,7 +244,9 @@ def _load_error(path) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize("text", ["model: [unclosed\n", "a: b: c\n", "model:\n\tname: x\n", "x: !!python/object:os.system {}\n"])
+@pytest.mark.parametrize(
+    "text", ["model: [unclosed\n", "a: b: c\n", "model:\n\tname: x\n", "x: !!python/object:os.system {}\n"]
+)
 def test_not_yaml(tmp_path, text):
     line = only(problems(tmp_path, text))
     assert "config.yaml" in line and "is not valid YAML" in line
@@ -240,7 +257,10 @@ def test_special_character_is_one_line(tmp_path):
     assert "is not valid YAML" in line
 
 
-@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("[]\n", "list"), ("0\n", "int"), ("just text\n", "str"), ("false\n", "bool")])
+@pytest.mark.parametrize(
+    "text, kind",
+    [("- a\n- b\n", "list"), ("[]\n", "list"), ("0\n", "int"), ("just text\n", "str"), ("false\n", "bool")],
+)
 def test_yaml_not_a_mapping(tmp_path, text, kind):
     line = only(problems(tmp_path, text))
     assert "expected a mapping of sections" in line and f"got {kind}" in line
@@ -287,11 +307,17 @@ SECTIONS = [f.name for f in dataclasses.fields(Config)]
 FIELDS = sorted({f.name for s in dataclasses.fields(Config) for f in dataclasses.fields(s.default_factory())})
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=12),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=12),
     st.sampled_from(["none", "4bit", "prompt", "lora", "file", "{text}", "q_proj,v_proj", "0", ""]),
 )
 keys = st.one_of(st.sampled_from(SECTIONS + FIELDS), st.text(max_size=8), st.integers(), st.booleans(), st.none())
-junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
+junk = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
+)
 sections = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), junk, max_size=5)
 documents = st.one_of(
     st.dictionaries(st.sampled_from(SECTIONS) | keys, sections | junk, max_size=6),
@@ -322,11 +348,25 @@ def test_any_yaml_loads_or_raises_config_error(scratch, text):
 
 def test_federation_checks_are_collected_and_named():
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["federation.num_clients=3", "federation.min_clients=5", "federation.trim_fraction=0.5",
-                           "federation.fraction_evaluate=1.5", "federation.local_steps=-1", "federation.workers=0"])
+        load_config(
+            None,
+            [
+                "federation.num_clients=3",
+                "federation.min_clients=5",
+                "federation.trim_fraction=0.5",
+                "federation.fraction_evaluate=1.5",
+                "federation.local_steps=-1",
+                "federation.workers=0",
+            ],
+        )
     text = "\n".join(e.value.problems)
-    for needle in ("federation.min_clients: 5 exceeds federation.num_clients (3)", "federation.trim_fraction: 0.5",
-                   "federation.fraction_evaluate: 1.5", "federation.local_steps: -1", "federation.workers: 0"):
+    for needle in (
+        "federation.min_clients: 5 exceeds federation.num_clients (3)",
+        "federation.trim_fraction: 0.5",
+        "federation.fraction_evaluate: 1.5",
+        "federation.local_steps: -1",
+        "federation.workers: 0",
+    ):
         assert needle in text
     cfg = load_config(None, ["train.local_steps=30"])
     assert cfg.round_steps == 30 and load_config(None, ["federation.local_steps=7"]).round_steps == 7

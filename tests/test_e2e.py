@@ -39,7 +39,9 @@ def peft_accuracy(cfg, adapter: Path) -> float:
     torch.manual_seed(12345)  # a different head init: the adapter must supply the real one
     bb = load_backbone(cfg.model, num_labels=len(s.data.labels), task=s.data.task)
     pm = PeftModel.from_pretrained(bb.model, str(adapter))
-    m = evaluate(PeftForward(pm), s.task, s.test, cfg, pad_id=s.pad_id, device=bb.device, limit=cfg.train.max_eval_examples)
+    m = evaluate(
+        PeftForward(pm), s.task, s.test, cfg, pad_id=s.pad_id, device=bb.device, limit=cfg.train.max_eval_examples
+    )
     return m["accuracy"]
 
 
@@ -48,13 +50,34 @@ def test_default_config_reaches_target_and_adapter_reproduces(tmp_path):
     benchmarks/CONFIGS.md): >= 0.88 on BBC; the exported adapter gives the recorded accuracy
     through peft and through `fedprompt eval`."""
     out = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "train", "--config", str(ROOT / "configs/bbc-minilm-prompt.yaml"),
-                        "--set", "train.local_steps=50", "--output", str(out)], capture_output=True, text=True, timeout=1500)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedprompt",
+            "train",
+            "--config",
+            str(ROOT / "configs/bbc-minilm-prompt.yaml"),
+            "--set",
+            "train.local_steps=50",
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["accuracy"] >= 0.88, rows
     assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= set(rows[-1])
-    for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for f in (
+        "config.yaml",
+        "summary.json",
+        "curves.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (out / f).is_file(), f
     assert "Summary" in r.stdout and str(out) in r.stdout
     cfg = load_config(out / "config.yaml")
@@ -73,8 +96,10 @@ def test_smollm2_4bit_methods_train_and_export(method, tmp_path):
     from fedprompt.run import load_adapter
     from fedprompt.tasks import collate
 
-    cfg = load_config(ROOT / f"configs/bbc-smollm2-{method}.yaml",
-                      ["train.local_steps=3", "train.warmup_steps=0", "train.max_eval_examples=24", "train.eval_batch_size=24"])
+    cfg = load_config(
+        ROOT / f"configs/bbc-smollm2-{method}.yaml",
+        ["train.local_steps=3", "train.warmup_steps=0", "train.max_eval_examples=24", "train.eval_batch_size=24"],
+    )
     res = run_train(cfg, tmp_path / "run", quiet=True)
     assert res["steps"] == 3 and res["payload_bytes"] > 0
     saved, adapter = load_config(tmp_path / "run" / "config.yaml"), tmp_path / "run" / "adapter"
@@ -88,14 +113,25 @@ def test_smollm2_4bit_methods_train_and_export(method, tmp_path):
     with torch.no_grad():
         ours.model.eval(), bb.model.eval()
         a = ours.task.class_logits(ours.model(batch["input_ids"], batch["attention_mask"]), batch)
-        c = ours.task.class_logits(bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+        c = ours.task.class_logits(
+            bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch
+        )
         pm = PeftModel.from_pretrained(bb.model, str(adapter))
         pm.eval()
-        b = ours.task.class_logits(pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
+        b = ours.task.class_logits(
+            pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch
+        )
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3), "the adapter did not change the backbone's output"
-    m = evaluate(PeftForward(pm), ours.task, ours.test, saved, pad_id=ours.pad_id, device=bb.device,
-                 limit=saved.train.max_eval_examples)
+    m = evaluate(
+        PeftForward(pm),
+        ours.task,
+        ours.test,
+        saved,
+        pad_id=ours.pad_id,
+        device=bb.device,
+        limit=saved.train.max_eval_examples,
+    )
     assert m["accuracy"] == pytest.approx(res["accuracy"], abs=1e-9)  # peft's model scores what the run recorded
 
 
@@ -111,10 +147,21 @@ def test_generation_sft_on_user_file(tmp_path):
         for split in (bbc.train, bbc.test):
             for ex in split:
                 title = ex["text"].split("\n", 1)[0]
-                fh.write(json.dumps({"prompt": f"Headline: {title}\nTopic:", "response": " " + bbc.labels[ex["label"]]}) + "\n")
-    cfg = load_config(ROOT / "configs/bbc-smollm2-lora.yaml",
-                      ["data.dataset=file", f"data.path={f}", "data.task=generation", "train.local_steps=4",
-                       "train.max_eval_examples=8", "train.lr=0.005"])
+                fh.write(
+                    json.dumps({"prompt": f"Headline: {title}\nTopic:", "response": " " + bbc.labels[ex["label"]]})
+                    + "\n"
+                )
+    cfg = load_config(
+        ROOT / "configs/bbc-smollm2-lora.yaml",
+        [
+            "data.dataset=file",
+            f"data.path={f}",
+            "data.task=generation",
+            "train.local_steps=4",
+            "train.max_eval_examples=8",
+            "train.lr=0.005",
+        ],
+    )
     res = run_train(cfg, tmp_path / "run", quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert "exact_match" in rows[-1] and rows[-1]["round"] == 1

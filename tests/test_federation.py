@@ -20,8 +20,14 @@ from tests.tiny import tiny_config
 
 
 def _cfg(**sets):
-    base = dict(federation__num_clients=3, federation__rounds=3, federation__min_clients=2, data__partition="iid",
-                train__lr=0.05, federation__fraction_fit=1.0)
+    base = dict(
+        federation__num_clients=3,
+        federation__rounds=3,
+        federation__min_clients=2,
+        data__partition="iid",
+        train__lr=0.05,
+        federation__fraction_fit=1.0,
+    )
     return tiny_config("bert", "prompt", **(base | sets))
 
 
@@ -57,6 +63,7 @@ def test_a_crashed_server_resumes_exactly(tmp_path, client, strategy):
             if msg.metadata.message_type == "train" and int(msg.content["config"]["server-round"]) == 3:
                 raise KeyboardInterrupt  # the server dies mid-round
             return respond(msg)
+
         return r
 
     with pytest.raises(KeyboardInterrupt):
@@ -85,6 +92,7 @@ def test_bad_replies_are_rejected_and_the_round_goes_on(tmp_path, client, capsys
             else:
                 t[name] = np.zeros((1, *spec[name].shape), dtype=np.float32)
             return replace_arrays(msg, reply, t)
+
         return r
 
     rows = _run(cfg, tmp_path / "run", _grid(client, tamper))
@@ -104,6 +112,7 @@ def test_a_round_without_any_usable_update_stops_the_run(tmp_path, client):
             if msg.metadata.message_type == "train":  # what Flower sends back for a raising ClientApp
                 return Message(Error(code=1, reason="RuntimeError: disk full"), reply_to=msg)
             return respond(msg)
+
         return r
 
     with pytest.raises(FederationError, match="round 1: no usable update from 3 sampled clients.*disk full"):
@@ -130,22 +139,43 @@ def test_rows_record_bytes_and_backbone_loads(tmp_path, client):
 def test_strategies_are_flowers_own_classes():
     from flwr.serverapp import strategy as fl
 
-    expected = {"fedavg": fl.FedAvg, "fedprox": fl.FedProx, "fedadam": fl.FedAdam, "fedyogi": fl.FedYogi,
-                "fedmedian": fl.FedMedian, "trimmedmean": fl.FedTrimmedAvg}
+    expected = {
+        "fedavg": fl.FedAvg,
+        "fedprox": fl.FedProx,
+        "fedadam": fl.FedAdam,
+        "fedyogi": fl.FedYogi,
+        "fedmedian": fl.FedMedian,
+        "trimmedmean": fl.FedTrimmedAvg,
+    }
     for name, cls in expected.items():
-        s = fs.make_strategy(tiny_config("bert", federation__strategy=name, federation__proximal_mu=0.5,
-                                         federation__trim_fraction=0.1, federation__server_lr=0.3))
+        s = fs.make_strategy(
+            tiny_config(
+                "bert",
+                federation__strategy=name,
+                federation__proximal_mu=0.5,
+                federation__trim_fraction=0.1,
+                federation__server_lr=0.3,
+            )
+        )
         assert type(s) is cls
-    assert fs.make_strategy(tiny_config("bert", federation__strategy="fedprox", federation__proximal_mu=0.5)).proximal_mu == 0.5
+    assert (
+        fs.make_strategy(tiny_config("bert", federation__strategy="fedprox", federation__proximal_mu=0.5)).proximal_mu
+        == 0.5
+    )
     assert fs.make_strategy(tiny_config("bert", federation__strategy="fedadam", federation__server_lr=0.3)).eta == 0.3
-    assert fs.make_strategy(tiny_config("bert", federation__strategy="trimmedmean", federation__trim_fraction=0.1)).beta == 0.1
+    assert (
+        fs.make_strategy(tiny_config("bert", federation__strategy="trimmedmean", federation__trim_fraction=0.1)).beta
+        == 0.1
+    )
 
 
 def test_weighted_mean_skips_worker_bookkeeping():
     from flwr.app import MetricRecord, RecordDict
 
-    recs = [RecordDict({"m": MetricRecord({"num-examples": 1, "train_loss": 1.0, "pid": 7, "backbone_loads": 1})}),
-            RecordDict({"m": MetricRecord({"num-examples": 3, "train_loss": 2.0, "pid": 9, "backbone_loads": 1})})]
+    recs = [
+        RecordDict({"m": MetricRecord({"num-examples": 1, "train_loss": 1.0, "pid": 7, "backbone_loads": 1})}),
+        RecordDict({"m": MetricRecord({"num-examples": 3, "train_loss": 2.0, "pid": 9, "backbone_loads": 1})}),
+    ]
     out = dict(fs.weighted_mean(recs, "num-examples"))
     assert out == {"train_loss": 1.75, "num-examples": 4}
 
@@ -183,7 +213,11 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
     from fedprompt.server.app import main
     from tests.fakegrid import FakeContext
 
-    for mode, central, expect_central in (("simulation", "true", True), ("simulation", "false", False), ("deployment", "true", False)):
+    for mode, central, expect_central in (
+        ("simulation", "true", True),
+        ("simulation", "false", False),
+        ("deployment", "true", False),
+    ):
         cfg = _cfg(federation__rounds=1, federation__fraction_evaluate=1.0, federation__centralized_eval=central)
         client.cfg = cfg
         out = tmp_path / f"{mode}-{central}"
@@ -194,8 +228,10 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
         grid = _grid(client)
         main(grid, ctx)
         assert json.loads((out / "status.json").read_text()) == {"state": "done"}
-        central_asked = any(m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized"
-                            for m in grid.sent)
+        central_asked = any(
+            m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized"
+            for m in grid.sent
+        )
         assert central_asked == expect_central, (mode, central)
 
 
@@ -234,6 +270,7 @@ def test_reload_per_message_rebuilds_the_client_every_call_and_learns_the_same(t
         def via_client_for(i):
             def respond(msg):
                 return client_responder(handler.client_for(out / "config.yaml", 3), i)(msg)
+
             return respond
 
         rows = _run(cfg, out, FakeGrid({101 + i: via_client_for(i) for i in range(3)}))

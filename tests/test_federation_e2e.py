@@ -16,11 +16,21 @@ import pytest
 from fedprompt.config import load_config
 from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
-from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
+from tests.helpers import (
+    TINY,
+    client_tls,
+    make_certs,
+    metrics_rows,
+    set_args,
+    start_fedprompt,
+    stop_all,
+    wait_for_round,
+)
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
+
 
 def _flower_processes_of(port: int) -> list[str]:
     found = []
@@ -45,12 +55,44 @@ def test_server_and_two_clients_on_minilm(tmp_path):
     port, out = free_port(), tmp_path / "run"
     certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])  # the default: TLS + registered clients
     common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + set_args(
-        ["federation.rounds=3", "federation.local_steps=5", "data.partition=iid", "federation.num_clients=2", "federation.fraction_fit=1.0",
-         "federation.fraction_evaluate=1.0", "train.max_eval_examples=0"])
-    server = start_fedprompt(["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)],
-                    tmp_path / "server.log")
-    clients = [start_fedprompt(["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i),
-                       "--num-partitions", "2"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+        [
+            "federation.rounds=3",
+            "federation.local_steps=5",
+            "data.partition=iid",
+            "federation.num_clients=2",
+            "federation.fraction_fit=1.0",
+            "federation.fraction_evaluate=1.0",
+            "train.max_eval_examples=0",
+        ]
+    )
+    server = start_fedprompt(
+        [
+            "server",
+            *common,
+            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
+            "--output",
+            str(out),
+        ],
+        tmp_path / "server.log",
+    )
+    clients = [
+        start_fedprompt(
+            [
+                "client",
+                *common,
+                *client_tls(certs, f"client-{i}"),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                "2",
+            ],
+            tmp_path / f"client{i}.log",
+            threads=1,
+        )
+        for i in range(2)
+    ]
     try:
         assert server.wait(timeout=1200) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert all(c.poll() is None for c in clients)  # clients are services: still up
@@ -84,8 +126,24 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
     server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"]
     server = start_fedprompt(server_args, tmp_path / "server1.log")
-    clients = [start_fedprompt(["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2",
-                       "--insecure"], tmp_path / f"client{i}.log", threads=1) for i in range(2)]
+    clients = [
+        start_fedprompt(
+            [
+                "client",
+                *common,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                "2",
+                "--insecure",
+            ],
+            tmp_path / f"client{i}.log",
+            threads=1,
+        )
+        for i in range(2)
+    ]
     try:
         wait_for_round(out, 2, [server, *clients], timeout=600)
         os.killpg(server.pid, signal.SIGKILL)  # the whole server side dies at once, like a pod
@@ -104,16 +162,33 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert "resuming after round" in (tmp_path / "server2.log").read_text()
 
 
-@pytest.mark.parametrize("kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")])
+@pytest.mark.parametrize(
+    "kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")]
+)
 def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     """6 virtual clients on one worker: one backbone load in all; every method and
     quantization trains federated; the run directory is complete."""
     out = tmp_path / "run"
-    sets = [f"model.name={tiny_folder(kind)}", *TINY, f"peft.method={method}", f"model.quantization={quant}",
-            "federation.num_clients=6", "federation.rounds=2", "federation.fraction_fit=0.5", "federation.fraction_evaluate=0.5",
-            "data.partition=dirichlet", "data.alpha=1.0", "train.lr=0.05"]
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    sets = [
+        f"model.name={tiny_folder(kind)}",
+        *TINY,
+        f"peft.method={method}",
+        f"model.quantization={quant}",
+        "federation.num_clients=6",
+        "federation.rounds=2",
+        "federation.fraction_fit=0.5",
+        "federation.fraction_evaluate=0.5",
+        "data.partition=dirichlet",
+        "data.alpha=1.0",
+        "train.lr=0.05",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
     assert [x["round"] for x in rows] == [0, 1, 2]
@@ -121,8 +196,14 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     pids = {pid for x in rows[1:] for pid in x["backbone_loads"]}
     assert len(pids) == 1 and all(list(x["backbone_loads"].values()) == [1] for x in rows[1:])
     assert rows[1]["digest"] != rows[2]["digest"]
-    for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors",
-              "checkpoint.safetensors"):
+    for f in (
+        "config.yaml",
+        "summary.json",
+        "curves.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+        "checkpoint.safetensors",
+    ):
         assert (out / f).is_file(), f
     assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
 
@@ -134,21 +215,70 @@ def test_simulation_of_generation_on_a_user_file(tmp_path):
     with f.open("w") as fh:
         for i in range(60):
             fh.write(json.dumps({"prompt": f"Item {i} colour:", "response": f" {words[i % 3]}"}) + "\n")
-    sets = [f"model.name={tiny_folder('llama')}", *TINY, "peft.method=lora", "data.dataset=file", f"data.path={f}",
-            "data.task=generation", "data.partition=iid", "federation.num_clients=3", "federation.rounds=2"]
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    sets = [
+        f"model.name={tiny_folder('llama')}",
+        *TINY,
+        "peft.method=lora",
+        "data.dataset=file",
+        f"data.path={f}",
+        "data.task=generation",
+        "data.partition=iid",
+        "federation.num_clients=3",
+        "federation.rounds=2",
+    ]
+    r = subprocess.run(
+        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert "exact_match" in rows[-1] and rows[-1]["round"] == 2
 
 
 def test_bad_input_is_one_line_before_anything_starts(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args([f"model.name={tiny_folder('bert')}", *TINY,
-                        "data.dataset=file", f"data.path={tmp_path / 'missing.csv'}"]), "--output", str(tmp_path / "run")],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedprompt",
+            "simulate",
+            *set_args(
+                [
+                    f"model.name={tiny_folder('bert')}",
+                    *TINY,
+                    "data.dataset=file",
+                    f"data.path={tmp_path / 'missing.csv'}",
+                ]
+            ),
+            "--output",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.csv" in r.stderr
     assert not (tmp_path / "run").exists()
-    r = subprocess.run([sys.executable, "-m", "fedprompt", "client", "--server", "nohost", "--partition-id", "3",
-                        "--num-partitions", "2"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedprompt",
+            "client",
+            "--server",
+            "nohost",
+            "--partition-id",
+            "3",
+            "--num-partitions",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "HOST:PORT" in r.stderr and r.stderr.count("\n") == 1

@@ -52,6 +52,7 @@ def time_limit(seconds: float):
 
     def stop(signum, frame):
         raise TimeoutError(f"no result after {seconds} s: the loader hangs on this input")
+
     old = signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
@@ -85,32 +86,104 @@ def fresh(folder: Path, suffix: str) -> Path:
 
 # ---- Config --------------------------------------------------------------------------------
 
-SECTIONS = {name: [f.name for f in dataclasses.fields(tp)] for name, tp in get_type_hints(Config).items()
-            if dataclasses.is_dataclass(tp)}
+SECTIONS = {
+    name: [f.name for f in dataclasses.fields(tp)]
+    for name, tp in get_type_hints(Config).items()
+    if dataclasses.is_dataclass(tp)
+}
 FIELDS = sorted({k for keys in SECTIONS.values() for k in keys})
 DOTTED = [f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]
 
 # Scalars PyYAML reads into odd Python values or fails on with a bare ValueError.
 YAML_SNIPPETS = [
-    "2024-13-45", "2001-02-29", "2024-01-01", "2024-01-01 25:61:00", "!!int abc", "!!float x", "!!bool maybe",
-    "!!timestamp nope", "!!binary '!!'", "!!binary aGk=", "0x" + "f" * 5000, "9" * 5000, "-" + "9" * 4400,
-    "0o" + "7" * 6000, "0b" + "1" * 20000, "1e999", "-.inf", ".NaN", "~", "&a [*a]", "&b {k: *b}", "*undefined",
-    "!!set {a, b}", "!!omap [a: 1, a: 2]", "!!pairs [a: 1]", "{? [a]: 1}", "!!python/name:os.system", "[" * 300,
-    "'unterminated", '"\\x00\\ud800"', "190:20:30", "1_000", "0x_ff", "+.5", "!!str", "!!null x", "|\n    multi\n    line",
-    "{a: 1, a: 2}", "[1, [2, [3, [4]]]]", "{<<: [1, 2]}", "{<<: {quantization: 4bit}}", "@x", "`x", "%", "- - -",
+    "2024-13-45",
+    "2001-02-29",
+    "2024-01-01",
+    "2024-01-01 25:61:00",
+    "!!int abc",
+    "!!float x",
+    "!!bool maybe",
+    "!!timestamp nope",
+    "!!binary '!!'",
+    "!!binary aGk=",
+    "0x" + "f" * 5000,
+    "9" * 5000,
+    "-" + "9" * 4400,
+    "0o" + "7" * 6000,
+    "0b" + "1" * 20000,
+    "1e999",
+    "-.inf",
+    ".NaN",
+    "~",
+    "&a [*a]",
+    "&b {k: *b}",
+    "*undefined",
+    "!!set {a, b}",
+    "!!omap [a: 1, a: 2]",
+    "!!pairs [a: 1]",
+    "{? [a]: 1}",
+    "!!python/name:os.system",
+    "[" * 300,
+    "'unterminated",
+    '"\\x00\\ud800"',
+    "190:20:30",
+    "1_000",
+    "0x_ff",
+    "+.5",
+    "!!str",
+    "!!null x",
+    "|\n    multi\n    line",
+    "{a: 1, a: 2}",
+    "[1, [2, [3, [4]]]]",
+    "{<<: [1, 2]}",
+    "{<<: {quantization: 4bit}}",
+    "@x",
+    "`x",
+    "%",
+    "- - -",
 ]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.integers(),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.integers(),
     st.sampled_from([2**63 - 1, 2**63, -(2**63) - 1, 2**32, 10**100, -1, 0]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
     # valid choices of Literal fields and the like, so that cross-field checks run too
-    st.sampled_from(["none", "4bit", "prompt", "lora", "file", "client", "both", "sample", "krum", "fedprox",
-                     "{text}", "q_proj,v_proj", "0", "", "1e-3", " nan ", "-inf"]),
+    st.sampled_from(
+        [
+            "none",
+            "4bit",
+            "prompt",
+            "lora",
+            "file",
+            "client",
+            "both",
+            "sample",
+            "krum",
+            "fedprox",
+            "{text}",
+            "q_proj,v_proj",
+            "0",
+            "",
+            "1e-3",
+            " nan ",
+            "-inf",
+        ]
+    ),
 )
-keys = st.one_of(st.sampled_from(list(SECTIONS) + FIELDS), st.text(max_size=8), st.integers(), st.booleans(), st.none(),
-                 st.floats(allow_nan=True))
-junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4),
-                    max_leaves=12)
+keys = st.one_of(
+    st.sampled_from(list(SECTIONS) + FIELDS),
+    st.text(max_size=8),
+    st.integers(),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=True),
+)
+junk = st.recursive(
+    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
+)
 sections = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), junk, max_size=6)
 documents = st.one_of(st.dictionaries(st.sampled_from(list(SECTIONS)) | keys, sections | junk, max_size=7), junk)
 
@@ -146,9 +219,11 @@ def assert_config_outcome(path: Path | str | None, overrides: list[str]) -> Conf
 @example(text="train:\n  lr: 2024-13-45\n")  # ValueError: month must be in 1..12
 @example(text="model:\n  max_length: !!int abc\n")  # ValueError from the int constructor
 @example(text="federation:\n  num_clients: 0\nprivacy:\n  mode: client\n")  # ZeroDivisionError in a message
-@example(text="a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
-              "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
-              "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nmodel:\n  name: *e\n")  # alias bomb: a 500 kB repr
+@example(
+    text="a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+    "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+    "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]\nmodel:\n  name: *e\n"
+)  # alias bomb: a 500 kB repr
 @example(text="peft:\n  lora_target_modules: [" + ", ".join(["1"] * 5000) + "]\n")  # 5000 lines of one mistake
 def test_any_yaml_file_loads_or_raises_one_line_errors(scratch, text):
     path = fresh(scratch, ".yaml")
@@ -156,13 +231,22 @@ def test_any_yaml_file_loads_or_raises_one_line_errors(scratch, text):
     assert_config_outcome(path, [])
 
 
-override_keys = st.one_of(st.sampled_from(DOTTED), st.sampled_from(["", ".", "model", "model.", ".name", "a..b", "model..name",
-                                                                     "model.name.x", "data.labels.0", " train . lr "]),
-                          st.text(max_size=10))
-override_values = st.one_of(st.sampled_from(YAML_SNIPPETS), st.text(max_size=20), scalars.map(str),
-                            junk.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()))
-overrides = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=20)),
-                     max_size=5)
+override_keys = st.one_of(
+    st.sampled_from(DOTTED),
+    st.sampled_from(
+        ["", ".", "model", "model.", ".name", "a..b", "model..name", "model.name.x", "data.labels.0", " train . lr "]
+    ),
+    st.text(max_size=10),
+)
+override_values = st.one_of(
+    st.sampled_from(YAML_SNIPPETS),
+    st.text(max_size=20),
+    scalars.map(str),
+    junk.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+)
+overrides = st.lists(
+    st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=20)), max_size=5
+)
 
 
 @fuzz(150)
@@ -194,7 +278,9 @@ def test_any_bytes_load_or_raise_one_line_errors(scratch, data):
     assert_config_outcome(path, [])
 
 
-@pytest.mark.parametrize("name", ["missing.yaml", "a-directory", "nul\x00byte.yaml", "", "~nosuchuser/c.yaml", "/dev/null"])
+@pytest.mark.parametrize(
+    "name", ["missing.yaml", "a-directory", "nul\x00byte.yaml", "", "~nosuchuser/c.yaml", "/dev/null"]
+)
 def test_config_paths_that_are_not_files(scratch, name):
     (scratch / "a-directory").mkdir(exist_ok=True)
     path = name if name in ("", "/dev/null") or name.startswith("~") else scratch / name
@@ -204,12 +290,17 @@ def test_config_paths_that_are_not_files(scratch, name):
 # ---- Data files ----------------------------------------------------------------------------
 
 cells = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.integers(-(2**70), 2**70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=10),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=10),
     st.sampled_from(["", " ", "nan", "NA", "null", "1.0", "\x00", "a\x00b", "é", "a,b", 'q"uote', "line\nbreak"]),
 )
-json_cells = st.recursive(cells, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3),
-                          max_leaves=6)
+json_cells = st.recursive(
+    cells, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6
+)
 COLUMNS = ["text", "label", "prompt", "response", "extra", "", "Text", "label ", "a/b", "[]", "x.y"]
 
 
@@ -220,8 +311,12 @@ def tables(draw, nested: bool = True) -> list[dict]:
     n = draw(st.sampled_from([0, 1, 3]) | st.integers(6, 20))
     gen = draw(st.integers(0, 3)) == 0
     labels = draw(st.sampled_from([["pos", "neg"], ["pos", "neg", "neu"], [0, 1], [1, 0, 2], ["pos", 1], ["pos"]]))
-    rows = [{"prompt": f"question {i}?", "response": f"answer {i}."} if gen else
-            {"text": f"example text {i}", "label": labels[i % len(labels)]} for i in range(n)]
+    rows = [
+        {"prompt": f"question {i}?", "response": f"answer {i}."}
+        if gen
+        else {"text": f"example text {i}", "label": labels[i % len(labels)]}
+        for i in range(n)
+    ]
     for _ in range(draw(st.sampled_from([0, 0, 1, 2, 4])) if rows else 0):
         row = rows[draw(st.integers(0, len(rows) - 1))]
         col = draw(st.sampled_from(COLUMNS))
@@ -234,7 +329,8 @@ def tables(draw, nested: bool = True) -> list[dict]:
 
 def data_config(draw, path: Path) -> DataConfig:
     return DataConfig(
-        dataset="file", path=str(path),
+        dataset="file",
+        path=str(path),
         task=draw(st.sampled_from(["auto", "auto", "classification", "generation"])),
         text_column=draw(st.sampled_from(["text"] * 5 + ["extra"])),
         labels=draw(st.sampled_from([[], [], [], ["pos", "neg"], ["0", "1", "2"]])),
@@ -294,8 +390,15 @@ def render(rows: list[dict], suffix: str, draw) -> bytes:
                 arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
         pq.write_table(pa.table(arrays) if arrays else pa.table({"text": pa.array([], pa.string())}), out)
     except (pa.ArrowException, TypeError, ValueError):  # e.g. an empty struct parquet cannot store
-        pq.write_table(pa.table({k: pa.array([None if v is None else json.dumps(v) for v in vs], pa.string())
-                                 for k, vs in columns.items()}), out)
+        pq.write_table(
+            pa.table(
+                {
+                    k: pa.array([None if v is None else json.dumps(v) for v in vs], pa.string())
+                    for k, vs in columns.items()
+                }
+            ),
+            out,
+        )
     return out.getvalue()
 
 
@@ -311,7 +414,7 @@ def corrupt(raw: bytes, draw) -> bytes:
         return raw[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xe9", b"\xed\xa0\x80", b"\x80\x80"])) + raw[at:]
     if kind == "nul":
         return raw[:at] + b"\x00" * draw(st.integers(1, 3)) + raw[at:]
-    return raw[:at] + draw(st.binary(min_size=1, max_size=16)) + raw[at + 16:]
+    return raw[:at] + draw(st.binary(min_size=1, max_size=16)) + raw[at + 16 :]
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".json", ".parquet"])
@@ -342,25 +445,50 @@ def _records(n: int = 12) -> list[dict]:
     return [{"text": f"example {i}", "label": "ab"[i % 2]} for i in range(n)]
 
 
-@pytest.mark.parametrize("name, content", [
-    # one 5 MiB field, then ordinary rows: loads
-    ("big.csv", lambda: b"text,label\n" + b"x" * BIG + b",a\n" + "".join(f"e{i},{'ab'[i % 2]}\n" for i in range(12)).encode()),
-    ("big.jsonl", lambda: json.dumps({"text": "x" * BIG, "label": "a"}).encode() + b"\n"
-     + "".join(json.dumps(r) + "\n" for r in _records()).encode()),
-    ("big.parquet", lambda: _parquet({"text": ["x" * BIG] + [r["text"] for r in _records()],
-                                      "label": ["a"] + [r["label"] for r in _records()]})),
-    # a 5 MiB line that is not a record
-    ("junk.csv", lambda: b"x" * BIG),
-    ("junk.jsonl", lambda: b"{" + b"x" * BIG + b"\n"),
-    ("quote.csv", lambda: b'text,label\n"' + b"x" * BIG),  # a quote that never closes
-    ("wide.csv", lambda: b"x" * BIG + b",y\n1,2\n"),  # a 5 MiB column name, once quoted whole in the error
-    # nesting: pyarrow's JSON reader crashed the process (SIGSEGV) at ~20,000 levels
-    ("deep.jsonl", lambda: b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b', "label": 1}\n'),
-    ("deep.json", lambda: b'[{"text": ' + b"{\"a\": " * 50_000 + b"1" + b"}" * 50_000 + b', "label": 1}]\n'),
-    ("deep-top.jsonl", lambda: b"[" * 100_000 + b"]" * 100_000 + b"\n"),
-    ("deep-strings.jsonl", lambda: "".join(json.dumps({"text": "[" * 500 + str(i), "label": i % 2}) + "\n"
-                                           for i in range(12)).encode()),  # brackets in strings do not count
-])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        # one 5 MiB field, then ordinary rows: loads
+        (
+            "big.csv",
+            lambda: (
+                b"text,label\n" + b"x" * BIG + b",a\n" + "".join(f"e{i},{'ab'[i % 2]}\n" for i in range(12)).encode()
+            ),
+        ),
+        (
+            "big.jsonl",
+            lambda: (
+                json.dumps({"text": "x" * BIG, "label": "a"}).encode()
+                + b"\n"
+                + "".join(json.dumps(r) + "\n" for r in _records()).encode()
+            ),
+        ),
+        (
+            "big.parquet",
+            lambda: _parquet(
+                {
+                    "text": ["x" * BIG] + [r["text"] for r in _records()],
+                    "label": ["a"] + [r["label"] for r in _records()],
+                }
+            ),
+        ),
+        # a 5 MiB line that is not a record
+        ("junk.csv", lambda: b"x" * BIG),
+        ("junk.jsonl", lambda: b"{" + b"x" * BIG + b"\n"),
+        ("quote.csv", lambda: b'text,label\n"' + b"x" * BIG),  # a quote that never closes
+        ("wide.csv", lambda: b"x" * BIG + b",y\n1,2\n"),  # a 5 MiB column name, once quoted whole in the error
+        # nesting: pyarrow's JSON reader crashed the process (SIGSEGV) at ~20,000 levels
+        ("deep.jsonl", lambda: b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b', "label": 1}\n'),
+        ("deep.json", lambda: b'[{"text": ' + b'{"a": ' * 50_000 + b"1" + b"}" * 50_000 + b', "label": 1}]\n'),
+        ("deep-top.jsonl", lambda: b"[" * 100_000 + b"]" * 100_000 + b"\n"),
+        (
+            "deep-strings.jsonl",
+            lambda: "".join(
+                json.dumps({"text": "[" * 500 + str(i), "label": i % 2}) + "\n" for i in range(12)
+            ).encode(),
+        ),  # brackets in strings do not count
+    ],
+)
 def test_huge_and_deep_files(scratch, name, content):
     path = scratch / name
     path.write_bytes(content())
@@ -371,7 +499,9 @@ def test_huge_and_deep_files(scratch, name, content):
 def test_nesting_limit_names_the_line(scratch):
     path = scratch / "nest.jsonl"
     ok = "".join(json.dumps(r) + "\n" for r in _records()).encode()
-    path.write_bytes(ok + b'{"text": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b', "label": "a"}\n')
+    path.write_bytes(
+        ok + b'{"text": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b', "label": "a"}\n'
+    )
     with pytest.raises(DataError, match=rf"line 13 nests JSON values more than {MAX_JSON_DEPTH} levels deep"):
         load_task_data(DataConfig(dataset="file", path=str(path)))
     inner = MAX_JSON_DEPTH - 1  # inside the record's own braces: MAX_JSON_DEPTH levels in all
@@ -386,29 +516,62 @@ def _parquet(columns: dict) -> bytes:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("name, content, needle", [
-    ("nested.jsonl", lambda: "".join(json.dumps({"text": f"e{i}", "label": {"y": i % 2}}) + "\n" for i in range(12)),
-     "row 1 has a mapping in column 'label'"),
-    ("list.parquet", lambda: _parquet({"text": [f"e{i}" for i in range(12)], "label": [[i % 2] for i in range(12)]}),
-     "row 1 has a list in column 'label'"),
-    ("bytes.parquet", lambda: _parquet({"text": [bytes([i, 255]) for i in range(12)], "label": [i % 2 for i in range(12)]}),
-     "row 1 has binary data in column 'text'"),
-    ("nan.jsonl", lambda: "".join(f'{{"text": "e{i}", "label": {"NaN" if i == 4 else i % 2}}}\n' for i in range(12)),
-     "row 5 has an empty 'label' value"),
-    # datasets' JSON loader retried forever on a mixed-type key with a "/" (it splits the path there)
-    ("slash.jsonl", lambda: "".join(json.dumps({"text": f"e{i}", "label": i % 2, "a/b": [1, "x"][i % 2]}) + "\n"
-                                    for i in range(12)), "key 'a/b' has values of mixed types and a '/' in its name"),
-    ("slash-nested.jsonl", lambda: "".join('{"text": "e%d", "label": 1, "m": {"u\\/v": %s}}\n' % (i, ["1", '"x"'][i % 2])
-                                           for i in range(12)), "key 'u/v'"),  # nested, written as the escape \/
-    ("classes.csv", lambda: "text,label\n" + "".join(f"t{i},l{i}\n" for i in range(2000)), "(2000 in all) has too few"),
-    ("empty.parquet", lambda: _parquet({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), "has no rows"),
-    ("dup.parquet", lambda: _parquet_dup(), "duplicate column names ('text')"),
-    ("nul.csv", lambda: b"\x00" * 40, "has a NUL byte (offset 0, line 1)"),  # was: columns '' vs '\x00...' mismatch
-    ("nul-mid.jsonl", lambda: b'{"text": "a"}\n{"text": "b\x00"}\n', "has a NUL byte (offset 25, line 2)"),
-    ("nul-after-bad.csv", lambda: b"text,label\nx\xff\x00,a\n", "not valid UTF-8 (byte 0xff at offset 12, line 2)"),
-    ("a-dir.csv", None, "is not a regular file"),
-    ("~nosuchuser/d.csv", None, "cannot expand '~'"),
-])
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [
+        (
+            "nested.jsonl",
+            lambda: "".join(json.dumps({"text": f"e{i}", "label": {"y": i % 2}}) + "\n" for i in range(12)),
+            "row 1 has a mapping in column 'label'",
+        ),
+        (
+            "list.parquet",
+            lambda: _parquet({"text": [f"e{i}" for i in range(12)], "label": [[i % 2] for i in range(12)]}),
+            "row 1 has a list in column 'label'",
+        ),
+        (
+            "bytes.parquet",
+            lambda: _parquet({"text": [bytes([i, 255]) for i in range(12)], "label": [i % 2 for i in range(12)]}),
+            "row 1 has binary data in column 'text'",
+        ),
+        (
+            "nan.jsonl",
+            lambda: "".join(f'{{"text": "e{i}", "label": {"NaN" if i == 4 else i % 2}}}\n' for i in range(12)),
+            "row 5 has an empty 'label' value",
+        ),
+        # datasets' JSON loader retried forever on a mixed-type key with a "/" (it splits the path there)
+        (
+            "slash.jsonl",
+            lambda: "".join(
+                json.dumps({"text": f"e{i}", "label": i % 2, "a/b": [1, "x"][i % 2]}) + "\n" for i in range(12)
+            ),
+            "key 'a/b' has values of mixed types and a '/' in its name",
+        ),
+        (
+            "slash-nested.jsonl",
+            lambda: "".join(
+                '{"text": "e%d", "label": 1, "m": {"u\\/v": %s}}\n' % (i, ["1", '"x"'][i % 2]) for i in range(12)
+            ),
+            "key 'u/v'",
+        ),  # nested, written as the escape \/
+        (
+            "classes.csv",
+            lambda: "text,label\n" + "".join(f"t{i},l{i}\n" for i in range(2000)),
+            "(2000 in all) has too few",
+        ),
+        (
+            "empty.parquet",
+            lambda: _parquet({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
+            "has no rows",
+        ),
+        ("dup.parquet", lambda: _parquet_dup(), "duplicate column names ('text')"),
+        ("nul.csv", lambda: b"\x00" * 40, "has a NUL byte (offset 0, line 1)"),  # was: columns '' vs '\x00...' mismatch
+        ("nul-mid.jsonl", lambda: b'{"text": "a"}\n{"text": "b\x00"}\n', "has a NUL byte (offset 25, line 2)"),
+        ("nul-after-bad.csv", lambda: b"text,label\nx\xff\x00,a\n", "not valid UTF-8 (byte 0xff at offset 12, line 2)"),
+        ("a-dir.csv", None, "is not a regular file"),
+        ("~nosuchuser/d.csv", None, "cannot expand '~'"),
+    ],
+)
 def test_data_errors_name_the_problem(scratch, name, content, needle):
     """Regressions the fuzzing found: each was a wrong class, an arrow internal or a traceback."""
     if name.startswith("~"):
@@ -427,7 +590,9 @@ def test_data_errors_name_the_problem(scratch, name, content, needle):
 
 def _parquet_dup() -> bytes:
     out = io.BytesIO()
-    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"] * 6), pa.array(["x", "y"] * 6)], names=["text", "text"]), out)
+    pq.write_table(
+        pa.Table.from_arrays([pa.array(["a", "b"] * 6), pa.array(["x", "y"] * 6)], names=["text", "text"]), out
+    )
     return out.getvalue()
 
 
@@ -445,10 +610,23 @@ def _cli_case(tmp: Path, kind: str) -> tuple[list[str], str]:
         (tmp / "c.yaml").write_text("train:\n  lr: 2024-13-45\n", encoding="utf-8")
         return ["simulate", "--config", str(tmp / "c.yaml")], "line 2"
     if kind == "zero-clients":
-        return ["simulate", "--set", "privacy.mode=client", "--set", "federation.num_clients=0"], "federation.num_clients"
+        return [
+            "simulate",
+            "--set",
+            "privacy.mode=client",
+            "--set",
+            "federation.num_clients=0",
+        ], "federation.num_clients"
     if kind == "corrupt-parquet":
         (tmp / "d.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
-        return ["train", "--set", "data.dataset=file", "--set", f"data.path={tmp / 'd.parquet'}", *NO_MODEL], "d.parquet"
+        return [
+            "train",
+            "--set",
+            "data.dataset=file",
+            "--set",
+            f"data.path={tmp / 'd.parquet'}",
+            *NO_MODEL,
+        ], "d.parquet"
     (tmp / "d.jsonl").write_bytes(b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b', "label": 1}\n')
     return ["simulate", "--set", "data.dataset=file", "--set", f"data.path={tmp / 'd.jsonl'}", *NO_MODEL], "levels deep"
 
@@ -458,8 +636,14 @@ def test_cli_bad_input_exits_2_without_a_run_directory(tmp_path, kind):
     args, needle = _cli_case(tmp_path, kind)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "FEDPROMPT_CACHE": str(tmp_path / "cache")}
-    p = subprocess.run([sys.executable, "-m", "fedprompt", *args, "--output", str(out)], capture_output=True, text=True,
-                       cwd=REPO, env=env, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "fedprompt", *args, "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
     assert "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()

@@ -33,13 +33,36 @@ def _tree_pss(root: psutil.Process) -> int:
 
 def test_200_virtual_clients_10_percent_per_round_memory_flat(tmp_path):
     out = tmp_path / "run"
-    sets = [*TINY, "data.max_examples=0", "federation.num_clients=200", "federation.fraction_fit=0.1",
-            "federation.fraction_evaluate=0", "federation.rounds=4", "federation.min_clients=20", "data.partition=iid"]
+    sets = [
+        *TINY,
+        "data.max_examples=0",
+        "federation.num_clients=200",
+        "federation.fraction_fit=0.1",
+        "federation.fraction_evaluate=0",
+        "federation.rounds=4",
+        "federation.min_clients=20",
+        "data.partition=iid",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     with open(tmp_path / "sim.log", "wb") as log:
-        p = subprocess.Popen([sys.executable, "-m", "fedprompt", "simulate", "--config", str(ROOT / "configs/bbc-minilm-prompt.yaml"),
-                              *set_args(sets), "--output", str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                             start_new_session=True)
+        p = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedprompt",
+                "simulate",
+                "--config",
+                str(ROOT / "configs/bbc-minilm-prompt.yaml"),
+                *set_args(sets),
+                "--output",
+                str(out),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+            start_new_session=True,
+        )
     proc, mem, peak = psutil.Process(p.pid), {}, 0
     try:
         t0 = time.monotonic()

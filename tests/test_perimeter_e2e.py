@@ -39,7 +39,7 @@ clientapp = "foreignmod:client"
 marker = ""
 report = ""
 """
-FOREIGN_PY = '''import json, time
+FOREIGN_PY = """import json, time
 from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -65,7 +65,7 @@ def main(grid, context):
     replies = list(grid.send_and_receive(msgs, timeout=120))
     Path(str(context.run_config["report"])).write_text(json.dumps(
         [{"error": r.has_error(), "reason": r.error.reason if r.has_error() else ""} for r in replies]))
-'''
+"""
 
 
 def _foreign_app(d: Path) -> Path:
@@ -81,25 +81,59 @@ def _flwr(home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedPr
 
 def _connection(home: Path, address: str, ca: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{address}"\n'
-                                      f'root-certificates = "{ca}"\n')
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
     return home
 
 
-def _federation(tmp_path: Path, name: str, extra_server: list[str] = ()) -> tuple[list[subprocess.Popen], Path, str, Path]:
+def _federation(
+    tmp_path: Path, name: str, extra_server: list[str] = ()
+) -> tuple[list[subprocess.Popen], Path, str, Path]:
     """A TLS server (3 rounds) and one registered client; (processes, run dir, address, certs)."""
     d = tmp_path / name
     d.mkdir()
     port, out = free_port(), d / "run"
     certs = make_certs(d / "certs", ["client-0"])
-    common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=3", "data.partition=iid",
-                    "federation.num_clients=1", "federation.min_clients=1", "federation.fraction_fit=1.0",
-                    "federation.round_timeout=120"])
+    common = set_args(
+        [
+            f"model.name={tiny_folder('bert')}",
+            *TINY,
+            "federation.rounds=3",
+            "data.partition=iid",
+            "federation.num_clients=1",
+            "federation.min_clients=1",
+            "federation.fraction_fit=1.0",
+            "federation.round_timeout=120",
+        ]
+    )
     addr = f"127.0.0.1:{port}"
-    server = start_fedprompt(["server", *common, *set_args([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]),
-                     "--output", str(out)], d / "server.log", threads=1)
-    client = start_fedprompt(["client", *common, *client_tls(certs, "client-0"), "--server", addr, "--partition-id", "0",
-                     "--num-partitions", "1"], d / "client.log", threads=1)
+    server = start_fedprompt(
+        [
+            "server",
+            *common,
+            *set_args([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]),
+            "--output",
+            str(out),
+        ],
+        d / "server.log",
+        threads=1,
+    )
+    client = start_fedprompt(
+        [
+            "client",
+            *common,
+            *client_tls(certs, "client-0"),
+            "--server",
+            addr,
+            "--partition-id",
+            "0",
+            "--num-partitions",
+            "1",
+        ],
+        d / "client.log",
+        threads=1,
+    )
     return [server, client], out, addr, certs
 
 
@@ -134,21 +168,35 @@ def test_a_third_party_with_the_ca_and_network_reach_is_refused_everything(tmp_p
         while not any(r["round"] >= 1 for r in metrics_rows(out)):  # the federation is under way
             assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
             time.sleep(0.5)
-        run_id = next(w for line in (out / "logs" / "run.log").read_text().splitlines()
-                      if "Successfully started run" in line for w in line.split() if w.isdigit())
+        run_id = next(
+            w
+            for line in (out / "logs" / "run.log").read_text().splitlines()
+            if "Successfully started run" in line
+            for w in line.split()
+            if w.isdigit()
+        )
         server_log = (tmp_path / "fed" / "server.log").read_text()
         node_id = server_log.split("registered (node ")[1].split(")")[0]
-        attempts = {"run": ["run", str(app), "target"], "register": ["supernode", "register", str(intruder), "target"],
-                    "unregister": ["supernode", "unregister", node_id, "target"], "ls": ["ls", "target"],
-                    "stop": ["stop", run_id, "target"]}
+        attempts = {
+            "run": ["run", str(app), "target"],
+            "register": ["supernode", "register", str(intruder), "target"],
+            "unregister": ["supernode", "unregister", node_id, "target"],
+            "ls": ["ls", "target"],
+            "stop": ["stop", run_id, "target"],
+        }
         for what, args in attempts.items():
             r = _flwr(home, *args)
             assert r.returncode != 0, f"flwr {what} succeeded from outside: {r.stdout[-1500:]}"
     finally:
         rows = _finish(procs, out, tmp_path / "fed" / "server.log")
     log = (tmp_path / "fed" / "server.log").read_text()
-    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/control/unregister-node",
-                 "/v1/control/list-runs", "/v1/control/stop-run"):
+    for path in (
+        "/v1/control/start-run",
+        "/v1/control/register-node",
+        "/v1/control/unregister-node",
+        "/v1/control/list-runs",
+        "/v1/control/stop-run",
+    ):
         assert f"refused POST {path}" in log, (path, log[-3000:])
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["digest"] for r in rows[1:]] == [r["digest"] for r in undisturbed[1:]]
@@ -182,7 +230,9 @@ def test_a_client_runs_none_of_a_foreign_apps_code_and_goes_on_serving(tmp_path,
         rows = _finish(procs, out, tmp_path / "fed" / "server.log")
     assert not marker.exists(), marker.read_text()
     assert replies and all(r["error"] for r in replies), replies
-    assert all("fedprompt client refuses run" in r["reason"] and "bundle sha256" in r["reason"] for r in replies), replies
+    assert all("fedprompt client refuses run" in r["reason"] and "bundle sha256" in r["reason"] for r in replies), (
+        replies
+    )
     client_log = (tmp_path / "fed" / "client.log").read_text()
     assert "refused run" in client_log and "none of its code runs here" in client_log
     assert [r["digest"] for r in rows[1:]] == [r["digest"] for r in undisturbed[1:]]
@@ -200,13 +250,20 @@ def test_a_run_stopped_on_the_server_host_says_so_plainly(tmp_path):
         while not any(r["round"] >= 1 for r in metrics_rows(out)):
             assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
             time.sleep(0.5)
-        run_id = next(w for line in (out / "logs" / "run.log").read_text().splitlines()
-                      if "Successfully started run" in line for w in line.split() if w.isdigit())
+        run_id = next(
+            w
+            for line in (out / "logs" / "run.log").read_text().splitlines()
+            if "Successfully started run" in line
+            for w in line.split()
+            if w.isdigit()
+        )
         r = _flwr(home, "stop", run_id, "target")
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert procs[0].wait(timeout=120) == 2, log.read_text()[-3000:]
     finally:
         stop_all(procs)
     text = log.read_text()
-    assert "fedprompt: error: federated run stopped: someone on the server host stopped it with `flwr stop`" in text, text[-2000:]
+    assert "fedprompt: error: federated run stopped: someone on the server host stopped it with `flwr stop`" in text, (
+        text[-2000:]
+    )
     assert "\x1b[" not in text and "Traceback" not in text

@@ -19,17 +19,34 @@ pytestmark = pytest.mark.slow
 
 
 def _simulate(sets: list[str], out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.mark.parametrize("kind,method,quant", [("llama", "lora", "4bit")])
 def test_sample_and_client_level_dp_simulation_reports_epsilon_and_audit(tmp_path, kind, method, quant):
     out = tmp_path / "run"
-    sets = [f"model.name={tiny_folder(kind)}", *TINY, f"peft.method={method}", f"model.quantization={quant}",
-            "federation.num_clients=3", "federation.rounds=2", "federation.fraction_fit=1.0", "federation.fraction_evaluate=0",
-            "data.partition=iid", "privacy.mode=both", "privacy.target_epsilon=6", "privacy.clipping=client",
-            "audit.canaries=2", "audit.references=15"]
+    sets = [
+        f"model.name={tiny_folder(kind)}",
+        *TINY,
+        f"peft.method={method}",
+        f"model.quantization={quant}",
+        "federation.num_clients=3",
+        "federation.rounds=2",
+        "federation.fraction_fit=1.0",
+        "federation.fraction_evaluate=0",
+        "data.partition=iid",
+        "privacy.mode=both",
+        "privacy.target_epsilon=6",
+        "privacy.clipping=client",
+        "audit.canaries=2",
+        "audit.references=15",
+    ]
     r = _simulate(sets, out)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
@@ -50,7 +67,11 @@ def test_unsound_or_unreachable_dp_is_refused_before_anything_starts(tmp_path):
     base = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=3", "data.partition=iid"]
     r = _simulate([*base, "privacy.mode=sample", "train.batch_size=20"], tmp_path / "a", timeout=300)
     assert r.returncode == 2 and "too few" in r.stderr and r.stderr.count("\n") == 1
-    r = _simulate([*base, "privacy.mode=sample", "privacy.target_epsilon=0.001", "federation.rounds=50"], tmp_path / "b", timeout=300)
+    r = _simulate(
+        [*base, "privacy.mode=sample", "privacy.target_epsilon=0.001", "federation.rounds=50"],
+        tmp_path / "b",
+        timeout=300,
+    )
     assert r.returncode == 2 and "target_epsilon" in r.stderr and r.stderr.count("\n") == 1
     r = _simulate([*base, "privacy.mode=sample", "deepspeed.zero_stage=3"], tmp_path / "c", timeout=300)
     assert r.returncode == 2 and "zero_stage" in r.stderr

@@ -33,16 +33,29 @@ def tiny_folder(kind: str) -> str:
     if kind == "llama":
         src = resolve("smollm2-135m")
         tok = transformers.AutoTokenizer.from_pretrained(src)
-        cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                                       max_position_embeddings=512)
+        cfg = transformers.LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+        )
         model = transformers.LlamaForCausalLM(cfg)
         model.config.architectures = ["LlamaForCausalLM"]
     else:
         src = resolve("minilm-l6")
         tok = transformers.AutoTokenizer.from_pretrained(src)
-        cfg = transformers.BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, max_position_embeddings=512)
+        cfg = transformers.BertConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
         model = transformers.BertModel(cfg)
         model.config.architectures = ["BertModel"]
     model.save_pretrained(tmp)
@@ -56,9 +69,19 @@ def tiny_folder(kind: str) -> str:
 
 def tiny_config(kind: str, method: str = "prompt", quantization: str = "none", **sets):
     """A Config on the tiny backbone: small batches, a few steps, built-in BBC data subsampled."""
-    overrides = [f"model.name={tiny_folder(kind)}", f"model.quantization={quantization}", f"peft.method={method}",
-                 "model.max_length=32", "peft.num_virtual_tokens=4", "peft.lora_r=4", "train.batch_size=4",
-                 "train.eval_batch_size=16", "train.local_steps=3", "train.warmup_steps=1", "data.max_examples=100",
-                 "train.max_eval_examples=16"]
+    overrides = [
+        f"model.name={tiny_folder(kind)}",
+        f"model.quantization={quantization}",
+        f"peft.method={method}",
+        "model.max_length=32",
+        "peft.num_virtual_tokens=4",
+        "peft.lora_r=4",
+        "train.batch_size=4",
+        "train.eval_batch_size=16",
+        "train.local_steps=3",
+        "train.warmup_steps=1",
+        "data.max_examples=100",
+        "train.max_eval_examples=16",
+    ]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return load_config(None, overrides)

@@ -31,7 +31,7 @@ def fedprompt_commands() -> list[list[str]]:
         argv = p.info["cmdline"] or []
         for i, word in enumerate(argv[:3]):
             if word.rsplit("/", 1)[-1] == "fedprompt" and i + 1 < len(argv):
-                found.append(argv[i + 1:])
+                found.append(argv[i + 1 :])
                 break
     return found
 
@@ -41,7 +41,7 @@ def _option(args: list[str], flag: str) -> str | None:
         if word == flag and i + 1 < len(args):
             return args[i + 1]
         if word.startswith(flag + "="):
-            return word[len(flag) + 1:]
+            return word[len(flag) + 1 :]
     return None
 
 
@@ -61,7 +61,7 @@ def server_settings(args: list[str]) -> dict[str, str]:
     for i, word in enumerate(args):
         value = args[i + 1] if word == "--set" and i + 1 < len(args) else word.removeprefix("--set=")
         if value.startswith("server.") and "=" in value:
-            key, v = value[len("server."):].split("=", 1)
+            key, v = value[len("server.") :].split("=", 1)
             settings[key] = v
     return settings
 

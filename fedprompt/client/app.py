@@ -32,11 +32,15 @@ def serve_in_process(handler) -> None:
 def request_of(msg: Message, context: Context) -> Request:
     """The Request a Flower message carries (its kind from the message type)."""
     config = dict(msg.content.get("config", ConfigRecord()))
-    return Request(kind=KIND_OF[msg.metadata.message_type], round=int(config.get("server-round", 0)),
-                   tensors=from_record(msg.content["arrays"]) if "arrays" in msg.content else {},
-                   proximal_mu=float(config.get("proximal-mu", 0.0)), scope=str(config.get("scope", "local")),
-                   # simulation: Flower gives each virtual node its partition; a `fedprompt client` sets its own
-                   partition_id=int(context.node_config.get("partition-id", 0)))
+    return Request(
+        kind=KIND_OF[msg.metadata.message_type],
+        round=int(config.get("server-round", 0)),
+        tensors=from_record(msg.content["arrays"]) if "arrays" in msg.content else {},
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        scope=str(config.get("scope", "local")),
+        # simulation: Flower gives each virtual node its partition; a `fedprompt client` sets its own
+        partition_id=int(context.node_config.get("partition-id", 0)),
+    )
 
 
 def serve(request: Request, context: Context) -> Reply:
@@ -87,4 +91,3 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     return answer(msg, context)
-

@@ -60,8 +60,11 @@ def installed_app() -> AppIdentity:
 
     meta = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
     fab = build_fab_from_disk(APP_DIR)  # deterministic: fixed timestamps and order
-    return AppIdentity(f"{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}", meta["project"]["version"],
-                       hashlib.sha256(fab).hexdigest())
+    return AppIdentity(
+        f"{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}",
+        meta["project"]["version"],
+        hashlib.sha256(fab).hexdigest(),
+    )
 
 
 def mismatch(expected: AppIdentity, fab_id: str, version: str, content: bytes) -> str | None:
@@ -94,11 +97,17 @@ class Executor:
         self.expected = installed_app()
         self.refused = 0  # tasks of foreign apps answered with an error
         self._tasks = RuntimeHttpClient.from_server_address(
-            server_address=address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                          SuperExecAuthHttpInterceptor(master_secret=secret,
-                                                       protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"}))],
-            retry_invoker=None)  # serve_forever waits and asks again
+            server_address=address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(
+                    master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
+                ),
+            ],
+            retry_invoker=None,
+        )  # serve_forever waits and asks again
 
     def close(self) -> None:
         self._tasks.close()
@@ -117,9 +126,15 @@ class Executor:
 
     def _serve(self, token: str) -> None:
         client = RuntimeHttpClient.from_server_address(
-            server_address=self.address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
-            retry_invoker=_retries())
+            server_address=self.address,
+            insecure=True,
+            root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=_retries(),
+        )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # a long fit is not a dead task
         heartbeat.start()
         context, status, details = None, _FAILED, "not served"
@@ -170,4 +185,3 @@ def secret_file(folder: Path) -> tuple[Path, bytes]:
     f.write_bytes(secret)
     os.chmod(f, 0o600)
     return f, secret
-

@@ -34,13 +34,21 @@ def client_for(config_file: str | Path, num_partitions: int):
 
 
 def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
-    return Reply(tensors=_numpy(client.initial_payload()), adapter_config=client.adapter_config_json(),
-                 metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker})
+    return Reply(
+        tensors=_numpy(client.initial_payload()),
+        adapter_config=client.adapter_config_json(),
+        metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker},
+    )
 
 
 def _fit(client, req: Request, tensors: dict, worker: dict) -> Reply:
-    res = client.fit(tensors, partition_id=req.partition_id, round_num=req.round, source=f"server (round {req.round})",
-                     proximal_mu=req.proximal_mu)
+    res = client.fit(
+        tensors,
+        partition_id=req.partition_id,
+        round_num=req.round,
+        source=f"server (round {req.round})",
+        proximal_mu=req.proximal_mu,
+    )
     metrics = {NUM_EXAMPLES: res.num_examples, UNIFORM_WEIGHT: 1, **res.metrics, **worker}
     # In the order the server sent them: Flower's DP clipping pairs arrays by position.
     ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors

@@ -22,6 +22,22 @@ from fedprompt.config.schema import (
     TrainConfig,
 )
 
-__all__ = ["INT_RANGE", "AttackConfig", "AuditConfig", "ClientConfig", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
-           "FederationConfig", "ModelConfig", "OutputConfig", "PeftConfig", "PrivacyConfig", "ServerConfig", "TrainConfig",
-           "load_config", "parse_override"]
+__all__ = [
+    "INT_RANGE",
+    "AttackConfig",
+    "AuditConfig",
+    "ClientConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "FederationConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PeftConfig",
+    "PrivacyConfig",
+    "ServerConfig",
+    "TrainConfig",
+    "load_config",
+    "parse_override",
+]

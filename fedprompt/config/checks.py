@@ -15,35 +15,62 @@ def validate(c: Config) -> list[str]:
         if not ok:
             p.append(msg)
 
-    need(0 <= c.server.superlink_port < 65536, f"server.superlink_port: {c.server.superlink_port} is out of range; allowed 0..65535")
-    need(c.server.front != "external" or c.server.superlink_port > 0,
-         "server.superlink_port: server.front 'external' needs a fixed port for the proxy to forward to, e.g. 9093")
-    need(c.model.name.strip() != "", "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id")
+    need(
+        0 <= c.server.superlink_port < 65536,
+        f"server.superlink_port: {c.server.superlink_port} is out of range; allowed 0..65535",
+    )
+    need(
+        c.server.front != "external" or c.server.superlink_port > 0,
+        "server.superlink_port: server.front 'external' needs a fixed port for the proxy to forward to, e.g. 9093",
+    )
+    need(
+        c.model.name.strip() != "",
+        "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id",
+    )
     need(8 <= c.model.max_length <= 8192, f"model.max_length: {c.model.max_length} is out of range; allowed 8..8192")
-    need(1 <= c.peft.num_virtual_tokens <= 512, f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512")
+    need(
+        1 <= c.peft.num_virtual_tokens <= 512,
+        f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512",
+    )
     if c.peft.method == "prompt" and c.peft.prompt_init == "text":
-        need(c.peft.prompt_init_text.strip() != "", "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'")
+        need(
+            c.peft.prompt_init_text.strip() != "",
+            "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'",
+        )
     need(1 <= c.peft.lora_r <= 1024, f"peft.lora_r: {c.peft.lora_r} is out of range; allowed 1..1024")
     need(c.peft.lora_alpha > 0, f"peft.lora_alpha: {c.peft.lora_alpha} must be > 0")
     need(0.0 <= c.peft.lora_dropout < 1.0, f"peft.lora_dropout: {c.peft.lora_dropout} is out of range; allowed [0, 1)")
     need(len(c.peft.lora_target_modules) > 0, "peft.lora_target_modules: must list at least one module name, or 'auto'")
 
-    need(c.data.dataset in ("bbc", "tweets", "file"), f"data.dataset: {c.data.dataset!r} is not allowed; expected one of 'bbc', 'tweets', 'file'")
+    need(
+        c.data.dataset in ("bbc", "tweets", "file"),
+        f"data.dataset: {c.data.dataset!r} is not allowed; expected one of 'bbc', 'tweets', 'file'",
+    )
     if c.data.dataset == "file":
-        need(c.data.path.strip() != "", "data.path: required when data.dataset is 'file' (a .csv, .jsonl, .json or .parquet file)")
+        need(
+            c.data.path.strip() != "",
+            "data.path: required when data.dataset is 'file' (a .csv, .jsonl, .json or .parquet file)",
+        )
     if c.data.task == "generation":
         need(c.data.dataset == "file", "data.task: 'generation' needs data.dataset 'file' with prompt/response columns")
-    need(0.0 < c.data.test_fraction < 1.0, f"data.test_fraction: {c.data.test_fraction} is out of range; allowed (0, 1)")
+    need(
+        0.0 < c.data.test_fraction < 1.0, f"data.test_fraction: {c.data.test_fraction} is out of range; allowed (0, 1)"
+    )
     need(c.data.max_examples >= 0, f"data.max_examples: {c.data.max_examples} must be >= 0 (0 means all)")
-    need(0.0 <= c.data.min_confidence <= 1.0, f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]")
+    need(
+        0.0 <= c.data.min_confidence <= 1.0,
+        f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]",
+    )
     need(c.data.alpha > 0, f"data.alpha: {c.data.alpha} must be > 0 (Dirichlet concentration)")
     need(c.data.quantity_sigma > 0, f"data.quantity_sigma: {c.data.quantity_sigma} must be > 0")
     # numpy's generators refuse negative seeds; derived per-round seeds must stay within 64 bits
     need(0 <= c.data.seed < 2**32, f"data.seed: {c.data.seed} is out of range; allowed 0..4294967295")
     need("{text}" in c.data.template, f"data.template: {c.data.template!r} must contain {{text}}")
     if c.data.label_words and c.data.labels:
-        need(len(c.data.label_words) == len(c.data.labels),
-             f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label")
+        need(
+            len(c.data.label_words) == len(c.data.labels),
+            f"data.label_words: {len(c.data.label_words)} words for {len(c.data.labels)} labels; give one word per label",
+        )
     need(len(set(c.data.labels)) == len(c.data.labels), f"data.labels: {c.data.labels} has duplicates")
 
     t = c.train
@@ -63,9 +90,15 @@ def validate(c: Config) -> list[str]:
     need(f.rounds >= 1, f"federation.rounds: {f.rounds} must be >= 1")
     need(0 < f.fraction_fit <= 1, f"federation.fraction_fit: {f.fraction_fit} is out of range; allowed (0, 1]")
     need(1 <= f.min_clients, f"federation.min_clients: {f.min_clients} must be >= 1")
-    need(f.min_clients <= f.num_clients, f"federation.min_clients: {f.min_clients} exceeds federation.num_clients ({f.num_clients}); lower it or add clients")
+    need(
+        f.min_clients <= f.num_clients,
+        f"federation.min_clients: {f.min_clients} exceeds federation.num_clients ({f.num_clients}); lower it or add clients",
+    )
     need(f.local_steps >= 0, f"federation.local_steps: {f.local_steps} must be >= 0 (0: train.local_steps)")
-    need(0 <= f.fraction_evaluate <= 1, f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)")
+    need(
+        0 <= f.fraction_evaluate <= 1,
+        f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)",
+    )
     need(0 <= f.trim_fraction < 0.5, f"federation.trim_fraction: {f.trim_fraction} is out of range; allowed [0, 0.5)")
     need(f.round_timeout >= 0, f"federation.round_timeout: {f.round_timeout} must be >= 0 seconds (0: no limit)")
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
@@ -73,24 +106,36 @@ def validate(c: Config) -> list[str]:
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
     need(f.num_malicious >= 0, f"federation.num_malicious: {f.num_malicious} must be >= 0")
     need(f.norm_bound >= 0, f"federation.norm_bound: {f.norm_bound} must be >= 0 (0: off)")
-    need(f.reject_norm_factor == 0 or f.reject_norm_factor > 1, f"federation.reject_norm_factor: {f.reject_norm_factor} is out "
-         "of range; allowed 0 (off) or > 1 (a multiple of the round's median update norm)")
+    need(
+        f.reject_norm_factor == 0 or f.reject_norm_factor > 1,
+        f"federation.reject_norm_factor: {f.reject_norm_factor} is out "
+        "of range; allowed 0 (off) or > 1 (a multiple of the round's median update norm)",
+    )
     per_round = max(int(f.num_clients * f.fraction_fit), 1)  # what Flower samples (strategy.sampled_clients)
     if f.strategy in ("krum", "multikrum"):
         # Krum scores each update by its n - f - 2 nearest others: with n <= 2f + 2 the f attackers
         # can make up an honest update's neighbourhood and the selection proves nothing.
-        need(per_round > 2 * f.num_malicious + 2, f"federation.strategy: {f.strategy!r} with federation.num_malicious "
-             f"{f.num_malicious} needs more than {2 * f.num_malicious + 2} clients per round, {per_round} are sampled "
-             f"(num_clients {f.num_clients} x fraction_fit {f.fraction_fit}); add clients, raise fraction_fit or lower num_malicious")
+        need(
+            per_round > 2 * f.num_malicious + 2,
+            f"federation.strategy: {f.strategy!r} with federation.num_malicious "
+            f"{f.num_malicious} needs more than {2 * f.num_malicious + 2} clients per round, {per_round} are sampled "
+            f"(num_clients {f.num_clients} x fraction_fit {f.fraction_fit}); add clients, raise fraction_fit or lower num_malicious",
+        )
     if f.strategy == "trimmedmean" and f.num_malicious > 0:
         cut = int(f.trim_fraction * per_round)
         if 2 * f.num_malicious >= per_round:
-            need(False, f"federation.num_malicious: {f.num_malicious} with trimmedmean needs more than {2 * f.num_malicious} "
-                 f"clients per round, {per_round} are sampled; add clients, raise fraction_fit or lower num_malicious")
+            need(
+                False,
+                f"federation.num_malicious: {f.num_malicious} with trimmedmean needs more than {2 * f.num_malicious} "
+                f"clients per round, {per_round} are sampled; add clients, raise fraction_fit or lower num_malicious",
+            )
         else:  # the smallest 3-decimal fraction whose cut reaches num_malicious
             least = math.ceil(f.num_malicious / per_round * 1000) / 1000
-            need(cut >= f.num_malicious, f"federation.trim_fraction: {f.trim_fraction} cuts {cut} of {per_round} sampled updates "
-                 f"from each end, fewer than federation.num_malicious ({f.num_malicious}); raise it to at least {least:g}")
+            need(
+                cut >= f.num_malicious,
+                f"federation.trim_fraction: {f.trim_fraction} cuts {cut} of {per_round} sampled updates "
+                f"from each end, fewer than federation.num_malicious ({f.num_malicious}); raise it to at least {least:g}",
+            )
 
     pr = c.privacy
     need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
@@ -101,48 +146,81 @@ def validate(c: Config) -> list[str]:
     need(pr.client_noise_multiplier > 0, f"privacy.client_noise_multiplier: {pr.client_noise_multiplier} must be > 0")
     need(pr.client_clip_norm > 0, f"privacy.client_clip_norm: {pr.client_clip_norm} must be > 0")
     if pr.mode in ("sample", "both"):
-        need(pr.noise_multiplier > 0 or pr.target_epsilon > 0,
-             "privacy.noise_multiplier: 0 with privacy.mode 'sample' adds no noise (no DP guarantee); set it > 0 or set privacy.target_epsilon")
-        need(not (f.strategy == "fedprox" and f.proximal_mu > 0),
-             f"federation.proximal_mu: {f.proximal_mu} with privacy.mode {pr.mode!r}: the DP optimizer replaces the gradient "
-             "with the clipped, noised one, so FedProx's proximal term would be silently dropped; use fedavg (or mu 0)")
+        need(
+            pr.noise_multiplier > 0 or pr.target_epsilon > 0,
+            "privacy.noise_multiplier: 0 with privacy.mode 'sample' adds no noise (no DP guarantee); set it > 0 or set privacy.target_epsilon",
+        )
+        need(
+            not (f.strategy == "fedprox" and f.proximal_mu > 0),
+            f"federation.proximal_mu: {f.proximal_mu} with privacy.mode {pr.mode!r}: the DP optimizer replaces the gradient "
+            "with the clipped, noised one, so FedProx's proximal term would be silently dropped; use fedavg (or mu 0)",
+        )
         # The DeepSpeed settings under which what DeepSpeed steps is what Opacus clipped and noised.
         d = c.deepspeed
-        need(d.zero_stage == 0, f"deepspeed.zero_stage: {d.zero_stage} with privacy.mode {pr.mode!r}: ZeRO partitions the gradients "
-             "into flat buffers the per-example clipping never sees; use zero_stage 0 (the payload is tiny)")
-        need(d.precision == "fp32", f"deepspeed.precision: {d.precision!r} with privacy.mode {pr.mode!r}: DeepSpeed's bf16 optimizer "
-             "steps fp32 master copies that carry no per-example gradients; use fp32 (the backbone may still be quantized)")
-        need(d.gradient_accumulation_steps == 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} with "
-             f"privacy.mode {pr.mode!r}: a Poisson-sampled batch is one step; raise train.batch_size instead")
+        need(
+            d.zero_stage == 0,
+            f"deepspeed.zero_stage: {d.zero_stage} with privacy.mode {pr.mode!r}: ZeRO partitions the gradients "
+            "into flat buffers the per-example clipping never sees; use zero_stage 0 (the payload is tiny)",
+        )
+        need(
+            d.precision == "fp32",
+            f"deepspeed.precision: {d.precision!r} with privacy.mode {pr.mode!r}: DeepSpeed's bf16 optimizer "
+            "steps fp32 master copies that carry no per-example gradients; use fp32 (the backbone may still be quantized)",
+        )
+        need(
+            d.gradient_accumulation_steps == 1,
+            f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} with "
+            f"privacy.mode {pr.mode!r}: a Poisson-sampled batch is one step; raise train.batch_size instead",
+        )
     if pr.mode in ("client", "both"):
-        need(f.strategy in ("fedavg", "fedprox"),
-             f"federation.strategy: {f.strategy!r} with privacy.mode {pr.mode!r}: client-level DP bounds each client's share "
-             "of a plain mean; use fedavg or fedprox (a server optimizer or a robust aggregate changes the sensitivity)")
-        need(not pr.adaptive_clipping,
-             "privacy.adaptive_clipping: true is refused: Flower 1.41's adaptive-clipping wrappers update the clip norm before "
-             "sizing the noise, so a shrinking norm adds less noise than accounted; use fixed clipping (privacy.client_clip_norm)")
-        need(f.norm_bound == 0, f"federation.norm_bound: {f.norm_bound} with privacy.mode {pr.mode!r}: the DP wrapper already "
-             "clips every update to privacy.client_clip_norm (the bound its noise is sized for); set norm_bound 0 and lower "
-             "client_clip_norm instead")
+        need(
+            f.strategy in ("fedavg", "fedprox"),
+            f"federation.strategy: {f.strategy!r} with privacy.mode {pr.mode!r}: client-level DP bounds each client's share "
+            "of a plain mean; use fedavg or fedprox (a server optimizer or a robust aggregate changes the sensitivity)",
+        )
+        need(
+            not pr.adaptive_clipping,
+            "privacy.adaptive_clipping: true is refused: Flower 1.41's adaptive-clipping wrappers update the clip norm before "
+            "sizing the noise, so a shrinking norm adds less noise than accounted; use fixed clipping (privacy.client_clip_norm)",
+        )
+        need(
+            f.norm_bound == 0,
+            f"federation.norm_bound: {f.norm_bound} with privacy.mode {pr.mode!r}: the DP wrapper already "
+            "clips every update to privacy.client_clip_norm (the bound its noise is sized for); set norm_bound 0 and lower "
+            "client_clip_norm instead",
+        )
         n_clients = max(f.num_clients, 1)  # 0 is reported above; the message below must still format
-        need(pr.delta < 1 / n_clients,
-             f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / n_clients:.3g})")
+        need(
+            pr.delta < 1 / n_clients,
+            f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / n_clients:.3g})",
+        )
 
     a = c.audit
-    need(0 <= a.client < f.num_clients, f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)")
+    need(
+        0 <= a.client < f.num_clients,
+        f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)",
+    )
     need(0 <= a.canaries <= 1000, f"audit.canaries: {a.canaries} is out of range; allowed 0..1000")
     need(1 <= a.canary_repeats <= 100, f"audit.canary_repeats: {a.canary_repeats} is out of range; allowed 1..100")
     need(1 <= a.references <= 100_000, f"audit.references: {a.references} is out of range; allowed 1..100000")
 
     at = c.attack
-    need(0 <= at.clients < f.num_clients, f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients - 1} "
-         "(the last attack.clients of federation.num_clients partitions attack)")
-    need(not 0 < at.clients < f.num_clients or c.audit.client < f.num_clients - at.clients,
-         f"audit.client: {c.audit.client} is one of the attacking partitions (the last attack.clients = {at.clients}); "
-         "audit an honest client")
+    need(
+        0 <= at.clients < f.num_clients,
+        f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients - 1} "
+        "(the last attack.clients of federation.num_clients partitions attack)",
+    )
+    need(
+        not 0 < at.clients < f.num_clients or c.audit.client < f.num_clients - at.clients,
+        f"audit.client: {c.audit.client} is one of the attacking partitions (the last attack.clients = {at.clients}); "
+        "audit an honest client",
+    )
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")
-    need(d.gradient_accumulation_steps >= 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1")
+    need(
+        d.gradient_accumulation_steps >= 1,
+        f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1",
+    )
     need(d.gradient_clipping >= 0, f"deepspeed.gradient_clipping: {d.gradient_clipping} must be >= 0 (0: off)")
     return p

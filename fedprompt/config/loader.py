@@ -14,9 +14,10 @@ import yaml
 
 from fedprompt.config.checks import validate
 from fedprompt.config.schema import Config
+from fedprompt.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user error in a config file or override. Each entry of `problems` is one line."""
 
     def __init__(self, problems: list[str]):
@@ -66,7 +67,10 @@ class _Loader(yaml.SafeLoader):
             why = "more than 4300 digits" if "integer string conversion" in str(e) else str(e) or type(e).__name__
             kind = str(node.tag).rsplit(":", 1)[-1]  # int, float, timestamp, ...
             raise yaml.constructor.ConstructorError(
-                None, None, f"cannot read {_show(node.value)} as {kind} ({why}); quote it if it is text", node.start_mark
+                None,
+                None,
+                f"cannot read {_show(node.value)} as {kind} ({why}); quote it if it is text",
+                node.start_mark,
             ) from None
 
 
@@ -75,9 +79,7 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
-        tp, str(tp)
-    )
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -143,9 +145,7 @@ def _build(cls: type, data: Any, where: str, problems: list[str]) -> Any:
     for key in data:
         if key not in names:
             shown = key if isinstance(key, str) and key.isidentifier() else _show(key)  # one line, visible
-            problems.append(
-                f"{where + '.' if where else ''}{shown}: unknown key; allowed keys: {', '.join(names)}"
-            )
+            problems.append(f"{where + '.' if where else ''}{shown}: unknown key; allowed keys: {', '.join(names)}")
     kwargs = {}
     for name in names:
         if name not in data:
@@ -212,7 +212,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"])
+            raise ConfigError(
+                [
+                    f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"
+                ]
+            )
         try:
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
         except UnicodeDecodeError as e:
@@ -229,7 +233,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if raw is None:  # an empty file (or only comments): all defaults
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError([f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"])
+            raise ConfigError(
+                [
+                    f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"
+                ]
+            )
     for ov in overrides:
         parts, value = parse_override(ov)
         _apply_override(raw, parts, value)

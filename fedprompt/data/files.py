@@ -58,6 +58,7 @@ def _json_too_deep(path: Path) -> int | None:
     """First line whose JSON nesting exceeds MAX_JSON_DEPTH, or None. Line by line, as pyarrow
     parses .jsonl/.json files (one document per line); brackets inside strings do not count."""
     import numpy as np
+
     step = np.zeros(256, np.int64)
     step[list(b"[{")], step[list(b"]}")] = 1, -1
     with path.open("rb") as f:
@@ -95,6 +96,7 @@ def _parquet_check(path: Path, name: str) -> None:
     """Refuse what the parquet footer already shows wrong (no rows, duplicate column names),
     which `datasets` reports only as an arrow internal ("BatchSize must be greater than 0")."""
     import pyarrow.parquet as pq
+
     try:
         meta = pq.read_metadata(path)
         names = meta.schema.to_arrow_schema().names
@@ -104,39 +106,57 @@ def _parquet_check(path: Path, name: str) -> None:
         raise DataError(f"data file {name!r} has no rows; add examples to it")
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
-        raise DataError(f"data file {name!r} has duplicate column names ({', '.join(map(repr, dup))}); give every column a distinct name")
+        raise DataError(
+            f"data file {name!r} has duplicate column names ({', '.join(map(repr, dup))}); give every column a distinct name"
+        )
 
 
 def _load_file(cfg: DataConfig) -> "datasets.Dataset":
     try:
         path = Path(cfg.path).expanduser()
     except RuntimeError:  # "~user/..." of an unknown user, or no home directory
-        raise DataError(f"data file {cfg.path!r}: cannot expand '~' (unknown user or no home directory); give the full path") from None
+        raise DataError(
+            f"data file {cfg.path!r}: cannot expand '~' (unknown user or no home directory); give the full path"
+        ) from None
     name = str(path)
     if not path.is_file():
         if path.exists():
-            raise DataError(f"data file {name!r} is not a regular file (a directory?); set data.path to a .csv, .jsonl, .json or .parquet file")
-        raise DataError(f"data file {name!r} does not exist; set data.path to an existing .csv, .jsonl, .json or .parquet file")
+            raise DataError(
+                f"data file {name!r} is not a regular file (a directory?); set data.path to a .csv, .jsonl, .json or .parquet file"
+            )
+        raise DataError(
+            f"data file {name!r} does not exist; set data.path to an existing .csv, .jsonl, .json or .parquet file"
+        )
     builder = _FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise DataError(f"data file {name!r} has unknown extension {path.suffix!r}; use .csv, .jsonl, .json or .parquet")
+        raise DataError(
+            f"data file {name!r} has unknown extension {path.suffix!r}; use .csv, .jsonl, .json or .parquet"
+        )
     try:
         if path.stat().st_size == 0:
-            raise DataError(f"data file {name!r} is empty (0 bytes); give a file with a header/records and at least 2 examples per class")
+            raise DataError(
+                f"data file {name!r} is empty (0 bytes); give a file with a header/records and at least 2 examples per class"
+            )
         if builder != "parquet":
             bad = _bad_text_byte(path)
             if bad is not None and bad[2] == 0:
-                raise DataError(f"data file {name!r} has a NUL byte (offset {bad[0]}, line {bad[1]}), which no text file has; "
-                                "if it is UTF-16, re-encode it as UTF-8 (iconv -f utf-16 -t utf-8), else remove the NUL bytes")
+                raise DataError(
+                    f"data file {name!r} has a NUL byte (offset {bad[0]}, line {bad[1]}), which no text file has; "
+                    "if it is UTF-16, re-encode it as UTF-8 (iconv -f utf-16 -t utf-8), else remove the NUL bytes"
+                )
             if bad is not None:
                 off, line, byte = bad
-                raise DataError(f"data file {name!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {off}, line {line}); "
-                                "re-encode it as UTF-8, e.g. iconv -f cp1252 -t utf-8")
+                raise DataError(
+                    f"data file {name!r} is not valid UTF-8 (byte 0x{byte:02x} at offset {off}, line {line}); "
+                    "re-encode it as UTF-8, e.g. iconv -f cp1252 -t utf-8"
+                )
         if builder == "json":
             deep = _json_too_deep(path)
             if deep is not None:
-                raise DataError(f"data file {name!r}: line {deep} nests JSON values more than {MAX_JSON_DEPTH} levels deep; "
-                                "text, label, prompt and response values must be strings or numbers")
+                raise DataError(
+                    f"data file {name!r}: line {deep} nests JSON values more than {MAX_JSON_DEPTH} levels deep; "
+                    "text, label, prompt and response values must be strings or numbers"
+                )
         if builder == "parquet":
             _parquet_check(path, name)
     except OSError as e:
@@ -150,7 +170,9 @@ def _load_file(cfg: DataConfig) -> "datasets.Dataset":
     def load(**options: Any) -> "datasets.Dataset":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds_mod.load_dataset(builder, data_files=str(path.resolve()), split="train", cache_dir=str(cache), **options)
+            return ds_mod.load_dataset(
+                builder, data_files=str(path.resolve()), split="train", cache_dir=str(cache), **options
+            )
 
     try:
         if builder != "json":
@@ -167,8 +189,10 @@ def _load_file(cfg: DataConfig) -> "datasets.Dataset":
                     raise
                 key = _json_slash_key(path)
                 if key is not None:
-                    raise DataError(f"data file {name!r}: key {key!r} has values of mixed types and a '/' in its name, "
-                                    "which the JSON loader cannot handle; rename the key or give its values one type") from None
+                    raise DataError(
+                        f"data file {name!r}: key {key!r} has values of mixed types and a '/' in its name, "
+                        "which the JSON loader cannot handle; rename the key or give its values one type"
+                    ) from None
                 ds = load(on_mixed_types="use_json")
     except DataError:
         raise
@@ -187,14 +211,20 @@ def _column(ds: "datasets.Dataset", cfg: DataConfig, kind: str) -> list[Any]:
     """Values of the column configured as data.<kind>_column; None/blank values are errors."""
     col = getattr(cfg, f"{kind}_column")
     if col not in ds.column_names:
-        raise DataError(f"data file {cfg.path!r} has no column {col!r} (set data.{kind}_column); columns found: {_listed(ds.column_names)}")
+        raise DataError(
+            f"data file {cfg.path!r} has no column {col!r} (set data.{kind}_column); columns found: {_listed(ds.column_names)}"
+        )
     values = list(ds[col])
     for i, v in enumerate(values):  # rows count from 1, header excluded
         if isinstance(v, (dict, list, bytes)):  # str() would make "{'a': 1}" or "b'..'" a text or a class
             what = "a mapping" if isinstance(v, dict) else "a list" if isinstance(v, list) else "binary data"
-            raise DataError(f"data file {cfg.path!r}: row {i + 1} has {what} in column {col!r}; "
-                            f"data.{kind}_column must hold strings or numbers (pick another column or flatten it)")
+            raise DataError(
+                f"data file {cfg.path!r}: row {i + 1} has {what} in column {col!r}; "
+                f"data.{kind}_column must hold strings or numbers (pick another column or flatten it)"
+            )
         # NaN: a missing number (JSON NaN, or a gap pandas filled in a numeric CSV column)
         if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
-            raise DataError(f"data file {cfg.path!r}: row {i + 1} has an empty {col!r} value; fill it in or remove the row")
+            raise DataError(
+                f"data file {cfg.path!r}: row {i + 1} has an empty {col!r} value; fill it in or remove the row"
+            )
     return values

@@ -78,6 +78,7 @@ REGISTRY: dict[str, Callable[..., Adapted]] = {}
 
 def register(name: str) -> Callable:
     """Register a method builder under `peft.method` = `name` (a second one of a name is a bug)."""
+
     def deco(fn: Callable[..., Adapted]) -> Callable[..., Adapted]:
         if name in REGISTRY:
             raise ValueError(f"method {name!r} is already registered ({REGISTRY[name].__module__})")

@@ -15,9 +15,7 @@ class PeftAdapted(Adapted):
         self.causal = backbone.causal
         peft_config.task_type = TaskType.CAUSAL_LM if backbone.causal else TaskType.SEQ_CLS
         self.peft_model = get_peft_model(backbone.model, peft_config)
-        self._names = {
-            strip_adapter_name(n): p for n, p in self.peft_model.named_parameters() if p.requires_grad
-        }
+        self._names = {strip_adapter_name(n): p for n, p in self.peft_model.named_parameters() if p.requires_grad}
 
     @property
     def backbone(self) -> torch.nn.Module:

@@ -40,14 +40,18 @@ class SoftPrompt(Adapted):
             if self.head_name is None:
                 from fedprompt.backbone import BackboneError
 
-                raise BackboneError(f"model.name: {type(self.model).__name__} has no classification head named {HEAD_NAMES}")
+                raise BackboneError(
+                    f"model.name: {type(self.model).__name__} has no classification head named {HEAD_NAMES}"
+                )
             if self.head_name == "score":
                 # Decoder classifiers pool the last position when given inputs_embeds, which is
                 # padding under right padding: the soft prompt would read the wrong token.
                 from fedprompt.backbone import BackboneError
 
-                raise BackboneError(f"peft.method: 'prompt' is not supported on {type(self.model).__name__} "
-                                    "(a decoder classifier); use prefix or lora, or a *ForCausalLM folder")
+                raise BackboneError(
+                    f"peft.method: 'prompt' is not supported on {type(self.model).__name__} "
+                    "(a decoder classifier); use prefix or lora, or a *ForCausalLM folder"
+                )
             for p in getattr(self.model, self.head_name).parameters():
                 p.requires_grad_(True)
 

@@ -144,10 +144,10 @@ def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerS
     rep = _ask(grid, node, Kind.INIT, RecordDict({"config": ConfigRecord({"server-round": 0})}), timeout)
     tensors = from_record(rep.content["arrays"])
     payload.validate(tensors, payload.manifest_from(tensors), source=f"node {node} (initial payload)")
-    log(f"initial payload from node {node}: {len(tensors)} tensors, "
-        f"{sum(v.nbytes for v in tensors.values()):,} bytes")
-    return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]),
-                                  config_yaml=cfg.to_yaml())
+    log(f"initial payload from node {node}: {len(tensors)} tensors, {sum(v.nbytes for v in tensors.values()):,} bytes")
+    return checkpoint.ServerState(
+        round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]), config_yaml=cfg.to_yaml()
+    )
 
 
 def _check_reply(rep: Message, manifest: payload.Manifest) -> dict:
@@ -175,7 +175,9 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
             row["fed_examples"] = int(agg[WEIGHT_KEY])
     if centralized:
         node = sorted(grid.get_node_ids())[0]
-        content = RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})})
+        content = RecordDict(
+            {"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})}
+        )
         m = dict(_ask(grid, node, Kind.EVALUATE, content, timeout).content["metrics"])
         row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, *WORKER_KEYS)})
     else:  # deployment: the server holds no data; the federated figures are the figures
@@ -185,8 +187,17 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
     return row
 
 
-def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd: int, manifest: payload.Manifest,
-           *, centralized: bool, timeout: float | None) -> tuple[dict, dict]:
+def _round(
+    grid: Grid,
+    cfg: Config,
+    strategy,
+    state: checkpoint.ServerState,
+    rnd: int,
+    manifest: payload.Manifest,
+    *,
+    centralized: bool,
+    timeout: float | None,
+) -> tuple[dict, dict]:
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
     pr = cfg.privacy
@@ -213,7 +224,7 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     if len(replies) < len(msgs):
         problems.append(f"{len(msgs) - len(replies)} of {len(msgs)} sampled clients did not reply within {timeout} s")
     # Every client that trained spent its privacy, kept or not: its epsilon counts.
-    dp = _privacy_row(cfg, state.rows[-1], good)
+    privacy_row = _privacy_row(cfg, state.rows[-1], good)
     good, robust_row = screen_and_bound(cfg, rnd, state.tensors, good, problems)
     for p in problems:
         log(f"round {rnd}: {p}")
@@ -223,31 +234,46 @@ def _round(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd
     if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
         # The noise is sized for m = sampled_clients updates; a mean over any other number
         # would leak more than accounted. The round releases nothing: the global state stays.
-        log(f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of "
-            f"{len(msgs)} sampled; nothing aggregated")
+        log(
+            f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of "
+            f"{len(msgs)} sampled; nothing aggregated"
+        )
         tensors, train, released = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY), False
     else:
         tensors, train, released = aggregate(cfg, strategy, rnd, state, good, manifest)
         if client_dp(cfg):  # a noised aggregate was computed: kept or not, it counts as a release
-            dp.update(_client_epsilon(cfg, dp["dp_releases"] + 1), dp_releases=dp["dp_releases"] + 1)
+            privacy_row.update(
+                _client_epsilon(cfg, privacy_row["dp_releases"] + 1), dp_releases=privacy_row["dp_releases"] + 1
+            )
     if client_dp(cfg):
-        dp["clip_norm"] = float(strategy.clipping_norm)
+        privacy_row["clip_norm"] = float(strategy.clipping_norm)
         if pr.mode == "client":
-            dp["epsilon"] = dp["client_epsilon"]
+            privacy_row["epsilon"] = privacy_row["client_epsilon"]
     t_train = time.perf_counter() - t0
     row = {"round": rnd, "step": rnd * cfg.round_steps}
     t1 = time.perf_counter()
     row.update(_evaluate(grid, strategy, rnd, tensors, centralized=centralized, timeout=timeout))
     t_eval = time.perf_counter() - t1
-    row.update({
-        "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
-        "clients": len(good), "failures": len(msgs) - len(good),
-        "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights
-        "bytes_up": max(ups), "bytes_up_total": sum(ups), "bytes_down": down, "bytes_down_total": down * len(msgs),
-        "train_s": round(t_train, 3), "eval_s": round(t_eval, 3), "round_s": round(time.perf_counter() - t0, 3),
-        "client_train_s": float(train["train_s"]) if train and "train_s" in train else None, "backbone_loads": workers,
-        "released": released, **robust_row, **dp,
-    })
+    row.update(
+        {
+            "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
+            "clients": len(good),
+            "failures": len(msgs) - len(good),
+            "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights
+            "bytes_up": max(ups),
+            "bytes_up_total": sum(ups),
+            "bytes_down": down,
+            "bytes_down_total": down * len(msgs),
+            "train_s": round(t_train, 3),
+            "eval_s": round(t_eval, 3),
+            "round_s": round(time.perf_counter() - t0, 3),
+            "client_train_s": float(train["train_s"]) if train and "train_s" in train else None,
+            "backbone_loads": workers,
+            "released": released,
+            **robust_row,
+            **privacy_row,
+        }
+    )
     return tensors, row
 
 
@@ -291,10 +317,24 @@ def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
         state = _start(grid, cfg, timeout)
         row = {"round": 0, "step": 0}
         row.update(_evaluate(grid, strategy, 0, state.tensors, centralized=centralized, timeout=timeout))
-        row.update({"train_loss": None, "clients": 0, "failures": 0, "examples": 0, "bytes_up": 0, "bytes_up_total": 0,
-                    "bytes_down": 0, "bytes_down_total": 0, "train_s": 0.0, "eval_s": 0.0, "client_train_s": None,
-                    "round_s": round(time.perf_counter() - t0, 3),
-                    "backbone_loads": {}, "wall_s": round(time.perf_counter() - t0, 3)})
+        row.update(
+            {
+                "train_loss": None,
+                "clients": 0,
+                "failures": 0,
+                "examples": 0,
+                "bytes_up": 0,
+                "bytes_up_total": 0,
+                "bytes_down": 0,
+                "bytes_down_total": 0,
+                "train_s": 0.0,
+                "eval_s": 0.0,
+                "client_train_s": None,
+                "round_s": round(time.perf_counter() - t0, 3),
+                "backbone_loads": {},
+                "wall_s": round(time.perf_counter() - t0, 3),
+            }
+        )
         state.rows = [row]
         checkpoint.save(out, state)
     else:
@@ -321,8 +361,13 @@ def _finish(cfg: Config, out: Path, state: checkpoint.ServerState, manifest: pay
     checkpoint.export_adapter(out / "adapter", state.tensors, state.adapter_config)
     rows = state.rows
     if cfg.output.plots and all(r.get("accuracy") is not None for r in rows):
-        plot_curves(rows, out / "curves.png", x="round", title=f"{cfg.data.dataset}: {cfg.model.name} + {cfg.peft.method}, "
-                    f"{cfg.federation.strategy}, {cfg.federation.num_clients} clients")
+        plot_curves(
+            rows,
+            out / "curves.png",
+            x="round",
+            title=f"{cfg.data.dataset}: {cfg.model.name} + {cfg.peft.method}, "
+            f"{cfg.federation.strategy}, {cfg.federation.num_clients} clients",
+        )
     last = rows[-1]
     summary = {
         **last,

@@ -39,8 +39,17 @@ class Front:
     `allowed` admits to the SuperLink at `upstream` (`https://127.0.0.1:PORT`, verified with
     `cafile`, or `http://...`). `say(text)` gets one line per refused kind of request."""
 
-    def __init__(self, host: str, port: int, upstream: str, *, certfile: Path | None = None, keyfile: Path | None = None,
-                 cafile: Path | None = None, say=print):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        upstream: str,
+        *,
+        certfile: Path | None = None,
+        keyfile: Path | None = None,
+        cafile: Path | None = None,
+        say=print,
+    ):
         self.host, self.port, self.upstream = host, port, upstream.rstrip("/")
         self.certfile, self.keyfile, self.cafile, self.say = certfile, keyfile, cafile, say
         self.refused = 0  # requests answered 403 (tests and the log read it)
@@ -62,8 +71,12 @@ class Front:
 
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.cafile)) if self.cafile else False
         # No pool limit on waiting: a SuperNode's calls are short; 120 s covers a large object.
-        client = httpx.AsyncClient(base_url=self.upstream, verify=verify, timeout=httpx.Timeout(120.0, connect=10.0),
-                                   limits=httpx.Limits(max_connections=256, max_keepalive_connections=64))
+        client = httpx.AsyncClient(
+            base_url=self.upstream,
+            verify=verify,
+            timeout=httpx.Timeout(120.0, connect=10.0),
+            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+        )
 
         async def app(scope, receive, send):
             if scope["type"] == "lifespan":
@@ -81,7 +94,9 @@ class Front:
             if not allowed(method, path) or scope.get("query_string"):
                 peer = scope.get("client") or ("?", 0)
                 self._log_refusal(method, path, f"{peer[0]}:{peer[1]}")
-                await PlainTextResponse("403 Forbidden: only the Fleet API is served here\n", status_code=403)(scope, receive, send)
+                await PlainTextResponse("403 Forbidden: only the Fleet API is served here\n", status_code=403)(
+                    scope, receive, send
+                )
                 return
             headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in _HOP]
 
@@ -98,12 +113,14 @@ class Front:
                 req = client.build_request(method, path, headers=headers, content=body() if method == "POST" else None)
                 up = await client.send(req, stream=True)
             except httpx.HTTPError as e:
-                await PlainTextResponse(f"502 Bad Gateway: the SuperLink did not answer ({type(e).__name__})\n",
-                                        status_code=502)(scope, receive, send)
+                await PlainTextResponse(
+                    f"502 Bad Gateway: the SuperLink did not answer ({type(e).__name__})\n", status_code=502
+                )(scope, receive, send)
                 return
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
-            await StreamingResponse(up.aiter_raw(), status_code=up.status_code, headers=out_headers,
-                                    background=BackgroundTask(up.aclose))(scope, receive, send)
+            await StreamingResponse(
+                up.aiter_raw(), status_code=up.status_code, headers=out_headers, background=BackgroundTask(up.aclose)
+            )(scope, receive, send)
 
         return app
 
@@ -111,11 +128,19 @@ class Front:
         """Listen (in a daemon thread of this process); return once it accepts connections."""
         import uvicorn
 
-        config = uvicorn.Config(self._app(), host=self.host, port=self.port, log_level="warning", access_log=False,
-                                lifespan="on", server_header=False, date_header=False,
-                                ssl_certfile=str(self.certfile) if self.certfile else None,
-                                ssl_keyfile=str(self.keyfile) if self.keyfile else None,
-                                timeout_keep_alive=30)
+        config = uvicorn.Config(
+            self._app(),
+            host=self.host,
+            port=self.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            server_header=False,
+            date_header=False,
+            ssl_certfile=str(self.certfile) if self.certfile else None,
+            ssl_keyfile=str(self.keyfile) if self.keyfile else None,
+            timeout_keep_alive=30,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="fedprompt-front", daemon=True)
         self._thread.start()

@@ -53,9 +53,13 @@ def screen(norms: list[float], factor: float, *, min_replies: int = 3) -> list[s
     if not med > 0:
         return [None] * len(norms)
     limit = factor * med
-    return [None if n <= limit else
-            f"update norm {n:.4g} exceeds {factor:g} x the round's median update norm {med:.4g} "
-            f"(of {len(norms)} valid replies; federation.reject_norm_factor)" for n in norms]
+    return [
+        None
+        if n <= limit
+        else f"update norm {n:.4g} exceeds {factor:g} x the round's median update norm {med:.4g} "
+        f"(of {len(norms)} valid replies; federation.reject_norm_factor)"
+        for n in norms
+    ]
 
 
 def bound(global_: Payload, reply: Payload, limit: float) -> tuple[Payload, float]:
@@ -91,13 +95,19 @@ def _scaled(global_: Payload, reply: Payload, s: float) -> Payload:
 def krum_select(global_: Payload, replies: list[Payload], f: int, keep: int) -> list[int]:
     """Indices (ascending) of the `keep` replies with the lowest Krum scores: each update's
     summed squared distance to its n - f - 2 nearest other updates (at least 1)."""
-    flat = np.stack([np.concatenate([(r[k].astype(np.float64) - g.astype(np.float64)).ravel()
-                                     for k, g in global_.items() if _floating(g)]) for r in replies])
+    flat = np.stack(
+        [
+            np.concatenate(
+                [(r[k].astype(np.float64) - g.astype(np.float64)).ravel() for k, g in global_.items() if _floating(g)]
+            )
+            for r in replies
+        ]
+    )
     d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
     n = len(replies)
     near = max(n - f - 2, 1)
     scores = [float(np.sort(np.delete(d[i], i))[:near].sum()) if n > 1 else 0.0 for i in range(n)]
-    return sorted(np.argsort(scores, kind="stable")[:max(1, min(keep, n))].tolist())
+    return sorted(np.argsort(scores, kind="stable")[: max(1, min(keep, n))].tolist())
 
 
 def scale_update(global_: Payload, local: Payload, scale: float) -> Payload:
