@@ -90,3 +90,22 @@ def test_every_module_stays_readable():
     """No module of fedprompt/ over 400 lines: a concept that outgrows that is split by owner."""
     sizes = {name: len(path.read_text(encoding="utf-8").splitlines()) for name, path in _modules().items()}
     assert max(sizes.values()) <= 400, sorted(sizes.items(), key=lambda kv: -kv[1])[:3]
+
+
+def test_the_repository_stands_alone():
+    """No file points a reader at a design document outside this repository."""
+    import subprocess
+
+    root = PKG.parent
+    outside = ["STACK" + ".md", "DESIGN" + ".md", "../" + "shared/"]
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not files:  # not a git checkout (an sdist): read the tree
+        files = [str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".venv" not in p.parts]
+    found = []
+    for name in files:
+        try:
+            text = (root / name).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        found += [f"{name}: {word}" for word in outside if word in text]
+    assert not found, found
