@@ -15,17 +15,7 @@ from fedprompt.report import read_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = [
-    "model.max_length=32",
-    "peft.num_virtual_tokens=4",
-    "peft.lora_r=4",
-    "train.batch_size=4",
-    "train.eval_batch_size=16",
-    "train.local_steps=3",
-    "train.warmup_steps=1",
-    "data.max_examples=100",
-    "train.max_eval_examples=16",
-]
+from tests.tiny import TINY  # noqa: E402,F401  (re-exported: the e2e tests' overrides)
 
 
 def set_args(items: list[str]) -> list[str]:

@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 
 from fedprompt.processes import binary, env, free_port
-from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all
+from tests.helpers import (
+    TINY,
+    client_tls,
+    make_certs,
+    metrics_rows,
+    set_args,
+    start_fedprompt,
+    stop_all,
+    wait_for_round,
+)
 from tests.tiny import tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -85,6 +94,14 @@ def _connection(home: Path, address: str, ca: Path) -> Path:
         f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
     )
     return home
+
+
+def _run_id(out: Path) -> str:
+    """The Flower run id of the federation writing `out` (from its `flwr run` log)."""
+    log = (out / "logs" / "run.log").read_text()
+    return next(
+        w for line in log.splitlines() if "Successfully started run" in line for w in line.split() if w.isdigit()
+    )
 
 
 def _federation(
@@ -164,17 +181,8 @@ def test_a_third_party_with_the_ca_and_network_reach_is_refused_everything(tmp_p
     app = _foreign_app(tmp_path / "foreign")
     home = _connection(tmp_path / "attacker", addr, certs / "ca.crt")
     try:
-        t0 = time.monotonic()
-        while not any(r["round"] >= 1 for r in metrics_rows(out)):  # the federation is under way
-            assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
-            time.sleep(0.5)
-        run_id = next(
-            w
-            for line in (out / "logs" / "run.log").read_text().splitlines()
-            if "Successfully started run" in line
-            for w in line.split()
-            if w.isdigit()
-        )
+        wait_for_round(out, 1, procs, timeout=300)  # the federation is under way
+        run_id = _run_id(out)
         server_log = (tmp_path / "fed" / "server.log").read_text()
         node_id = server_log.split("registered (node ")[1].split(")")[0]
         attempts = {
@@ -215,10 +223,7 @@ def test_a_client_runs_none_of_a_foreign_apps_code_and_goes_on_serving(tmp_path,
     marker, report = tmp_path / "marker.txt", tmp_path / "report.json"
     home = _connection(tmp_path / "operator", f"127.0.0.1:{link}", certs / "ca.crt")  # loopback: the server host
     try:
-        t0 = time.monotonic()
-        while not any(r["round"] >= 1 for r in metrics_rows(out)):
-            assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
-            time.sleep(0.5)
+        wait_for_round(out, 1, procs, timeout=300)  # the federation is under way
         r = _flwr(home, "run", str(app), "target", "--run-config", f'marker="{marker}" report="{report}"')
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         t0 = time.monotonic()
@@ -246,17 +251,8 @@ def test_a_run_stopped_on_the_server_host_says_so_plainly(tmp_path):
     home = _connection(tmp_path / "operator", f"127.0.0.1:{link}", certs / "ca.crt")
     log = tmp_path / "fed" / "server.log"
     try:
-        t0 = time.monotonic()
-        while not any(r["round"] >= 1 for r in metrics_rows(out)):
-            assert all(p.poll() is None for p in procs) and time.monotonic() - t0 < 300
-            time.sleep(0.5)
-        run_id = next(
-            w
-            for line in (out / "logs" / "run.log").read_text().splitlines()
-            if "Successfully started run" in line
-            for w in line.split()
-            if w.isdigit()
-        )
+        wait_for_round(out, 1, procs, timeout=300)  # the federation is under way
+        run_id = _run_id(out)
         r = _flwr(home, "stop", run_id, "target")
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert procs[0].wait(timeout=120) == 2, log.read_text()[-3000:]

@@ -67,21 +67,27 @@ def tiny_folder(kind: str) -> str:
     return str(out)
 
 
+# Small batches, a few steps, built-in data subsampled: the overrides of every tiny run.
+TINY = [
+    "model.max_length=32",
+    "peft.num_virtual_tokens=4",
+    "peft.lora_r=4",
+    "train.batch_size=4",
+    "train.eval_batch_size=16",
+    "train.local_steps=3",
+    "train.warmup_steps=1",
+    "data.max_examples=100",
+    "train.max_eval_examples=16",
+]
+
+
 def tiny_config(kind: str, method: str = "prompt", quantization: str = "none", **sets):
     """A Config on the tiny backbone: small batches, a few steps, built-in BBC data subsampled."""
     overrides = [
         f"model.name={tiny_folder(kind)}",
         f"model.quantization={quantization}",
         f"peft.method={method}",
-        "model.max_length=32",
-        "peft.num_virtual_tokens=4",
-        "peft.lora_r=4",
-        "train.batch_size=4",
-        "train.eval_batch_size=16",
-        "train.local_steps=3",
-        "train.warmup_steps=1",
-        "data.max_examples=100",
-        "train.max_eval_examples=16",
+        *TINY,
     ]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return load_config(None, overrides)
