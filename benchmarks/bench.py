@@ -58,31 +58,14 @@ NOTES = {
     "skew the clients' updates also pull apart. Where the federation has not converged yet at this length "
     "the ratio says so. At the demo's scale (10 rounds x 10 steps x 4 clients, 64 tokens, README: Results, "
     "Federated) Dirichlet 0.5 prompt tuning reaches 0.961x the centralized accuracy; `make bench-long` "
-    "runs 20 rounds x 10 steps for every method.",
+    "runs 20 rounds x 10 steps for every method."
 }
-VERSIONS = [
-    "torch",
-    "transformers",
-    "peft",
-    "accelerate",
-    "deepspeed",
-    "bitsandbytes",
-    "opacus",
-    "flwr",
-    "flwr-datasets",
-]
+VERSIONS = ["torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "opacus", "flwr", "flwr-datasets"]
 
 
 def machine() -> list[str]:
     cpu = (
-        next(
-            (
-                ln.split(":", 1)[1].strip()
-                for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")
-            ),
-            platform.processor() or "?",
-        )
+        next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")), platform.processor() or "?")
         if Path("/proc/cpuinfo").exists()
         else "?"
     )
@@ -107,9 +90,7 @@ def machine() -> list[str]:
             vers.append(f"{name} -")
     lines.append("- Versions: " + ", ".join(vers))
     try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         rev = ""
     lines.append(f"- fedprompt commit: {rev or 'unknown'}")
@@ -127,12 +108,7 @@ def run_section(name: str, script: str, out: Path, long: bool) -> dict:
     with open(d / "log.txt", "w") as log:
         rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
     wall = time.perf_counter() - t0
-    meta = {
-        "wall_s": round(wall, 1),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "mode": "long" if long else "quick",
-        "rc": rc,
-    }
+    meta = {"wall_s": round(wall, 1), "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "mode": "long" if long else "quick", "rc": rc}
     (d / "meta.json").write_text(json.dumps(meta))
     status = "ok" if rc == 0 else f"FAILED (rc {rc}, see {d / 'log.txt'})"
     print(f"[bench] {name}: {status} in {wall:.0f} s", flush=True)
@@ -221,8 +197,7 @@ def report(out: Path, results_md: Path, total_s: float) -> None:
             "Do not edit by hand: rerun the benchmark (`--only SECTION` reruns one; the others keep their earlier text "
             "and dates).",
             "",
-            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}"
-            f"{f', this invocation {total_s / 60:.1f} min' if total_s else ''}.",
+            f"Generated {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}{f', this invocation {total_s / 60:.1f} min' if total_s else ''}.",
             "",
             *machine(),
             *(

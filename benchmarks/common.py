@@ -29,15 +29,11 @@ def write_result(out: Path, *, title: str, markdown: str, summary: dict, plots: 
     """out/result.json: a section of RESULTS.md (title, Markdown body, key figures, PNG names
     under `out`); also printed, so a script run alone shows its table."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "result.json").write_text(
-        json.dumps({"title": title, "markdown": markdown, "summary": summary, "plots": plots or []}, indent=2) + "\n"
-    )
+    (out / "result.json").write_text(json.dumps({"title": title, "markdown": markdown, "summary": summary, "plots": plots or []}, indent=2) + "\n")
     print(f"## {title}\n\n{markdown}\n")
 
 
-def plot(
-    series: dict[str, tuple[list, list]], path: Path, *, xlabel: str, ylabel: str, title: str, logx: bool = False
-) -> None:
+def plot(series: dict[str, tuple[list, list]], path: Path, *, xlabel: str, ylabel: str, title: str, logx: bool = False) -> None:
     """One PNG with a line per series (name -> (xs, ys))."""
     import matplotlib
 
@@ -68,6 +64,31 @@ def simulate(config: str | Path, out: Path, sets: list[str]) -> dict:
     if r.returncode:
         raise RuntimeError(f"fedprompt simulate failed ({r.returncode}): {r.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text())
+
+
+def start_simulate(config: str | Path, sets: list[str], out: Path, log: Path, *, env: dict | None = None) -> subprocess.Popen:
+    """`fedprompt simulate` in its own session (stop it with `stop_group`), output to `log`."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fedprompt", "simulate", "--config", str(config), *set_args(sets), "--output", str(out)],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            start_new_session=True,
+        )
+
+
+def finished_rows(rc: int, log: Path, out: Path, *, what: str, rounds: int, clients: int) -> list[dict]:
+    """The metrics rows after round 0 of a `fedprompt simulate` that exited with `rc`; exit the
+    benchmark naming `what` unless it succeeded with `rounds` rounds of `clients` clients."""
+    if rc != 0:
+        raise SystemExit(f"fedprompt simulate ({what}) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}")
+    got = [r for r in rows(out) if r["round"] > 0]
+    if len(got) != rounds or any(r["clients"] != clients for r in got):
+        raise SystemExit(f"{what}: expected {rounds} rounds of {clients} clients, got {[(r['round'], r['clients']) for r in got]}")
+    return got
 
 
 def rows(out: Path) -> list[dict]:

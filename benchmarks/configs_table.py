@@ -39,24 +39,14 @@ def main() -> int:
         if args.only and name not in args.only:
             continue
         out = Path(args.out) / _tag(name, sets)
-        cmd = [
-            sys.executable,
-            "-m",
-            "fedprompt",
-            "train",
-            "--config",
-            str(ROOT / "configs" / f"{name}.yaml"),
-            "--output",
-            str(out),
-            "--overwrite",
-        ] + [x for s in sets for x in ("--set", s)]
+        cmd = [sys.executable, "-m", "fedprompt", "train", "--config", str(ROOT / "configs" / f"{name}.yaml"), "--output", str(out), "--overwrite"] + [
+            x for s in sets for x in ("--set", s)
+        ]
         print("$", " ".join(cmd[1:]), flush=True)
         t = time.time()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         r = json.loads((out / "summary.json").read_text())
-        print(
-            f"  accuracy {r['accuracy']:.4f} (start {r['start_accuracy']:.4f}) in {time.time() - t:.0f} s", flush=True
-        )
+        print(f"  accuracy {r['accuracy']:.4f} (start {r['start_accuracy']:.4f}) in {time.time() - t:.0f} s", flush=True)
     # The table holds every run present, so `--only` refreshes some rows and keeps the rest.
     rows = []
     for name, sets in RUNS:

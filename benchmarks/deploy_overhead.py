@@ -63,13 +63,7 @@ def _start(args: list[str], log: Path, *, threads: int | None = None, code: Path
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")])
     with open(log, "ab") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "fedprompt", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            cwd=code,
+            [sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True, cwd=code
         )
 
 
@@ -109,27 +103,14 @@ def run_deployment(sets: list[str], work: Path, timeout: float, code: Path = ROO
     server_log = work / "server.log"
     t0 = time.perf_counter()
     server = _start(
-        [
-            "server",
-            *common,
-            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
-            "--output",
-            str(out),
-        ],
-        server_log,
-        code=code,
+        ["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)], server_log, code=code
     )
     clients = [
         _start(
             [
                 "client",
                 *common,
-                *set_args(
-                    [
-                        f"client.root_certificates={certs / 'ca.crt'}",
-                        f"client.auth_key={certs / 'clients' / f'client-{i}'}",
-                    ]
-                ),
+                *set_args([f"client.root_certificates={certs / 'ca.crt'}", f"client.auth_key={certs / 'clients' / f'client-{i}'}"]),
                 "--server",
                 f"127.0.0.1:{port}",
                 "--partition-id",
@@ -177,14 +158,7 @@ def plain_loop(cfg: Config, client_rounds: int) -> tuple[float, int]:
     for i in range(client_rounds):
         data = shards[i % CLIENTS]
         train_steps(
-            engine,
-            s.task,
-            data,
-            cfg,
-            steps=cfg.round_steps,
-            stream=batches(len(data), cfg.train.batch_size, i),
-            pad_id=s.pad_id,
-            device=s.backbone.device,
+            engine, s.task, data, cfg, steps=cfg.round_steps, stream=batches(len(data), cfg.train.batch_size, i), pad_id=s.pad_id, device=s.backbone.device
         )
     return time.perf_counter() - t0, torch.get_num_threads()
 
@@ -299,10 +273,7 @@ def main() -> int:
         args.baseline,
         [
             (f"training: {steps} local steps, evaluation off", sets),
-            (
-                "latency: 1 local step, federated evaluation on",
-                [*latency, "federation.local_steps=1", "federation.fraction_evaluate=1.0"],
-            ),
+            ("latency: 1 local step, federated evaluation on", [*latency, "federation.local_steps=1", "federation.fraction_evaluate=1.0"]),
         ],
         rounds,
         steps,
@@ -320,9 +291,7 @@ def main() -> int:
         t = r.get("client_train_s") or 0.0
         table.append(f"| {r['round']} | {r['clients']} | {r['round_s']:.2f} | {t:.2f} | {r['round_s'] - t:.2f} |")
     mean_train = sum(r.get("client_train_s") or 0.0 for r in rows) / rounds
-    table.append(
-        f"| rounds 1..{rounds}, sum | | **{fed_s:.2f}** | {mean_train * rounds:.2f} | {fed_s - mean_train * rounds:.2f} |"
-    )
+    table.append(f"| rounds 1..{rounds}, sum | | **{fed_s:.2f}** | {mean_train * rounds:.2f} | {fed_s - mean_train * rounds:.2f} |")
     table.append(f"| plain loop, same {total_steps} steps | | **{plain_s:.2f}** | | |")
     why = ""
     if ratio > TARGET_RATIO:
@@ -382,21 +351,13 @@ def main() -> int:
         **(
             {}
             if not before or not before["rows"]
-            else {
-                "baseline_rev": args.baseline,
-                "before_after_s_per_round": {w: [round(b, 3), round(a, 3)] for w, b, a in before["rows"]},
-            }
+            else {"baseline_rev": args.baseline, "before_after_s_per_round": {w: [round(b, 3), round(a, 3)] for w, b, a in before["rows"]}}
         ),
         "deployment_wall_s": round(fed_wall, 1),
         "load_average_at_start": round(load1, 2),
         "benchmark_wall_s": round(time.perf_counter() - t_start, 1),
     }
-    result = {
-        "title": "Deployment round overhead (server + 2 clients over TLS)",
-        "markdown": md,
-        "summary": summary,
-        "plots": ["rounds.png"],
-    }
+    result = {"title": "Deployment round overhead (server + 2 clients over TLS)", "markdown": md, "summary": summary, "plots": ["rounds.png"]}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

@@ -35,24 +35,11 @@ def measure(cfg, steps: int, repeats: int) -> tuple[float, float]:
     plain_engine = make_engine(plain.model, cfg, total)
     with privacy.per_example_gradients(private.model):
         dp_engine = make_engine(private.model, cfg, total, dp=plan)
-        streams = {
-            "plain": batches(len(plain.train), cfg.train.batch_size, 0),
-            "dp": batches(len(private.train), cfg.train.batch_size, 0),
-        }
+        streams = {"plain": batches(len(plain.train), cfg.train.batch_size, 0), "dp": batches(len(private.train), cfg.train.batch_size, 0)}
 
         def block(s, engine, key, dp) -> float:
             t = time.perf_counter()
-            train_steps(
-                engine,
-                s.task,
-                s.train,
-                cfg,
-                steps=steps,
-                stream=streams[key],
-                pad_id=s.pad_id,
-                device=s.backbone.device,
-                private=dp,
-            )
+            train_steps(engine, s.task, s.train, cfg, steps=steps, stream=streams[key], pad_id=s.pad_id, device=s.backbone.device, private=dp)
             return (time.perf_counter() - t) / steps
 
         block(plain, plain_engine, "plain", False), block(private, dp_engine, "dp", True)  # warm-up
@@ -80,10 +67,7 @@ def main() -> int:
         cfg = load_config(args.config, [*args.overrides, f"peft.method={method}", "privacy.mode=sample"])
         p, d = measure(cfg, args.steps, args.repeats)
         rows.append((method, p, d))
-        print(
-            f"{method:7s} non-DP {p * 1000:8.1f} ms/step   DP-SGD {d * 1000:8.1f} ms/step   ratio {d / p:.3f}",
-            flush=True,
-        )
+        print(f"{method:7s} non-DP {p * 1000:8.1f} ms/step   DP-SGD {d * 1000:8.1f} ms/step   ratio {d / p:.3f}", flush=True)
     cfg = load_config(args.config, args.overrides)
     print(
         f"config: {args.config} ({cfg.model.name}, {cfg.model.quantization}, batch {cfg.train.batch_size}); "

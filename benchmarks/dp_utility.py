@@ -43,10 +43,7 @@ def main() -> int:
         rows.append((f"epsilon {eps}", s))
         print(f"epsilon {eps}: accuracy {s['accuracy']:.4f}, spent {s['epsilon']:.3f}", flush=True)
     base = rows[0][1]["accuracy"]
-    lines = [
-        "| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| run | accuracy | x non-private | epsilon spent (largest client) | MIA AUC | canary exposure (bits, mean / max) |", "|---|---|---|---|---|---|"]
     for name, s in rows:
         a = s["audit"]
         eps = f"{s['epsilon']:.2f}" if "epsilon" in s else "-"

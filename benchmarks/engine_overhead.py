@@ -37,9 +37,7 @@ def measure(config: str, overrides: list[str], steps: int, repeats: int) -> dict
     plain = setup(cfg)
     params = list(plain.model.trainable().values())
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total, schedule=cfg.train.schedule)
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup=cfg.train.warmup_steps, total=total, schedule=cfg.train.schedule))
     clip = cfg.deepspeed.gradient_clipping
     dev = ds.backbone.device
     # Identical batch streams for both loops.
@@ -114,9 +112,7 @@ def main() -> int:
         "|---|---|---|---|---|---|",
     ]
     for r in res:
-        lines.append(
-            f"| {r['model']} | {r['method']} | {r['batch']} | {r['plain_ms']:.1f} | {r['ds_ms']:.1f} | {r['ratio']:.3f} |"
-        )
+        lines.append(f"| {r['model']} | {r['method']} | {r['batch']} | {r['plain_ms']:.1f} | {r['ds_ms']:.1f} | {r['ratio']:.3f} |")
     worst = max(r["ratio"] for r in res)
     lines += ["", f"Largest ratio {worst:.3f}: target <= 1.05 {'met' if worst <= 1.05 else 'MISSED'}."]
     write_result(

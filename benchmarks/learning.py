@@ -35,13 +35,7 @@ def federation_sets(long: bool, model: str) -> list[str]:
     """The federation every setting shares: 8 clients, 4 sampled per round, FedAvg."""
     if model == "smollm2-135m":
         rounds, steps = (8, 5)
-        base = [
-            "model.name=smollm2-135m",
-            "model.quantization=4bit",
-            "train.batch_size=8",
-            "model.max_length=48",
-            "train.max_eval_examples=200",
-        ]
+        base = ["model.name=smollm2-135m", "model.quantization=4bit", "train.batch_size=8", "model.max_length=48", "train.max_eval_examples=200"]
     else:
         rounds, steps = (20, 10) if long else (8, 10)
         base = ["model.max_length=32"]
@@ -115,12 +109,7 @@ def main() -> int:
                         hist = run_federated(cfg, d)
                         xs = [r["round"] for r in hist]
                     acc = [r["accuracy"] for r in hist]
-                    results[key][name] = {
-                        "final": acc[-1],
-                        "start": acc[0],
-                        "best": max(acc),
-                        "s": time.perf_counter() - t0,
-                    }
+                    results[key][name] = {"final": acc[-1], "start": acc[0], "best": max(acc), "s": time.perf_counter() - t0}
                     curves[key][name] = (xs, acc)
                     print(f"{key} {name}: {acc[0]:.3f} -> {acc[-1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
@@ -147,21 +136,9 @@ def main() -> int:
     plots = []
     for key, c in curves.items():
         png = f"learning-{key.replace(' ', '-')}.png"
-        plot(
-            {n: c[n] for n in names},
-            out / png,
-            xlabel="round (centralized: same steps)",
-            ylabel="test accuracy",
-            title=f"BBC, {key}: accuracy per round",
-        )
+        plot({n: c[n] for n in names}, out / png, xlabel="round (centralized: same steps)", ylabel="test accuracy", title=f"BBC, {key}: accuracy per round")
         plots.append(png)
-    write_result(
-        out,
-        title="Learning: centralized vs federated (IID, Dirichlet)",
-        markdown="\n".join(lines),
-        summary=summary,
-        plots=plots,
-    )
+    write_result(out, title="Learning: centralized vs federated (IID, Dirichlet)", markdown="\n".join(lines), summary=summary, plots=plots)
     return 0
 
 

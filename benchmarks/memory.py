@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import quiet_env, set_args, stop_group  # noqa: E402
+from benchmarks.common import finished_rows, quiet_env, start_simulate, stop_group  # noqa: E402
 
 quiet_env()
 
@@ -150,7 +150,6 @@ class TreeSampler(threading.Thread):
 def simulate_peak(n: int, rounds: int, steps: int, work: Path) -> dict:
     """One `fedprompt simulate` of `n` virtual clients; its process tree's peak RSS."""
     from fedprompt.config import load_config
-    from fedprompt.report import read_jsonl
 
     frac = SAMPLED / n  # exact in binary for the powers of two used here
     sets = [
@@ -170,26 +169,7 @@ def simulate_peak(n: int, rounds: int, steps: int, work: Path) -> dict:
     out, log = work / f"run{n}", work / f"sim{n}.log"
     env = dict(os.environ, **{MARK_VAR: mark})
     t0 = time.perf_counter()
-    with open(log, "wb") as f:
-        p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprompt",
-                "simulate",
-                "--config",
-                str(CONFIG),
-                *set_args(sets),
-                "--output",
-                str(out),
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    p = start_simulate(CONFIG, sets, out, log, env=env)
     sampler = TreeSampler(p.pid, mark)
     sampler.start()
     try:
@@ -200,21 +180,8 @@ def simulate_peak(n: int, rounds: int, steps: int, work: Path) -> dict:
         stop_group(p)
         _reap_marked(mark)
     wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(
-            f"fedprompt simulate ({n} clients) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}"
-        )
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["round"] > 0]
-    if len(rows) != rounds or any(r["clients"] != SAMPLED for r in rows):
-        raise SystemExit(f"{n} clients: unexpected rows {[(r['round'], r['clients']) for r in rows]}")
-    return {
-        "clients": n,
-        "peak": sampler.peak,
-        "procs": sampler.peak_procs,
-        "breakdown": sampler.breakdown(),
-        "timeline": sampler.timeline,
-        "wall": wall,
-    }
+    finished_rows(rc, log, out, what=f"{n} clients", rounds=rounds, clients=SAMPLED)
+    return {"clients": n, "peak": sampler.peak, "procs": sampler.peak_procs, "breakdown": sampler.breakdown(), "timeline": sampler.timeline, "wall": wall}
 
 
 def _reap_marked(mark: str) -> None:
@@ -329,15 +296,7 @@ def child_load(quant: str) -> int:
 
 
 def load_in_subprocess(quant: str) -> dict:
-    p = subprocess.run(
-        [sys.executable, __file__, "--_load", quant],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+    p = subprocess.run([sys.executable, __file__, "--_load", quant], check=False, capture_output=True, text=True, timeout=900, cwd=ROOT, start_new_session=True)
     lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     if p.returncode != 0 or not lines:
         raise SystemExit(f"loading SmolLM2-135M at {quant} failed (status {p.returncode}): {p.stderr[-2000:]}")
@@ -371,12 +330,7 @@ def plots(sims: list[dict], loads: list[dict], out: Path) -> list[str]:
     xs = range(len(loads))
     ax.bar([i - 0.27 for i in xs], [x["weight_bytes"] / MiB for x in loads], width=0.27, label="weight bytes")
     ax.bar(list(xs), [x["peak_rss"] / MiB for x in loads], width=0.27, label="peak RSS after load")
-    ax.bar(
-        [i + 0.27 for i in xs],
-        [x["rss_touched"]["anon"] / MiB for x in loads],
-        width=0.27,
-        label="private (anon) RSS, weights read",
-    )
+    ax.bar([i + 0.27 for i in xs], [x["rss_touched"]["anon"] / MiB for x in loads], width=0.27, label="private (anon) RSS, weights read")
     ax.set_xticks(list(xs), names)
     ax.set_ylabel("MiB")
     ax.set_title("SmolLM2-135M by model.quantization")
@@ -417,18 +371,12 @@ def main() -> int:
     q4_ratio = q4["weight_bytes"] / fp32
 
     t1 = [
-        (
-            "| virtual clients | peak RSS, all processes (MiB) | vs 2 clients | processes at the peak | "
-            "largest at the peak (MiB) | run wall (s) |"
-        ),
+        ("| virtual clients | peak RSS, all processes (MiB) | vs 2 clients | processes at the peak | largest at the peak (MiB) | run wall (s) |"),
         "|---|---|---|---|---|---|",
     ]
     for s in sims:
         top = ", ".join(f"{name} {rss / MiB:.0f}" for name, rss in s["breakdown"][:2])
-        t1.append(
-            f"| {s['clients']} | {s['peak'] / MiB:.0f} | {s['peak'] / base['peak']:.3f}x | {s['procs']} | {top} | "
-            f"{s['wall']:.1f} |"
-        )
+        t1.append(f"| {s['clients']} | {s['peak'] / MiB:.0f} | {s['peak'] / base['peak']:.3f}x | {s['procs']} | {top} | {s['wall']:.1f} |")
     t2 = [
         (
             "| model.quantization | weight bytes (MiB) | vs fp32 | by dtype (MiB) | RSS before load | peak RSS after load | "
@@ -447,12 +395,8 @@ def main() -> int:
 
     sim_why = ""
     if sim_ratio > TARGET_SIM:
-        grew = sorted(
-            ((name, rss - dict(base["breakdown"]).get(name, 0)) for name, rss in at64["breakdown"]), key=lambda x: -x[1]
-        )[:2]
-        sim_why = " — why: the largest growth at the peak is in " + ", ".join(
-            f"{k} (+{v / MiB:.0f} MiB)" for k, v in grew
-        )
+        grew = sorted(((name, rss - dict(base["breakdown"]).get(name, 0)) for name, rss in at64["breakdown"]), key=lambda x: -x[1])[:2]
+        sim_why = " — why: the largest growth at the peak is in " + ", ".join(f"{k} (+{v / MiB:.0f} MiB)" for k, v in grew)
     q4_why = ""
     f32_left = q4["by_dtype"].get("float32", 0)
     if q4_ratio > TARGET_4BIT:
@@ -510,11 +454,7 @@ def main() -> int:
             ),
         ]
     )
-    summary: dict = {
-        "sim_ratio_64_vs_2": round(sim_ratio, 4),
-        "sim_target": TARGET_SIM,
-        "sim_met": sim_ratio <= TARGET_SIM,
-    }
+    summary: dict = {"sim_ratio_64_vs_2": round(sim_ratio, 4), "sim_target": TARGET_SIM, "sim_met": sim_ratio <= TARGET_SIM}
     for s in sims:
         summary[f"sim_peak_mib_{s['clients']}"] = round(s["peak"] / MiB, 1)
         summary[f"sim_procs_{s['clients']}"] = s["procs"]
@@ -534,12 +474,7 @@ def main() -> int:
             "load_average_at_start": round(load1, 2),
         }
     )
-    result = {
-        "title": "Memory: simulation process tree vs clients; SmolLM2-135M by quantization",
-        "markdown": md,
-        "summary": summary,
-        "plots": names,
-    }
+    result = {"title": "Memory: simulation process tree vs clients; SmolLM2-135M by quantization", "markdown": md, "summary": summary, "plots": names}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

@@ -70,11 +70,7 @@ def defence(name: str, k: int, bound: float | None) -> list[str]:
         "fedavg": [],
         "screened": ["federation.reject_norm_factor=10"],
         "median": ["federation.strategy=fedmedian"],
-        "trimmed": [
-            "federation.strategy=trimmedmean",
-            f"federation.trim_fraction={k / 8}",
-            f"federation.num_malicious={k}",
-        ],
+        "trimmed": ["federation.strategy=trimmedmean", f"federation.trim_fraction={k / 8}", f"federation.num_malicious={k}"],
         "krum": ["federation.strategy=krum", f"federation.num_malicious={k}"],
         "multikrum": ["federation.strategy=multikrum", f"federation.num_malicious={k}"],
         "normbound": [f"federation.norm_bound={bound}"],
@@ -87,24 +83,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--attackers", type=int, default=2, help="attacking clients of the 8 (the last ones)")
     ap.add_argument("--scale", type=float, default=-10.0, help="an attacker sends global + SCALE x its honest update")
-    ap.add_argument(
-        "--norm-bound",
-        type=float,
-        default=0.0,
-        help="normbound's L2 bound (default: the clean run's median update norm)",
-    )
-    ap.add_argument(
-        "--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} (clean always runs)"
-    )
+    ap.add_argument("--norm-bound", type=float, default=0.0, help="normbound's L2 bound (default: the clean run's median update norm)")
+    ap.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {','.join(RUNS)} (clean always runs)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "poisoning"))
     ap.add_argument("--reuse", action="store_true", help="keep runs already finished under OUT (same settings only!)")
     ap.add_argument(
-        "--set",
-        dest="sets",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra config override for every run, e.g. model.name=FOLDER (repeatable)",
+        "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="extra config override for every run, e.g. model.name=FOLDER (repeatable)"
     )
     args = ap.parse_args()
     wanted = [r for r in args.runs.split(",") if r and r != "clean"]
@@ -122,10 +106,7 @@ def main() -> int:
         results[name] = run(args.config, out / name, [*base, *attack, *defence(name, k, bound)], args.reuse)
         print(f"{name}: accuracy {results[name]['accuracy']:.4f}", flush=True)
     clean = results["clean"]["accuracy"]
-    lines = [
-        "| run | final accuracy | vs clean | updates screened out | updates bounded | wall (s) |",
-        "|---|---|---|---|---|---|",
-    ]
+    lines = ["| run | final accuracy | vs clean | updates screened out | updates bounded | wall (s) |", "|---|---|---|---|---|---|"]
     for name, s in results.items():
         rs = rows(out / name)[1:]
         lines.append(

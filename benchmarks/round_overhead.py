@@ -35,12 +35,7 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     rounds = args.rounds or (6 if args.long else 3)
-    sets = [
-        f"federation.rounds={rounds}",
-        "federation.fraction_evaluate=0",
-        "federation.centralized_eval=false",
-        *args.overrides,
-    ]
+    sets = [f"federation.rounds={rounds}", "federation.fraction_evaluate=0", "federation.centralized_eval=false", *args.overrides]
     cfg = load_config(args.config, sets)
     f = cfg.federation
     k = max(int(f.num_clients * f.fraction_fit), 1)
@@ -66,14 +61,7 @@ def main() -> int:
     for i in range(sum(clients)):
         data = shards[i % k]
         train_steps(
-            engine,
-            s.task,
-            data,
-            cfg,
-            steps=cfg.round_steps,
-            stream=batches(len(data), cfg.train.batch_size, i),
-            pad_id=s.pad_id,
-            device=s.backbone.device,
+            engine, s.task, data, cfg, steps=cfg.round_steps, stream=batches(len(data), cfg.train.batch_size, i), pad_id=s.pad_id, device=s.backbone.device
         )
     plain_s = time.perf_counter() - t0
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,12 +26,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import quiet_env, set_args, stop_group  # noqa: E402
+from benchmarks.common import finished_rows, quiet_env, start_simulate, stop_group  # noqa: E402
 
 quiet_env()
 
 from fedprompt.config import load_config
-from fedprompt.report import read_jsonl
 
 NAME = "scaling"
 CONFIG = ROOT / "configs" / "bbc-minilm-prompt.yaml"
@@ -56,39 +54,13 @@ def simulate(k: int, rounds: int, work: Path) -> dict:
     cfg = load_config(CONFIG, sets)  # a bad override fails here, not in a subprocess
     out, log = work / f"run{k}", work / f"sim{k}.log"
     t0 = time.perf_counter()
-    with open(log, "wb") as f:
-        p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprompt",
-                "simulate",
-                "--config",
-                str(CONFIG),
-                *set_args(sets),
-                "--output",
-                str(out),
-            ],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT,
-            start_new_session=True,
-        )
+    p = start_simulate(CONFIG, sets, out, log)
     try:
         rc = p.wait(timeout=600 + 30 * k * rounds)
     finally:
         stop_group(p)
     wall = time.perf_counter() - t0
-    if rc != 0:
-        raise SystemExit(
-            f"fedprompt simulate (k={k}) exited with status {rc}: {log.read_text(errors='replace')[-2000:]}"
-        )
-    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["round"] > 0]
-    if len(rows) != rounds or any(r["clients"] != k for r in rows):
-        raise SystemExit(
-            f"k={k}: expected {rounds} rounds of {k} clients, got {[(r['round'], r['clients']) for r in rows]}"
-        )
+    rows = finished_rows(rc, log, out, what=f"k={k}", rounds=rounds, clients=k)
     round_s = sum(r["round_s"] for r in rows) / rounds
     train_s = sum(r.get("client_train_s") or 0.0 for r in rows) / rounds
     return {
@@ -146,9 +118,7 @@ def plot(res: list[dict], a: float, b: float, path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument(
-        "--long", action="store_true", help="k = 1, 2, 4, ..., 64, 2 rounds each (default: 1, 4, 16, 64, 1 round)"
-    )
+    ap.add_argument("--long", action="store_true", help="k = 1, 2, 4, ..., 64, 2 rounds each (default: 1, 4, 16, 64, 1 round)")
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / NAME), help="result folder")
     args = ap.parse_args()
     ks, rounds = ((1, 2, 4, 8, 16, 32, 64), 2) if args.long else ((1, 4, 16, 64), 1)
@@ -167,14 +137,9 @@ def main() -> int:
     ref = by_k.get(16, res[len(res) // 2])
     top = res[-1]
     flat = top["per_client_s"] / ref["per_client_s"]
-    table = [
-        "| k (clients per round) | round_s | round_s / k | client train_s (mean) | start-up of the run (s) |",
-        "|---|---|---|---|---|",
-    ]
+    table = ["| k (clients per round) | round_s | round_s / k | client train_s (mean) | start-up of the run (s) |", "|---|---|---|---|---|"]
     for r in res:
-        table.append(
-            f"| {r['k']} | {r['round_s']:.2f} | **{r['per_client_s']:.3f}** | {r['client_train_s']:.3f} | {r['startup']:.1f} |"
-        )
+        table.append(f"| {r['k']} | {r['round_s']:.2f} | **{r['per_client_s']:.3f}** | {r['client_train_s']:.3f} | {r['startup']:.1f} |")
     md = "\n".join(
         [
             (
@@ -199,11 +164,7 @@ def main() -> int:
             (
                 f"- Per-client time, k = {top['k']} vs k = {ref['k']}: **{flat:.3f}x** (expectation, not a project target: flat, ~1.0; "
                 f"round time linear in k, R² {r2:.3f}): {'flat' if 0.75 <= flat <= 1.25 else 'NOT flat'}"
-                + (
-                    ""
-                    if 0.75 <= flat <= 1.25
-                    else " — per-client cost changes with k: see the table's client train_s against round_s / k"
-                )
+                + ("" if 0.75 <= flat <= 1.25 else " — per-client cost changes with k: see the table's client train_s against round_s / k")
                 + "."
             ),
         ]
@@ -225,12 +186,7 @@ def main() -> int:
             "load_average_at_start": round(load1, 2),
         }
     )
-    result = {
-        "title": "Simulation scaling: round time vs clients per round",
-        "markdown": md,
-        "summary": summary,
-        "plots": ["scaling.png"],
-    }
+    result = {"title": "Simulation scaling: round time vs clients per round", "markdown": md, "summary": summary, "plots": ["scaling.png"]}
     (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(md)
     return 0

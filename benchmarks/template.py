@@ -44,9 +44,7 @@ CONFIG = ROOT / "configs" / "bbc-smollm2-lora.yaml"  # QLoRA on a causal LM: the
 def import_cost() -> float:
     """Seconds a fresh Python process takes to import what a template ClientApp imports."""
     t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"], check=True, capture_output=True
-    )
+    subprocess.run([sys.executable, "-c", "import torch, transformers, peft, bitsandbytes"], check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -145,11 +143,7 @@ def main() -> int:
         title="Seconds per round: fedprompt vs the reload-per-call pattern",
     )
     write_result(
-        out,
-        title="fedprompt vs the common pattern (Flower's LLM template)",
-        markdown="\n".join(lines),
-        summary=summary,
-        plots=["template-round-time.png"],
+        out, title="fedprompt vs the common pattern (Flower's LLM template)", markdown="\n".join(lines), summary=summary, plots=["template-round-time.png"]
     )
     return 0
 

@@ -39,37 +39,20 @@ def measure(model: str, method: str) -> dict:
     from fedprompt.wire import to_record, wire_bytes
 
     set_task_identity()  # the run/task/node identity a running ClientApp has
-    cfg = load_config(
-        ROOT / "configs" / "bbc-minilm-prompt.yaml",
-        [f"model.name={model}", f"peft.method={method}", "data.max_examples=50"],
-    )
+    cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml", [f"model.name={model}", f"peft.method={method}", "data.max_examples=50"])
     s = setup(cfg)
     # Unquantized here, so numel is the real parameter count: the frozen weights plus the payload.
     frozen = {id(p): p.numel() for p in s.backbone.model.parameters() if not p.requires_grad}
     # Trained tensors are dense floats; the freshly initialised ones are not (LoRA's B starts at
     # zero and deflates to nothing), so the message carries random values of the same shapes.
     g = np.random.default_rng(0)
-    tensors = {
-        k: g.standard_normal(tuple(v.shape)).astype(v.numpy().dtype) for k, v in payload.extract(s.model).items()
-    }
+    tensors = {k: g.standard_normal(tuple(v.shape)).astype(v.numpy().dtype) for k, v in payload.extract(s.model).items()}
     raw = payload.raw_bytes(payload.manifest_of(s.model))
     full = sum(frozen.values()) * 4 + raw
-    down = Message(
-        RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}),
-        dst_node_id=5,
-        message_type="train",
-    )
+    down = Message(RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}), dst_node_id=5, message_type="train")
     metrics = {"num-examples": 123, "train_loss": 0.5, "train_s": 12.5, "pid": 4194303, "backbone_loads": 1}
     up = reply_message(down, Reply(tensors=tensors, metrics=metrics))
-    return {
-        "model": model,
-        "method": method,
-        "tensors": len(tensors),
-        "raw": raw,
-        "up": wire_bytes(up),
-        "down": wire_bytes(down),
-        "full": full,
-    }
+    return {"model": model, "method": method, "tensors": len(tensors), "raw": raw, "up": wire_bytes(up), "down": wire_bytes(down), "full": full}
 
 
 def main() -> int:

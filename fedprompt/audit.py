@@ -48,9 +48,7 @@ def example_losses(state, enc) -> np.ndarray:
     out, bs = [], state.cfg.train.eval_batch_size
     for i in range(0, len(enc), bs):
         batch = collate(enc, list(range(i, min(i + bs, len(enc)))), state.pad_id, state.backbone.device)
-        out.append(
-            state.task.example_losses(state.model(batch["input_ids"], batch["attention_mask"]), batch).float().cpu()
-        )
+        out.append(state.task.example_losses(state.model(batch["input_ids"], batch["attention_mask"]), batch).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
@@ -91,11 +89,7 @@ def run_audit(cfg: Config, run_dir: str | Path, *, quiet: bool = False) -> dict:
             ds = with_rows(client.state.data.test.select([]), [text, *refs], [label] * (len(refs) + 1))
             losses = example_losses(client.state, task.encode(ds))
             exps.append(exposure(float(losses[0]), losses[1:]))
-        result.update(
-            canary_exposure=float(np.mean(exps)),
-            canary_exposure_max=float(np.max(exps)),
-            exposure_ceiling=math.log2(a.references + 1),
-        )
+        result.update(canary_exposure=float(np.mean(exps)), canary_exposure_max=float(np.max(exps)), exposure_ceiling=math.log2(a.references + 1))
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
         from fedprompt.report import summary
@@ -103,10 +97,7 @@ def run_audit(cfg: Config, run_dir: str | Path, *, quiet: bool = False) -> dict:
         summary(
             f"Privacy audit of {run_dir} (client {a.client})",
             [
-                (
-                    "membership inference AUC",
-                    f"{result['mia_auc']:.3f} ({result['members']} members vs {result['nonmembers']} held out; 0.5 = no leak)",
-                ),
+                ("membership inference AUC", f"{result['mia_auc']:.3f} ({result['members']} members vs {result['nonmembers']} held out; 0.5 = no leak)"),
                 *(
                     [
                         (

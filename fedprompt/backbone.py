@@ -99,20 +99,12 @@ def resolve(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
-            raise BackboneError(
-                f"model.name: folder {name!r} has no config.json; point it at a Hugging Face model folder"
-            )
+            raise BackboneError(f"model.name: folder {name!r} has no config.json; point it at a Hugging Face model folder")
         return str(p)
     if "/" in name and not name.startswith((".", "/")) and os.environ.get("HF_HUB_OFFLINE") != "1":
         return name  # a hub id; transformers fetches it
-    hint = (
-        " (hub downloads are off: set HF_HUB_OFFLINE=0 to allow them)"
-        if os.environ.get("HF_HUB_OFFLINE") == "1"
-        else ""
-    )
-    raise BackboneError(
-        f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder, or a hub id{hint}"
-    )
+    hint = " (hub downloads are off: set HF_HUB_OFFLINE=0 to allow them)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+    raise BackboneError(f"model.name: unknown model {name!r}; use one of {', '.join(BUILTIN)}, a local Hugging Face folder, or a hub id{hint}")
 
 
 def is_causal(config: Any) -> bool:
@@ -184,9 +176,7 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
         raise BackboneError(f"model.name: cannot load {cfg.name!r}: {_first_line(e)}") from None
     causal = is_causal(config)
     if task == "generation" and not causal:
-        raise BackboneError(
-            f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})"
-        )
+        raise BackboneError(f"data.task: generation needs a causal LM; {cfg.name!r} is an encoder ({config.model_type})")
     quant = _quantization(cfg, device)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "output_loading_info": True}
     if quant is not None:
@@ -197,18 +187,12 @@ def load_backbone(cfg: ModelConfig, *, num_labels: int | None = None, task: str 
         else:
             if not num_labels:
                 raise BackboneError("an encoder backbone needs a label set (classification task)")
-            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, **kwargs
-            )
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
     except (ImportError, RuntimeError, ValueError, OSError, KeyError) as e:
         first = _first_line(e)
         if quant is None:
-            raise BackboneError(
-                f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}"
-            ) from None
-        raise BackboneError(
-            f"model.quantization: {cfg.quantization!r} failed on {device.type}: {first}; use model.quantization=none"
-        ) from None
+            raise BackboneError(f"model.name: cannot load {cfg.name!r} as a {'causal LM' if causal else 'sequence classifier'}: {first}") from None
+        raise BackboneError(f"model.quantization: {cfg.quantization!r} failed on {device.type}: {first}; use model.quantization=none") from None
     # Weights absent from the checkpoint start random. The head is trained and exported; anything
     # else would stay random and frozen, and an exported adapter could not reproduce the run.
     missing = sorted(k for k in info.get("missing_keys", []) if k.split(".")[0] not in ("classifier", "score"))

@@ -133,15 +133,7 @@ def new_client_key(dir: str | Path, *, name: str, overwrite: bool = False) -> Pa
     _refuse_existing([private, public], overwrite)
     key = ec.generate_private_key(_CURVE)
     folder.mkdir(parents=True, exist_ok=True)
-    _write(
-        private,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-        private=True,
-    )
+    _write(private, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()), private=True)
     _write(public, _ssh_public_line(key.public_key(), name))
     return private
 
@@ -219,9 +211,7 @@ def _check_days(days: int) -> None:
 def _check_name(name: str) -> None:
     # Names become file names: no separators, no dots (so "a.pub" cannot shadow a's key).
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise CertError(
-            f"invalid client name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit"
-        )
+        raise CertError(f"invalid client name {name!r}: use 1-64 letters, digits, '-' or '_', starting with a letter or digit")
 
 
 def _subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
@@ -241,8 +231,7 @@ def _subject_alt_names(names: Sequence[str]) -> list[x509.GeneralName]:
             valid = len(host) <= 253 and all(_DNS_LABEL.fullmatch(x) for x in labels)
             if not valid or labels[-1].isdigit():
                 raise CertError(
-                    f"invalid server name {raw!r}: expected a host name or IP address "
-                    "without scheme or port (e.g. superlink.example.org, 10.0.0.5)"
+                    f"invalid server name {raw!r}: expected a host name or IP address without scheme or port (e.g. superlink.example.org, 10.0.0.5)"
                 ) from None
             key, general = host, x509.DNSName(host)
         if key not in seen:
@@ -305,11 +294,7 @@ def _same_key(a: bytes, b: bytes) -> bool:
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:

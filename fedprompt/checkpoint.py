@@ -84,19 +84,13 @@ def _read(path: Path) -> ServerState:
             meta = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated headers
-        raise CheckpointError(
-            f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
-        ) from None
+        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if meta.get("format") != "fedprompt-checkpoint-1":
         raise CheckpointError(f"{path}: not a fedprompt checkpoint")
     if _checksum(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
     state = ServerState(
-        round=int(meta["round"]),
-        tensors={},
-        rows=json.loads(meta["rows"]),
-        adapter_config=meta.get("adapter_config", ""),
-        config_yaml=meta.get("config", ""),
+        round=int(meta["round"]), tensors={}, rows=json.loads(meta["rows"]), adapter_config=meta.get("adapter_config", ""), config_yaml=meta.get("config", "")
     )
     for k, v in arrays.items():
         kind, _, rest = k.partition("/")
@@ -130,8 +124,4 @@ def export_adapter(folder: Path, tensors: dict[str, np.ndarray], adapter_config:
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(adapter_config, encoding="utf-8")
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(folder / "adapter_model.safetensors"),
-        metadata={"format": "pt"},
-    )
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -42,28 +42,22 @@ def parser() -> argparse.ArgumentParser:
     _common(p, output=True)
     p = sub.add_parser("simulate", help="federated run of federation.num_clients virtual clients on one machine")
     _common(p, output=True)
-    p = sub.add_parser(
-        "server", help="the federation server: a SuperLink and the round loop (resumes from its checkpoint)"
-    )
+    p = sub.add_parser("server", help="the federation server: a SuperLink and the round loop (resumes from its checkpoint)")
     _common(p, output=True)
     p.add_argument(
         "--insecure",
         action="store_true",
-        help="plain HTTP, no client authentication (trusted networks only); "
-        "default: TLS + registered clients from server.certs_dir",
+        help="plain HTTP, no client authentication (trusted networks only); default: TLS + registered clients from server.certs_dir",
     )
     p.add_argument(
         "--keep-alive",
         action="store_true",
-        help="after the last round (or on a finished run) stay up, idle, "
-        "until stopped: for a Kubernetes Deployment, which restarts a server that exits",
+        help="after the last round (or on a finished run) stay up, idle, until stopped: for a Kubernetes Deployment, which restarts a server that exits",
     )
     p = sub.add_parser("client", help="a federation client: loads the backbone once and serves every round")
     _common(p)
     p.add_argument("--server", metavar="HOST:PORT", help="the server's address (default: client.server of the config)")
-    p.add_argument(
-        "--partition-id", type=int, default=0, metavar="I", help="this client's partition of built-in data (default 0)"
-    )
+    p.add_argument("--partition-id", type=int, default=0, metavar="I", help="this client's partition of built-in data (default 0)")
     p.add_argument(
         "--num-partitions",
         type=int,
@@ -71,24 +65,13 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="how many partitions the built-in data is cut into (default 1: all of it, e.g. with --set data.path=...)",
     )
-    p.add_argument(
-        "--insecure", action="store_true", help="connect to an --insecure server (plain HTTP, no client key)"
-    )
+    p.add_argument("--insecure", action="store_true", help="connect to an --insecure server (plain HTTP, no client key)")
     p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
     p = sub.add_parser("audit", help="privacy audit of a finished run: membership inference AUC and canary exposure")
-    p.add_argument(
-        "--run", required=True, metavar="DIR", help="a run directory (its config.yaml and adapter/ are used)"
-    )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key of the run's config (e.g. audit.client=2)",
-    )
+    p.add_argument("--run", required=True, metavar="DIR", help="a run directory (its config.yaml and adapter/ are used)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run's config (e.g. audit.client=2)")
     _certs_parser(sub)
     p = sub.add_parser("validate", help="check a config file and print it fully resolved")
     p.add_argument("file", metavar="FILE", nargs="?", help="the config (or use --config FILE)")
@@ -97,9 +80,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _certs_parser(sub) -> None:
-    p = sub.add_parser(
-        "certs", help="TLS certificates and client keys for a federation (CA, server, clients, register/revoke)"
-    )
+    p = sub.add_parser("certs", help="TLS certificates and client keys for a federation (CA, server, clients, register/revoke)")
     act = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = act.add_parser("init", help="a CA and the server's certificate (ca.crt, server.crt, server.key) in --dir")
     a.add_argument(
@@ -109,14 +90,10 @@ def _certs_parser(sub) -> None:
         metavar="NAME",
         help="a DNS name or IP the clients use to reach the server (repeatable; localhost and 127.0.0.1 always)",
     )
-    a = act.add_parser(
-        "client", help="a client's key pair (clients/NAME, clients/NAME.pub); --register admits it at once"
-    )
+    a = act.add_parser("client", help="a client's key pair (clients/NAME, clients/NAME.pub); --register admits it at once")
     a.add_argument("--name", required=True)
     a.add_argument("--register", action="store_true", help="also add the public key to authorized/")
-    a = act.add_parser(
-        "register", help="admit a client: copy its public key into authorized/ (a running server picks it up)"
-    )
+    a = act.add_parser("register", help="admit a client: copy its public key into authorized/ (a running server picks it up)")
     a.add_argument("--name", required=True)
     a.add_argument("--public-key", metavar="FILE", help="the client's .pub file (default: clients/NAME.pub in --dir)")
     a = act.add_parser("revoke", help="remove a client's key from authorized/ (a running server unregisters it)")
@@ -125,9 +102,7 @@ def _certs_parser(sub) -> None:
     for a in act.choices.values():
         a.add_argument("--dir", required=True, metavar="DIR", help="the federation's certificate folder")
         a.add_argument(
-            "--overwrite",
-            action="store_true",
-            help=argparse.SUPPRESS if a.prog.endswith(("register", "revoke", "list")) else "replace existing files",
+            "--overwrite", action="store_true", help=argparse.SUPPRESS if a.prog.endswith(("register", "revoke", "list")) else "replace existing files"
         )
 
 
@@ -138,10 +113,7 @@ def _certs(args) -> None:
     if args.action == "init":
         certs.init_ca(d, overwrite=args.overwrite)
         crt = certs.issue_server_cert(d, names=args.server_name, overwrite=args.overwrite)
-        print(
-            f"CA: {d / 'ca.crt'} (give it to every client); server: {crt}, {d / 'server.key'}; "
-            f"keep {d / 'ca.key'} offline"
-        )
+        print(f"CA: {d / 'ca.crt'} (give it to every client); server: {crt}, {d / 'server.key'}; keep {d / 'ca.key'} offline")
     elif args.action == "client":
         key = certs.new_client_key(d, name=args.name, overwrite=args.overwrite)
         print(f"client {args.name}: private key {key} (only for that client), public key {key}.pub")
@@ -205,25 +177,13 @@ def _federated(args, cfg) -> None:
     if args.command == "simulate":
         runner.run_simulate(cfg, args.output or cfg.output.dir, overwrite=args.overwrite)
     else:  # the server imports no torch: it aggregates tiny numpy arrays
-        runner.run_server(
-            cfg,
-            args.output or cfg.output.dir,
-            overwrite=args.overwrite,
-            insecure=args.insecure,
-            keep_alive=args.keep_alive,
-        )
+        runner.run_server(cfg, args.output or cfg.output.dir, overwrite=args.overwrite, insecure=args.insecure, keep_alive=args.keep_alive)
 
 
 def _client(args, cfg) -> None:
     from fedprompt.client.worker import run_client
 
-    run_client(
-        cfg,
-        partition_id=args.partition_id,
-        num_partitions=args.num_partitions,
-        server=args.server,
-        insecure=args.insecure,
-    )
+    run_client(cfg, partition_id=args.partition_id, num_partitions=args.num_partitions, server=args.server, insecure=args.insecure)
 
 
 def _eval(args, cfg) -> None:

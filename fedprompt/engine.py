@@ -55,12 +55,7 @@ def init_distributed() -> None:
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:
         deepspeed.init_distributed(
-            dist_backend=backend,
-            verbose=False,
-            auto_mpi_discovery=False,
-            init_method=f"tcp://127.0.0.1:{_free_port()}",
-            rank=0,
-            world_size=1,
+            dist_backend=backend, verbose=False, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
         )
 
 
@@ -110,17 +105,10 @@ def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: in
 
         opt = dp_optimizer(opt, cfg, dp)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: lr_factor(
-            s + start_step, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule
-        ),
+        opt, lambda s: lr_factor(s + start_step, warmup=cfg.train.warmup_steps, total=total_steps, schedule=cfg.train.schedule)
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=opt,
-        lr_scheduler=sched,
-        model_parameters=params,
-        config=ds_config(cfg, private=dp is not None),
+        model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg, private=dp is not None)
     )
     return engine
 
@@ -211,9 +199,7 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(
-    model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, pad_id: int, device: torch.device, limit: int = 0
-) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, pad_id: int, device: torch.device, limit: int = 0) -> dict[str, float]:
     """Loss, accuracy and macro-F1 (classification) or loss and exact match (generation).
     `model` is anything mapping (input_ids, attention_mask) to logits."""
     was_training = model.training

@@ -91,15 +91,7 @@ class LocalClient:
             self.state.model.adapter_config(self.state.backbone.path).save_pretrained(d)
             return (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
 
-    def fit(
-        self,
-        tensors: dict[str, torch.Tensor],
-        *,
-        partition_id: int = 0,
-        round_num: int,
-        source: str = "server",
-        proximal_mu: float = 0.0,
-    ) -> FitResult:
+    def fit(self, tensors: dict[str, torch.Tensor], *, partition_id: int = 0, round_num: int, source: str = "server", proximal_mu: float = 0.0) -> FitResult:
         """Load the global payload, train `cfg.round_steps` steps with a fresh optimizer (the LR
         schedule continues across rounds), return the updated payload. With `proximal_mu` > 0
         the loss gains mu/2 * ||w - w_global||^2 (FedProx)."""
@@ -122,9 +114,7 @@ class LocalClient:
         round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
         torch.manual_seed(round_seed)
         with self._dp(data) as account:
-            engine = make_engine(
-                s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=account.plan
-            )
+            engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=account.plan)
             stream = account.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
             t0 = time.perf_counter()
             loss = train_steps(
@@ -170,9 +160,7 @@ class LocalClient:
         with privacy.per_example_gradients(self.state.model):
             yield _DP(plan, ledger, len(data), p.delta)
 
-    def evaluate(
-        self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None, source: str = "server"
-    ) -> tuple[dict[str, float], int]:
+    def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None, source: str = "server") -> tuple[dict[str, float], int]:
         """Metrics of the global payload on partition `partition_id`'s test split, or on the
         whole held-out test split when None (centralized evaluation); (metrics, examples)."""
         from fedprompt.engine import evaluate
@@ -224,9 +212,4 @@ class _DP:
     def spent(self, steps: int) -> dict:
         """Record this round's steps; the client's epsilon so far (metrics of the reply)."""
         self.ledger.record(self.plan.sigma, self.plan.q, steps)
-        return {
-            "epsilon": self.ledger.epsilon(self.delta),
-            "noise_multiplier": self.plan.sigma,
-            "sample_rate": self.plan.q,
-            "dp_steps": self.ledger.steps,
-        }
+        return {"epsilon": self.ledger.epsilon(self.delta), "noise_multiplier": self.plan.sigma, "sample_rate": self.plan.q, "dp_steps": self.ledger.steps}

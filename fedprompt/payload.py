@@ -105,17 +105,14 @@ def validate(tensors: dict, manifest: Manifest, *, source: str) -> None:
     """Raise PayloadError unless `tensors` (name -> numpy array or torch tensor) has exactly
     the manifest's names, shapes, dtypes, and only finite values."""
     if not isinstance(tensors, dict):
-        raise PayloadError(
-            f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}"
-        )
+        raise PayloadError(f"payload from {source}: expected a mapping of tensor names to tensors, got {type(tensors).__name__}")
     expected = {s.name: s for s in manifest}
     # key=repr: a hostile payload's keys need not be strings, nor comparable with each other.
     unknown = sorted(set(tensors) - set(expected), key=repr)
     missing = sorted(set(expected) - set(tensors))
     if unknown:
         raise PayloadError(
-            f"payload from {source}: unexpected tensor {reprlib.repr(unknown[0])} (not in the manifest of "
-            f"{len(expected)} tensors)"
+            f"payload from {source}: unexpected tensor {reprlib.repr(unknown[0])} (not in the manifest of {len(expected)} tensors)"
         )  # reprlib: a hostile key may be megabytes long
     if missing:
         raise PayloadError(f"payload from {source}: missing tensor {missing[0]!r}")
@@ -124,9 +121,7 @@ def validate(tensors: dict, manifest: Manifest, *, source: str) -> None:
         if not (isinstance(t, np.ndarray) or _is_torch(t)):
             raise PayloadError(f"payload from {source}: tensor {name!r} is a {type(t).__name__}, not a tensor")
         if tuple(t.shape) != spec.shape:
-            raise PayloadError(
-                f"payload from {source}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}"
-            )
+            raise PayloadError(f"payload from {source}: tensor {name!r} has shape {tuple(t.shape)}, expected {spec.shape}")
         dtype = _dtype(t)
         if dtype != spec.dtype:
             raise PayloadError(f"payload from {source}: tensor {name!r} has dtype {dtype}, expected {spec.dtype}")
@@ -153,9 +148,7 @@ def _bytes(t: Any) -> bytes:
         import torch
 
         t = t.detach().cpu().contiguous()
-        return (
-            t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-        )  # reshape: a 0-d tensor has no byte view
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # reshape: a 0-d tensor has no byte view
     return np.ascontiguousarray(t).tobytes()
 
 

@@ -45,9 +45,7 @@ with warnings.catch_warnings():
 
 # Opacus's backward hooks sit on modules whose inputs (token positions) need no gradient;
 # torch then warns on every step that the hook sees output gradients only, which is what it uses.
-warnings.filterwarnings(
-    "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
-)
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
 
 # Modules whose per-example gradient Opacus computes exactly with its own formulas.
 EXACT = (nn.Linear, nn.Embedding)
@@ -122,12 +120,7 @@ def noise_multiplier(cfg: Config, *, q: float, steps: int) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sigma = get_noise_multiplier(
-                target_epsilon=p.target_epsilon,
-                target_delta=p.delta,
-                sample_rate=q,
-                steps=steps,
-                accountant=p.accountant,
-                epsilon_tolerance=0.01,
+                target_epsilon=p.target_epsilon, target_delta=p.delta, sample_rate=q, steps=steps, accountant=p.accountant, epsilon_tolerance=0.01
             )
     except ValueError as e:
         raise PrivacyError(
@@ -162,8 +155,7 @@ class Ledger:
         except (OSError, ValueError, KeyError, TypeError) as e:
             # Never restart the count from zero on an unreadable ledger: that would understate epsilon.
             raise PrivacyError(
-                f"privacy ledger {str(path)!r} is unreadable ({e}); restore it from a backup. "
-                "Deleting it would under-report this client's privacy loss"
+                f"privacy ledger {str(path)!r} is unreadable ({e}); restore it from a backup. Deleting it would under-report this client's privacy loss"
             ) from None
         return cls(Path(path), raw.get("accountant", accountant), history)
 
@@ -185,9 +177,7 @@ class Ledger:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(
-                json.dumps({"accountant": self.accountant, "history": self.history}) + "\n", encoding="utf-8"
-            )
+            tmp.write_text(json.dumps({"accountant": self.accountant, "history": self.history}) + "\n", encoding="utf-8")
             os.replace(tmp, self.path)
 
 

@@ -97,9 +97,7 @@ def env(flwr_home: Path | None = None, **extra: str) -> dict[str, str]:
 def spawn(args: list[str], *, log: Path, environ: dict[str, str]) -> subprocess.Popen:
     """Start `args` with stdout and stderr to `log` (appended)."""
     with open(log, "ab") as f:
-        return subprocess.Popen(
-            args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ, preexec_fn=_die_with_parent
-        )
+        return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ, preexec_fn=_die_with_parent)
 
 
 # Terminal control sequences (colours, cursor moves) that Flower's logs carry: never in our messages.
@@ -173,31 +171,14 @@ def wait_listening(host: str, port: int, proc: subprocess.Popen, log: Path, what
     raise ProcessError(f"{what} did not start listening on {host}:{port} within {timeout:.0f} s: {tail(log)}")
 
 
-def start_superlink(
-    host: str, port: int, *, simulation: bool, flwr_home: Path, log: Path, tls: dict[str, Path] | None = None
-) -> subprocess.Popen:
+def start_superlink(host: str, port: int, *, simulation: bool, flwr_home: Path, log: Path, tls: dict[str, Path] | None = None) -> subprocess.Popen:
     """A SuperLink serving its Fleet, Control and Runtime APIs on `host:port`. Runtime
     dependency installation is off: the app's code is this installed package. With `tls`
     (ca, cert, key files) it serves HTTPS and admits only registered SuperNodes; without,
     plain HTTP (a simulation's private loopback link, or `--insecure`)."""
-    args = [
-        binary("flower-superlink"),
-        "--disable-runtime-dependency-installation",
-        "--host",
-        host,
-        "--port",
-        str(port),
-    ]
+    args = [binary("flower-superlink"), "--disable-runtime-dependency-installation", "--host", host, "--port", str(port)]
     if tls:
-        args += [
-            "--ssl-ca-certfile",
-            str(tls["ca"]),
-            "--ssl-certfile",
-            str(tls["cert"]),
-            "--ssl-keyfile",
-            str(tls["key"]),
-            "--enable-supernode-auth",
-        ]
+        args += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]), "--ssl-keyfile", str(tls["key"]), "--enable-supernode-auth"]
     else:
         args.append("--insecure")
     if simulation:
@@ -212,10 +193,7 @@ def write_connection(flwr_home: Path, address: str, *, root_certificates: Path |
     `root_certificates`, or plain)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     trust = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\n{trust}\n',
-        encoding="utf-8",
-    )
+    (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\n{trust}\n', encoding="utf-8")
 
 
 def _toml(v: int | bool | str) -> str:
@@ -223,23 +201,11 @@ def _toml(v: int | bool | str) -> str:
 
 
 def submit(
-    flwr_home: Path,
-    run_config: dict[str, int | bool | str],
-    *,
-    log: Path,
-    federation_config: dict[str, int | bool | str] | None = None,
+    flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Path, federation_config: dict[str, int | bool | str] | None = None
 ) -> subprocess.Popen:
     """`flwr run` of the fedprompt Flower App; it streams the run's log to `log` and exits
     when the run ends."""
-    args = [
-        binary("flwr"),
-        "run",
-        str(APP_DIR),
-        "fedprompt",
-        "--stream",
-        "--run-config",
-        " ".join(f"{k}={_toml(v)}" for k, v in run_config.items()),
-    ]
+    args = [binary("flwr"), "run", str(APP_DIR), "fedprompt", "--stream", "--run-config", " ".join(f"{k}={_toml(v)}" for k, v in run_config.items())]
     if federation_config:
         args += ["--federation-config", " ".join(f"{k}={_toml(v)}" for k, v in federation_config.items())]
     return spawn(args, log=log, environ=env(flwr_home))
@@ -249,17 +215,11 @@ def was_stopped(flwr_home: Path, run_log: Path) -> bool:
     """Whether the run that `flwr run` logged to `run_log` was stopped (`flwr stop`), as the
     SuperLink of the connection in `flwr_home` records it."""
     try:
-        found = re.search(
-            r"Successfully started run (\d+)", plain(run_log.read_text(encoding="utf-8", errors="replace"))
-        )
+        found = re.search(r"Successfully started run (\d+)", plain(run_log.read_text(encoding="utf-8", errors="replace")))
         if found is None:
             return False
         r = subprocess.run(
-            [binary("flwr"), "ls", "--run-id", found.group(1), "--format", "json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            env=env(flwr_home),
+            [binary("flwr"), "ls", "--run-id", found.group(1), "--format", "json"], capture_output=True, text=True, timeout=30, env=env(flwr_home)
         )
         runs = json.loads(r.stdout[r.stdout.find("{") :]).get("runs", [])
     except (OSError, ValueError, subprocess.SubprocessError):
@@ -268,14 +228,7 @@ def was_stopped(flwr_home: Path, run_log: Path) -> bool:
 
 
 def start_supernode(
-    superlink: str,
-    *,
-    runtime_port: int,
-    secret_file: Path,
-    flwr_home: Path,
-    log: Path,
-    root_certificates: str | None = None,
-    auth_key: str | None = None,
+    superlink: str, *, runtime_port: int, secret_file: Path, flwr_home: Path, log: Path, root_certificates: str | None = None, auth_key: str | None = None
 ) -> subprocess.Popen:
     """A SuperNode connected to `superlink` (retrying for ever) that executes nothing itself
     (`--isolation process`): it queues each message's task on its runtime API at

@@ -84,6 +84,11 @@ def plot_curves(rows: list[dict], path: Path, *, x: str, title: str) -> None:
     plt.close(fig)
 
 
+def where(out: Path) -> list[tuple[str, str]]:
+    """The summary's last lines: where a run's results, adapter and metrics were written."""
+    return [("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl"))]
+
+
 def summary(title: str, items: list[tuple[str, Any]], out=None) -> None:
     out = out or sys.stdout
     width = max(len(k) for k, _ in items)

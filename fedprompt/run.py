@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from fedprompt import payload
 from fedprompt.config import Config
-from fedprompt.report import Table, append_jsonl, peak_memory_mb, plot_curves, summary
+from fedprompt.report import Table, append_jsonl, peak_memory_mb, plot_curves, summary, where
 from fedprompt.rundir import RunError, check_output, prepare_output  # noqa: F401  (RunError: re-exported)
 
 
@@ -92,17 +92,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
     limit = cfg.train.max_eval_examples
 
-    table = Table(
-        [
-            ("round", 5),
-            ("step", 6),
-            ("train_loss", 10),
-            ("test_loss", 9),
-            ("accuracy", 8),
-            ("macro_f1", 8),
-            ("wall_s", 8),
-        ]
-    )
+    table = Table([("round", 5), ("step", 6), ("train_loss", 10), ("test_loss", 9), ("accuracy", 8), ("macro_f1", 8), ("wall_s", 8)])
     rows: list[dict] = []
 
     def record(k: int, step: int, train_loss: float | None) -> dict:
@@ -119,23 +109,11 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
             "wall_s": round(time.perf_counter() - t_start, 3),
         }
         if private:
-            row["epsilon"] = (
-                privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
-            )
+            row["epsilon"] = privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
         append_jsonl(out / "metrics.jsonl", row)
         rows.append(row)
         if not quiet:
-            table.row(
-                [
-                    k,
-                    step,
-                    train_loss,
-                    m["loss"],
-                    m["accuracy"],
-                    m.get("macro_f1", m.get("exact_match")),
-                    f"{row['wall_s']:.1f}",
-                ]
-            )
+            table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), f"{row['wall_s']:.1f}"])
         return row
 
     if not quiet:
@@ -148,11 +126,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     bar = tqdm(total=steps, desc="train", unit="step", disable=quiet, leave=False, dynamic_ncols=True)
     done, k = 0, 0
     # A batch-order stream separate from the init seed (so the two are not correlated).
-    stream = (
-        privacy.poisson_batches(len(s.train), dp.q)
-        if private
-        else batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
-    )
+    stream = privacy.poisson_batches(len(s.train), dp.q) if private else batches(len(s.train), cfg.train.batch_size, cfg.train.seed * 100003)
     train_time = 0.0
     while done < steps:
         chunk = min(every, steps - done)
@@ -203,19 +177,8 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
                 ("peak memory", f"{result['peak_mem_mb']:.0f} MiB"),
                 ("trainable params", f"{result['trainable_params']:,}"),
                 ("payload bytes", f"{result['payload_bytes']:,}"),
-                *(
-                    [
-                        (
-                            "epsilon",
-                            f"{last['epsilon']:.3f} at delta {cfg.privacy.delta:g} (DP-SGD, sigma {dp.sigma:.3f}, q {dp.q:.4f})",
-                        )
-                    ]
-                    if private
-                    else []
-                ),
-                ("results", str(out)),
-                ("adapter", str(out / "adapter")),
-                ("metrics", str(out / "metrics.jsonl")),
+                *([("epsilon", f"{last['epsilon']:.3f} at delta {cfg.privacy.delta:g} (DP-SGD, sigma {dp.sigma:.3f}, q {dp.q:.4f})")] if private else []),
+                *where(out),
             ],
         )
     return result
@@ -225,9 +188,7 @@ def adapter_file(folder: str | Path) -> Path:
     """The weights file of an exported adapter folder, or a RunError saying what to pass."""
     f = Path(folder) / "adapter_model.safetensors"
     if not f.is_file():
-        raise RunError(
-            f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run"
-        )
+        raise RunError(f"--adapter {str(folder)!r}: no adapter_model.safetensors there; pass the adapter/ folder of a run")
     return f
 
 
@@ -250,8 +211,6 @@ def run_eval(cfg: Config, adapter: str | Path) -> dict:
     adapter_file(adapter)  # fail before loading data and backbone
     s = setup(cfg)
     load_adapter(s.model, adapter)
-    m = evaluate(
-        s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples
-    )
+    m = evaluate(s.model, s.task, s.test, cfg, pad_id=s.pad_id, device=s.backbone.device, limit=cfg.train.max_eval_examples)
     summary(f"Evaluation of {adapter} on {s.data.name} ({len(s.test)} test examples)", list(m.items()))
     return m

@@ -29,9 +29,7 @@ def check_output(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise RunError(f"output directory {str(out)!r} is not empty; pass a new --output, or --overwrite to replace it")
     if not any((out / m).is_file() for m in RUN_MARKERS):
-        raise RunError(
-            f"--overwrite refused: {str(out)!r} is not a fedprompt run directory (no config.yaml or metrics.jsonl); pick another --output"
-        )
+        raise RunError(f"--overwrite refused: {str(out)!r} is not a fedprompt run directory (no config.yaml or metrics.jsonl); pick another --output")
     if Path.cwd().resolve().is_relative_to(out.resolve()):
         raise RunError(f"--overwrite refused: {str(out)!r} contains the current directory")
 

@@ -49,8 +49,7 @@ def server_files(certs_dir: str) -> dict[str, Path]:
     missing = [str(p) for p in files.values() if not p.is_file()]
     if missing:
         raise SecurityError(
-            f"server.certs_dir {certs_dir!r}: missing {', '.join(missing)}; "
-            f"create them with `fedprompt certs init --dir {certs_dir} --server-name HOST`"
+            f"server.certs_dir {certs_dir!r}: missing {', '.join(missing)}; create them with `fedprompt certs init --dir {certs_dir} --server-name HOST`"
         )
     return {k: p.resolve() for k, p in files.items()}
 
@@ -67,13 +66,7 @@ def authorized_keys(certs_dir: str) -> dict[str, Path]:
 
 def _flwr_json(args: list[str], flwr_home: Path) -> dict:
     try:
-        r = subprocess.run(
-            [processes.binary("flwr"), *args, "--format", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=processes.env(flwr_home),
-        )
+        r = subprocess.run([processes.binary("flwr"), *args, "--format", "json"], capture_output=True, text=True, timeout=60, env=processes.env(flwr_home))
     except subprocess.TimeoutExpired:
         return {"success": False, "error-message": f"flwr {' '.join(args[:2])} timed out"}
     try:
@@ -98,10 +91,7 @@ class Registry:
         removed ones. Never raises: a problem is logged and retried at the next sync, and the
         federation goes on."""
         try:
-            keys = {
-                name: (f.read_text(encoding="utf-8").split()[1], f)
-                for name, f in authorized_keys(self.certs_dir).items()
-            }
+            keys = {name: (f.read_text(encoding="utf-8").split()[1], f) for name, f in authorized_keys(self.certs_dir).items()}
         except (SecurityError, OSError, IndexError) as e:
             say(f"authorized keys not readable, nothing changed: {e}")
             return
@@ -145,14 +135,9 @@ def client_files(root_certificates: str, auth_key: str) -> tuple[str, str]:
     try:
         ssl.create_default_context(cafile=out[0])
     except ssl.SSLError as e:
-        raise SecurityError(
-            f"client.root_certificates: {root_certificates!r} is not a PEM certificate ({e.reason})"
-        ) from None
+        raise SecurityError(f"client.root_certificates: {root_certificates!r} is not a PEM certificate ({e.reason})") from None
     if "OPENSSH PRIVATE KEY" not in Path(out[1]).read_text(encoding="utf-8", errors="replace")[:100]:
-        raise SecurityError(
-            f"client.auth_key: {auth_key!r} is not an OpenSSH private key; create one with "
-            "`fedprompt certs client --dir CERTS --name NAME`"
-        )
+        raise SecurityError(f"client.auth_key: {auth_key!r} is not an OpenSSH private key; create one with `fedprompt certs client --dir CERTS --name NAME`")
     return out[0], out[1]
 
 
@@ -229,8 +214,7 @@ FATAL = [
     ),
     (
         "Unable to parse the private key",
-        "client.auth_key {key} is not an OpenSSH ECDSA private key; create one "
-        "with `fedprompt certs client --dir CERTS --name NAME`",
+        "client.auth_key {key} is not an OpenSSH ECDSA private key; create one with `fedprompt certs client --dir CERTS --name NAME`",
     ),
     ("CERTIFICATE_VERIFY_FAILED", "the server's certificate is not trusted by client.root_certificates"),
 ]

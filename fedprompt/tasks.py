@@ -59,11 +59,7 @@ def collate(enc: Encoded, index: list[int], pad_id: int, device: torch.device) -
 
 def _cache_key(tokenizer, settings: dict, texts: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(
-        json.dumps(
-            {"tok": str(getattr(tokenizer, "name_or_path", "")), "n": len(tokenizer), **settings}, sort_keys=True
-        ).encode()
-    )
+    h.update(json.dumps({"tok": str(getattr(tokenizer, "name_or_path", "")), "n": len(tokenizer), **settings}, sort_keys=True).encode())
     for t in texts:
         h.update(t.encode("utf-8", "replace"))
         h.update(b"\0")
@@ -160,9 +156,7 @@ class VerbalizerClassification(HeadClassification):
         self.template = cfg.data.template
         words = cfg.data.label_words or [" " + lab for lab in labels]
         if len(words) != len(labels):
-            raise TaskError(
-                f"data.label_words: {len(words)} words for {len(labels)} labels {labels}; give one per label"
-            )
+            raise TaskError(f"data.label_words: {len(words)} words for {len(labels)} labels {labels}; give one per label")
         ids = []
         for w in words:
             t = tokenizer(w, add_special_tokens=False)["input_ids"]
@@ -225,9 +219,7 @@ class Generation(Task):
                 plen.append(len(p))
             return Encoded(ids=ids, target=target, prompt_len=plen, responses=responses)
 
-        return _cached(
-            self.tok, {"task": self.name, "max_length": self.max_length}, prompts + ["\0"] + responses, build
-        )
+        return _cached(self.tok, {"task": self.name, "max_length": self.max_length}, prompts + ["\0"] + responses, build)
 
     def loss(self, logits, batch):
         labels = batch["labels"]

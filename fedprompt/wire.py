@@ -9,9 +9,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 def to_record(tensors: dict) -> ArrayRecord:
     """name -> numpy array (or CPU torch tensor) into an ArrayRecord, names kept."""
-    return ArrayRecord(
-        {k: Array(np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v)) for k, v in tensors.items()}
-    )
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.numpy() if hasattr(v, "numpy") else v)) for k, v in tensors.items()})
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -23,9 +21,7 @@ def error_reason(message: Message, limit: int = 300) -> str:
     participant's text is untrusted (terminal control sequences, newlines, megabytes)."""
     from fedprompt.processes import plain
 
-    text = " ".join(
-        "".join(ch if ch.isprintable() else " " for ch in plain(str(message.error.reason)[:100_000])).split()
-    )
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in plain(str(message.error.reason)[:100_000])).split())
     return text if len(text) <= limit else text[:limit] + "..."
 
 

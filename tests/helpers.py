@@ -27,14 +27,7 @@ def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None) -
     if threads:  # several torch processes share this machine's cores: do not oversubscribe
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as f:
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedprompt", *args],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-            cwd=ROOT,
-        )
+        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
 
 
 def wait_for_round(out: Path, rnd: int, procs: list[subprocess.Popen], timeout: float) -> None:

@@ -53,11 +53,7 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 def local_specs(
-    objects: Sequence[dict],
-    root: Path,
-    *,
-    entrypoint: Sequence[str] = LOCAL_ENTRYPOINT,
-    ports: Mapping[int, int] | None = None,
+    objects: Sequence[dict], root: Path, *, entrypoint: Sequence[str] = LOCAL_ENTRYPOINT, ports: Mapping[int, int] | None = None
 ) -> dict[str, list[dict]]:
     """Local process specs of every container of every Deployment and StatefulSet in
     `objects` (the rendered manifests of one overlay), with the pods' volumes under `root`.
@@ -127,11 +123,7 @@ def local_specs(
             containers = [(c, True) for c in pod_spec.get("initContainers", [])]
             containers += [(c, False) for c in pod_spec["containers"]]
             for c, init in containers:
-                out[name].append(
-                    _container_spec(
-                        c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint, root=root, ports=dict(ports or {})
-                    )
-                )
+                out[name].append(_container_spec(c, init, pod, meta, pod_spec, volumes, by_kind, entrypoint, root=root, ports=dict(ports or {})))
     return out
 
 
@@ -188,9 +180,7 @@ def _write_files(folder: Path, entries: list[tuple[str, bytes, int]], files: lis
         files.append(target)
 
 
-def _source_entries(
-    source: dict, kind: str, default_mode: int, by_kind: dict, what: str
-) -> list[tuple[str, bytes, int]]:
+def _source_entries(source: dict, kind: str, default_mode: int, by_kind: dict, what: str) -> list[tuple[str, bytes, int]]:
     """(relative path, content, mode) of one configMap/secret volume or projected source."""
     name = source.get("name") or source.get("secretName")
     optional = bool(source.get("optional", False))
@@ -209,9 +199,7 @@ def _source_entries(
     return entries
 
 
-def _materialize_volumes(
-    pod_spec: dict, pod: str, meta: dict, root: Path, by_kind: dict, claim_templates: set[str]
-) -> dict[str, tuple[Path, list[Path]]]:
+def _materialize_volumes(pod_spec: dict, pod: str, meta: dict, root: Path, by_kind: dict, claim_templates: set[str]) -> dict[str, tuple[Path, list[Path]]]:
     """volume name -> (local folder, files written)."""
     volumes: dict[str, tuple[Path, list[Path]]] = {}
     for claim in claim_templates:
@@ -247,10 +235,7 @@ def _materialize_volumes(
                     elif "configMap" in s:
                         entries += _source_entries(s["configMap"], "ConfigMap", mode, by_kind, what)
                     elif "downwardAPI" in s:
-                        entries += [
-                            (it["path"], _field(it["fieldRef"]["fieldPath"], meta).encode(), it.get("mode", mode))
-                            for it in s["downwardAPI"]["items"]
-                        ]
+                        entries += [(it["path"], _field(it["fieldRef"]["fieldPath"], meta).encode(), it.get("mode", mode)) for it in s["downwardAPI"]["items"]]
                     else:
                         raise ValueError(f"{what}: projected source {sorted(s)} is not supported locally")
             else:
@@ -261,17 +246,7 @@ def _materialize_volumes(
 
 
 def _container_spec(
-    c: dict,
-    init: bool,
-    pod: str,
-    meta: dict,
-    pod_spec: dict,
-    volumes: dict,
-    by_kind: dict,
-    entrypoint: Sequence[str],
-    *,
-    root: Path,
-    ports: dict[int, int],
+    c: dict, init: bool, pod: str, meta: dict, pod_spec: dict, volumes: dict, by_kind: dict, entrypoint: Sequence[str], *, root: Path, ports: dict[int, int]
 ) -> dict:
     what = f"pod {pod}, container {c['name']}"
     env: dict[str, str] = {}
@@ -289,11 +264,7 @@ def _container_spec(
         if "fieldRef" in source:
             env[var["name"]] = _field(source["fieldRef"]["fieldPath"], meta)
         elif "configMapKeyRef" in source or "secretKeyRef" in source:
-            kind, ref = (
-                ("ConfigMap", source["configMapKeyRef"])
-                if "configMapKeyRef" in source
-                else ("Secret", source["secretKeyRef"])
-            )
+            kind, ref = ("ConfigMap", source["configMapKeyRef"]) if "configMapKeyRef" in source else ("Secret", source["secretKeyRef"])
             value = _lookup(by_kind, kind, ref["name"], ref["key"], bool(ref.get("optional")), what)
             if value is not None:
                 env[var["name"]] = value.decode()
@@ -315,8 +286,7 @@ def _container_spec(
     nginx = is_nginx_image(c.get("image", ""))
     if nginx and not c.get("command"):
         raise ValueError(
-            f"{what}: an nginx container needs its command (nginx -c <config> ...) to run locally: "
-            "the image's default config is not in the manifests"
+            f"{what}: an nginx container needs its command (nginx -c <config> ...) to run locally: the image's default config is not in the manifests"
         )
     command = [rewrite(expand(a, env)) for a in c["command"]] if c.get("command") else list(entrypoint)
     argv = command + [rewrite(expand(a, env)) for a in c.get("args", [])]
@@ -369,9 +339,7 @@ def _nginx_local(argv: list[str], rewrite, folder: Path, ports: dict[int, int], 
         raise ValueError(f"{what}: {source.name} sets `user`: an unprivileged container cannot switch users")
     port = lambda m: ports.get(int(m.group(2)), int(m.group(2)))  # noqa: E731
     text = "".join(
-        _LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{port(m)}", line)
-        if _LISTEN.match(line)
-        else _LOOPBACK.sub(lambda m: f"{m.group(1)}:{port(m)}", line)
+        _LISTEN.sub(lambda m: f"{m.group(1)}127.0.0.1:{port(m)}", line) if _LISTEN.match(line) else _LOOPBACK.sub(lambda m: f"{m.group(1)}:{port(m)}", line)
         for line in text.splitlines(keepends=True)
     )
     folder.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,7 @@ def test_exposure_by_hand():
 
 def test_canaries_are_planted_in_the_audited_client_only(tmp_path):
     cfg = tiny_config(
-        "bert",
-        "prompt",
-        federation__num_clients=2,
-        data__partition="iid",
-        audit__canaries=3,
-        audit__canary_repeats=2,
-        audit__references=5,
-        audit__client=1,
+        "bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=3, audit__canary_repeats=2, audit__references=5, audit__client=1
     )
     planted, refs = canaries.canaries(cfg, 5)
     assert planted == canaries.canaries(cfg, 5)[0]  # a function of the config
@@ -51,9 +44,7 @@ def test_canaries_are_planted_in_the_audited_client_only(tmp_path):
 
 
 def test_audit_of_a_run_writes_its_figures(tmp_path):
-    cfg = tiny_config(
-        "bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=2, audit__references=7
-    )
+    cfg = tiny_config("bert", "prompt", federation__num_clients=2, data__partition="iid", audit__canaries=2, audit__references=7)
     client = LocalClient(cfg, num_partitions=2)
     client.state.model.save_adapter(tmp_path / "adapter", client.state.backbone.path)
     res = audit.run_audit(cfg, tmp_path, quiet=True)

@@ -59,16 +59,7 @@ def test_real_backbone_is_frozen_and_training_leaves_it_untouched():
     assert len(frozen) > 90 and all(not p.requires_grad for n, p in s.model.backbone.named_parameters() if n in frozen)
     prompt_before = s.model.prompt.weight.detach().clone()
     engine = make_engine(s.model, cfg, 2)
-    train_steps(
-        engine,
-        s.task,
-        s.train,
-        cfg,
-        steps=2,
-        stream=batches(len(s.train), cfg.train.batch_size, 0),
-        pad_id=s.pad_id,
-        device=s.backbone.device,
-    )
+    train_steps(engine, s.task, s.train, cfg, steps=2, stream=batches(len(s.train), cfg.train.batch_size, 0), pad_id=s.pad_id, device=s.backbone.device)
     after = dict(s.model.backbone.named_parameters())
     assert all(torch.equal(after[n], v) for n, v in frozen.items())
     assert not torch.equal(s.model.prompt.weight, prompt_before)

@@ -16,13 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def _section(out: Path, name: str, summary: dict | None, rc: int = 0) -> None:
     d = out / name
     d.mkdir(parents=True)
-    (d / "meta.json").write_text(
-        json.dumps({"wall_s": 12.0, "date": "2026-12-01 08:00 UTC", "mode": "quick", "rc": rc})
-    )
+    (d / "meta.json").write_text(json.dumps({"wall_s": 12.0, "date": "2026-12-01 08:00 UTC", "mode": "quick", "rc": rc}))
     if summary is not None:
-        (d / "result.json").write_text(
-            json.dumps({"title": f"title of {name}", "markdown": f"body of {name}", "summary": summary, "plots": []})
-        )
+        (d / "result.json").write_text(json.dumps({"title": f"title of {name}", "markdown": f"body of {name}", "summary": summary, "plots": []}))
 
 
 def test_report_gives_each_target_its_verdict_and_keeps_failures_visible(tmp_path):
@@ -49,9 +45,7 @@ def test_readme_performance_table_is_quoted_from_results_md():
     rows = [ln for ln in block.splitlines() if ln.startswith("| ") and not ln.startswith("| measurement")]
     assert rows, "README has no benchmark-targets table"
     missing = [r for r in rows if r not in results.splitlines()]
-    assert not missing, (
-        f"README rows not in benchmarks/RESULTS.md (rerun `make bench` and copy its Targets table): {missing}"
-    )
+    assert not missing, f"README rows not in benchmarks/RESULTS.md (rerun `make bench` and copy its Targets table): {missing}"
     assert re.search(r"Generated \d{4}-\d\d-\d\d", results)
 
 

@@ -86,10 +86,7 @@ def test_server_cert_verifies_against_ca(pki):
 
 def test_openssl_accepts_server_cert_for_tls_servers(pki):
     out = subprocess.run(
-        ["openssl", "verify", "-CAfile", pki / "ca.crt", "-purpose", "sslserver", pki / "server.crt"],
-        capture_output=True,
-        text=True,
-        check=False,
+        ["openssl", "verify", "-CAfile", pki / "ca.crt", "-purpose", "sslserver", pki / "server.crt"], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0 and out.stdout.strip().endswith(": OK"), out.stdout + out.stderr
 
@@ -267,11 +264,7 @@ def test_corrupt_or_wrong_public_keys(tmp_path):
     (tmp_path / "clients").mkdir()
     (tmp_path / "clients/eve.pub").write_text("not a key\n")
     _raises(certs.register, "not an OpenSSH public key", dir=tmp_path, name="eve")
-    p256 = (
-        ec.generate_private_key(ec.SECP256R1())
-        .public_key()
-        .public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    )
+    p256 = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     (tmp_path / "clients/eve.pub").write_bytes(p256)
     _raises(certs.register, "not an ECDSA P-384 key", dir=tmp_path, name="eve")
     # a damaged authorized/ file stops a server at startup, not mid-registration

@@ -15,10 +15,7 @@ def _state(r: int, seed: int = 0) -> ServerState:
     g = np.random.default_rng(seed)
     return ServerState(
         round=r,
-        tensors={
-            "prompt_embeddings": g.standard_normal((4, 8)).astype(np.float32),
-            "head.bias": g.standard_normal(3).astype(np.float32),
-        },
+        tensors={"prompt_embeddings": g.standard_normal((4, 8)).astype(np.float32), "head.bias": g.standard_normal(3).astype(np.float32)},
         strategy={"m_t": {"head.bias": g.standard_normal(3)}},
         rows=[{"round": i, "accuracy": 0.1 * i} for i in range(r + 1)],
         adapter_config='{"peft_type": "PROMPT_TUNING"}',

@@ -34,16 +34,7 @@ def file_args(path: Path | str) -> list[str]:
 
 
 # Keeps any run that wrongly gets past its check short: 1 step, a tiny eval.
-CHEAP = [
-    "--set",
-    "train.local_steps=1",
-    "--set",
-    "train.eval_every=0",
-    "--set",
-    "model.max_length=16",
-    "--set",
-    "output.plots=false",
-]
+CHEAP = ["--set", "train.local_steps=1", "--set", "train.eval_every=0", "--set", "model.max_length=16", "--set", "output.plots=false"]
 
 
 def user_error(capsys, argv: list[str], *needles: str) -> str:
@@ -72,9 +63,7 @@ def assert_no_result(out: Path) -> None:
 
 def test_unknown_config_key(capsys, tmp_path):
     out = tmp_path / "run"
-    user_error(
-        capsys, ["train", "--set", "train.steps=5", "--output", str(out)], "train.steps", "unknown key", "local_steps"
-    )
+    user_error(capsys, ["train", "--set", "train.steps=5", "--output", str(out)], "train.steps", "unknown key", "local_steps")
     assert not out.exists()
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("train:\n  local_steps: 5\n  lr_rate: 0.1\n", encoding="utf-8")
@@ -83,24 +72,12 @@ def test_unknown_config_key(capsys, tmp_path):
 
 
 def test_wrong_type(capsys, tmp_path):
-    user_error(
-        capsys,
-        ["train", "--set", "train.local_steps=abc", "--output", str(tmp_path / "run")],
-        "train.local_steps",
-        "'abc'",
-        "an integer",
-    )
+    user_error(capsys, ["train", "--set", "train.local_steps=abc", "--output", str(tmp_path / "run")], "train.local_steps", "'abc'", "an integer")
     assert not (tmp_path / "run").exists()
 
 
 def test_wrong_literal_lists_allowed(capsys, tmp_path):
-    user_error(
-        capsys,
-        ["eval", "--adapter", str(tmp_path), "--set", "model.quantization=3bit"],
-        "model.quantization",
-        "'3bit'",
-        "'none', '8bit', '4bit'",
-    )
+    user_error(capsys, ["eval", "--adapter", str(tmp_path), "--set", "model.quantization=3bit"], "model.quantization", "'3bit'", "'none', '8bit', '4bit'")
 
 
 def test_bad_set_syntax(capsys):
@@ -119,9 +96,7 @@ def test_validate_bad_file(capsys, tmp_path):
 
 def test_missing_data_file(capsys, tmp_path):
     out = tmp_path / "run"
-    user_error(
-        capsys, ["train", *file_args("/nonexistent.csv"), "--output", str(out)], "/nonexistent.csv", "does not exist"
-    )
+    user_error(capsys, ["train", *file_args("/nonexistent.csv"), "--output", str(out)], "/nonexistent.csv", "does not exist")
     assert not out.exists()
 
 
@@ -136,23 +111,12 @@ def test_empty_data_file(capsys, tmp_path):
 def test_csv_without_configured_columns(capsys, tmp_path):
     f = write_csv(tmp_path / "cols.csv", rows(), header=("sentence", "category"))
     out = tmp_path / "run"
-    user_error(
-        capsys, ["train", *file_args(f), "--output", str(out)], "cols.csv", "'text'", "'label'", "sentence, category"
-    )
+    user_error(capsys, ["train", *file_args(f), "--output", str(out)], "cols.csv", "'text'", "'label'", "sentence, category")
     assert not out.exists()
     # an explicit task names the one missing column and the setting to change
     user_error(
         capsys,
-        [
-            "train",
-            *file_args(f),
-            "--set",
-            "data.task=classification",
-            "--set",
-            "data.label_column=category",
-            "--output",
-            str(out),
-        ],
+        ["train", *file_args(f), "--set", "data.task=classification", "--set", "data.label_column=category", "--output", str(out)],
         "no column 'text'",
         "data.text_column",
         "sentence, category",
@@ -163,14 +127,7 @@ def test_csv_without_configured_columns(capsys, tmp_path):
 def test_label_outside_label_set(capsys, tmp_path):
     f = write_csv(tmp_path / "abc.csv", rows(labels=("a", "b", "c")))
     out = tmp_path / "run"
-    user_error(
-        capsys,
-        ["train", *file_args(f), "--set", "data.labels=[a,b]", "--output", str(out)],
-        "abc.csv",
-        "label 'c'",
-        "data.labels",
-        "a, b",
-    )
+    user_error(capsys, ["train", *file_args(f), "--set", "data.labels=[a,b]", "--output", str(out)], "abc.csv", "label 'c'", "data.labels", "a, b")
     assert not out.exists()
 
 
@@ -178,9 +135,7 @@ def test_undecodable_text(capsys, tmp_path):
     f = write_csv(tmp_path / "latin1.csv", rows())
     f.write_bytes(f.read_bytes() + b"caf\xe9 au lait,a\n")
     out = tmp_path / "run"
-    user_error(
-        capsys, ["train", *file_args(f), "--output", str(out)], "latin1.csv", "not valid UTF-8", "0xe9", "line 42"
-    )
+    user_error(capsys, ["train", *file_args(f), "--output", str(out)], "latin1.csv", "not valid UTF-8", "0xe9", "line 42")
     assert not out.exists()
 
 
@@ -190,11 +145,7 @@ def test_undecodable_text(capsys, tmp_path):
 def test_unknown_model_name(capsys, tmp_path, small_csv):
     out = tmp_path / "run"
     user_error(
-        capsys,
-        ["train", *file_args(small_csv), "--set", "model.name=no-such-model", "--output", str(out)],
-        "model.name",
-        "'no-such-model'",
-        "minilm-l6",
+        capsys, ["train", *file_args(small_csv), "--set", "model.name=no-such-model", "--output", str(out)], "model.name", "'no-such-model'", "minilm-l6"
     )
     assert not out.exists()
 
@@ -217,12 +168,7 @@ def test_eval_adapter_folder_without_weights(capsys, tmp_path, small_csv):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}", encoding="utf-8")
-    user_error(
-        capsys,
-        ["eval", "--adapter", str(adapter), *file_args(small_csv), *CHEAP],
-        str(adapter),
-        "adapter_model.safetensors",
-    )
+    user_error(capsys, ["eval", "--adapter", str(adapter), *file_args(small_csv), *CHEAP], str(adapter), "adapter_model.safetensors")
 
 
 def test_train_into_non_empty_output(capsys, tmp_path, small_csv):
@@ -232,9 +178,7 @@ def test_train_into_non_empty_output(capsys, tmp_path, small_csv):
     (out / "sub").mkdir()
     (out / "sub" / "data.bin").write_bytes(b"\x00\x01")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    user_error(
-        capsys, ["train", *file_args(small_csv), *CHEAP, "--output", str(out)], str(out), "not empty", "--overwrite"
-    )
+    user_error(capsys, ["train", *file_args(small_csv), *CHEAP, "--output", str(out)], str(out), "not empty", "--overwrite")
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "sub"]
@@ -267,11 +211,7 @@ def test_overwrite_refuses_a_folder_that_is_not_a_run(capsys, tmp_path, small_cs
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.tex").write_text("do not delete")
-    user_error(
-        capsys,
-        ["train", "--output", str(precious), "--overwrite", *file_args(small_csv), *CHEAP],
-        "not a fedprompt run directory",
-    )
+    user_error(capsys, ["train", "--output", str(precious), "--overwrite", *file_args(small_csv), *CHEAP], "not a fedprompt run directory")
     assert (precious / "thesis.tex").read_text() == "do not delete"
 
 
@@ -284,16 +224,7 @@ def test_output_that_is_a_file(capsys, tmp_path, small_csv):
 def test_sequence_longer_than_the_backbone_positions(capsys, tmp_path, small_csv):
     user_error(
         capsys,
-        [
-            "train",
-            "--output",
-            str(tmp_path / "o"),
-            *file_args(small_csv),
-            "--set",
-            "model.max_length=510",
-            "--set",
-            "train.local_steps=1",
-        ],
+        ["train", "--output", str(tmp_path / "o"), *file_args(small_csv), "--set", "model.max_length=510", "--set", "train.local_steps=1"],
         "exceeds the backbone's 512 positions",
     )
     assert not (tmp_path / "o").exists()

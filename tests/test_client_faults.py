@@ -29,9 +29,7 @@ def _wait(out: Path, pred, procs, timeout: float, what: str) -> dict:
                 return r
         assert all(p.poll() is None for p in procs), f"a process died while waiting for {what}"
         time.sleep(0.5)
-    raise AssertionError(
-        f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in metrics_rows(out)]}"
-    )
+    raise AssertionError(f"{what}: not seen in {timeout} s; rows: {[(r['round'], r['clients'], r['failures']) for r in metrics_rows(out)]}")
 
 
 def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
@@ -49,25 +47,11 @@ def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
             f"federation.round_timeout={TIMEOUT}",
         ]
     )
-    server = start_fedprompt(
-        ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"],
-        tmp_path / "server.log",
-    )
+    server = start_fedprompt(["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"], tmp_path / "server.log")
 
     def client(pid: int, log: str, extra: tuple[str, ...] = ()):
         return start_fedprompt(
-            [
-                "client",
-                *common,
-                *set_args(list(extra)),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--partition-id",
-                str(pid),
-                "--num-partitions",
-                "3",
-                "--insecure",
-            ],
+            ["client", *common, *set_args(list(extra)), "--server", f"127.0.0.1:{port}", "--partition-id", str(pid), "--num-partitions", "3", "--insecure"],
             tmp_path / log,
             threads=1,
         )
@@ -98,13 +82,7 @@ def test_killed_hung_and_failing_clients_cost_a_timeout_not_the_run(tmp_path):
         again = client(2, "client2-restarted.log")
         everyone.append(again)
         procs = [server, clients[0], clients[1], bad, again]
-        later = _wait(
-            out,
-            lambda r: r["round"] > hit["round"] and r["clients"] == 3,
-            procs,
-            900,
-            "a later round with the restarted client",
-        )
+        later = _wait(out, lambda r: r["round"] > hit["round"] and r["clients"] == 3, procs, 900, "a later round with the restarted client")
         assert later["failures"] >= 1  # the misconfigured client still fails, every round it is sampled
     finally:
         os.killpg(clients[1].pid, signal.SIGCONT)  # a stopped process cannot act on SIGTERM

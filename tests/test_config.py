@@ -244,9 +244,7 @@ def _load_error(path) -> list[str]:
     return e.value.problems
 
 
-@pytest.mark.parametrize(
-    "text", ["model: [unclosed\n", "a: b: c\n", "model:\n\tname: x\n", "x: !!python/object:os.system {}\n"]
-)
+@pytest.mark.parametrize("text", ["model: [unclosed\n", "a: b: c\n", "model:\n\tname: x\n", "x: !!python/object:os.system {}\n"])
 def test_not_yaml(tmp_path, text):
     line = only(problems(tmp_path, text))
     assert "config.yaml" in line and "is not valid YAML" in line
@@ -257,10 +255,7 @@ def test_special_character_is_one_line(tmp_path):
     assert "is not valid YAML" in line
 
 
-@pytest.mark.parametrize(
-    "text, kind",
-    [("- a\n- b\n", "list"), ("[]\n", "list"), ("0\n", "int"), ("just text\n", "str"), ("false\n", "bool")],
-)
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("[]\n", "list"), ("0\n", "int"), ("just text\n", "str"), ("false\n", "bool")])
 def test_yaml_not_a_mapping(tmp_path, text, kind):
     line = only(problems(tmp_path, text))
     assert "expected a mapping of sections" in line and f"got {kind}" in line
@@ -315,14 +310,9 @@ scalars = st.one_of(
     st.sampled_from(["none", "4bit", "prompt", "lora", "file", "{text}", "q_proj,v_proj", "0", ""]),
 )
 keys = st.one_of(st.sampled_from(SECTIONS + FIELDS), st.text(max_size=8), st.integers(), st.booleans(), st.none())
-junk = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
-)
+junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
 sections = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), junk, max_size=5)
-documents = st.one_of(
-    st.dictionaries(st.sampled_from(SECTIONS) | keys, sections | junk, max_size=6),
-    junk,
-)
+documents = st.one_of(st.dictionaries(st.sampled_from(SECTIONS) | keys, sections | junk, max_size=6), junk)
 texts = st.one_of(documents.map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=80))
 
 

@@ -323,12 +323,7 @@ def test_dirichlet_impossible_is_a_data_error(bbc_train):
 
 def test_partition_argument_errors(bbc_train):
     small = bbc_train.select(range(5))
-    for args, pattern in [
-        ((4, 4), "partition_id"),
-        ((4, -1), "partition_id"),
-        ((6, 0), "at most 5"),
-        ((0, 0), "num_partitions"),
-    ]:
+    for args, pattern in [((4, 4), "partition_id"), ((4, -1), "partition_id"), ((6, 0), "at most 5"), ((0, 0), "num_partitions")]:
         with pytest.raises(DataError, match=pattern) as e:
             partition(small, DataConfig(), *args)
         assert "\n" not in str(e.value)

@@ -52,11 +52,7 @@ CERT_DIRS = [BASE / "certs", K8S / "overlays" / "expose" / "certs", K8S / "overl
 SHIPPED_CONFIG = ROOT / "configs" / "bbc-minilm-prompt.yaml"
 K8S_VERSION = "1.30"  # schemas the manifests are validated against (pod-index label: >= 1.28)
 NAMESPACE = "fedprompt"
-SERVER_NAMES = [
-    "fedprompt-server",
-    f"fedprompt-server.{NAMESPACE}.svc",
-    f"fedprompt-server.{NAMESPACE}.svc.cluster.local",
-]
+SERVER_NAMES = ["fedprompt-server", f"fedprompt-server.{NAMESPACE}.svc", f"fedprompt-server.{NAMESPACE}.svc.cluster.local"]
 EXTERNAL_NAME = "fedprompt.example.org"  # the exposed server's name in the shipped silo overlay
 PORT = 9092  # the front's: the only port of the server pod that faces the network
 SUPERLINK_PORT = 9093  # the SuperLink's, on the pod's loopback
@@ -80,8 +76,7 @@ def need_nginx() -> str:
     exe = nginx_binary()
     if exe is None:
         pytest.skip(
-            "nginx is not installed: this test runs the server pod's front (nginx.conf) locally; "
-            "`apt-get install nginx-light` (CI installs it in .ci/run)"
+            "nginx is not installed: this test runs the server pod's front (nginx.conf) locally; `apt-get install nginx-light` (CI installs it in .ci/run)"
         )
     return exe
 
@@ -202,9 +197,7 @@ def _option(argv: list[str], flag: str) -> str:
 
 
 def _sets(argv: list[str]) -> dict[str, str]:
-    pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] + [
-        a[len("--set=") :] for a in argv if a.startswith("--set=")
-    ]
+    pairs = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"] + [a[len("--set=") :] for a in argv if a.startswith("--set=")]
     return dict(p.split("=", 1) for p in pairs)
 
 
@@ -231,8 +224,7 @@ def _secret_name(objects: list[dict], prefix: str) -> str:
     [name] = [
         o["metadata"]["name"]
         for o in objects
-        if o["kind"] in ("Secret", "ConfigMap")
-        and re.fullmatch(re.escape(prefix) + r"(-[a-z0-9]{10})?", o["metadata"]["name"])
+        if o["kind"] in ("Secret", "ConfigMap") and re.fullmatch(re.escape(prefix) + r"(-[a-z0-9]{10})?", o["metadata"]["name"])
     ]
     return name
 
@@ -325,10 +317,7 @@ def front_decision(conf: list[tuple], method: str, request_uri: str) -> str:
     for args, _ in locations:
         assert len(args) == 1 or args[0] == "=", f"only exact and prefix locations are emulated, not {args}"
     exact = [body for args, body in locations if args[0] == "=" and args[1] == norm]
-    prefix = sorted(
-        ((args[0], body) for args, body in locations if len(args) == 1 and norm.startswith(args[0])),
-        key=lambda x: -len(x[0]),
-    )
+    prefix = sorted(((args[0], body) for args, body in locations if len(args) == 1 and norm.startswith(args[0])), key=lambda x: -len(x[0]))
     body = exact[0] if exact else prefix[0][1]
     for name, args, children in body:
         if name == "if":
@@ -377,9 +366,7 @@ def test_every_rendered_object_is_valid_kubernetes(rendered, overlay):
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as e:
-            pytest.fail(
-                f"{overlay}: {obj['kind']} {obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}"
-            )
+            pytest.fail(f"{overlay}: {obj['kind']} {obj['metadata']['name']}: {'.'.join(map(str, e.path))}: {e.message}")
         if obj["kind"] != "Namespace":
             assert obj["metadata"]["namespace"] == NAMESPACE, obj["metadata"]["name"]
         assert obj["metadata"]["labels"]["app.kubernetes.io/part-of"] == "fedprompt", obj["metadata"]["name"]
@@ -434,29 +421,19 @@ def test_server_runs_the_superlink_on_loopback_with_tls_and_resumable_output(ren
     container = _container(server, "server")
     assert "command" not in container  # the image's tini entrypoint stays PID 1
     assert not container.get("ports"), "the server container must not expose a port: the front does"
-    assert not _pod_spec(server).get("hostNetwork") and not any(
-        p.get("hostPort") for c in _pod_spec(server)["containers"] for p in c.get("ports", [])
-    )
+    assert not _pod_spec(server).get("hostNetwork") and not any(p.get("hostPort") for c in _pod_spec(server)["containers"] for p in c.get("ports", []))
 
     # --output lives on the PersistentVolumeClaim, in a subfolder (a fresh volume's root may
     # hold lost+found, which the server would refuse as someone else's files).
     output = _option(container["args"], "--output")
     pvc = _one(objects, "PersistentVolumeClaim")
-    claim_volumes = {
-        v["name"]
-        for v in _pod_spec(server)["volumes"]
-        if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]
-    }
+    claim_volumes = {v["name"] for v in _pod_spec(server)["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == pvc["metadata"]["name"]}
     mounts = [m for m in container["volumeMounts"] if m["name"] in claim_volumes]
     assert len(mounts) == 1 and not mounts[0].get("readOnly")
     assert output.startswith(mounts[0]["mountPath"].rstrip("/") + "/"), (output, mounts)
-    assert not [
-        m
-        for c in _pod_spec(server)["containers"]
-        if c["name"] != "server"
-        for m in c["volumeMounts"]
-        if m["name"] in claim_volumes
-    ], "only the server writes the run"
+    assert not [m for c in _pod_spec(server)["containers"] if c["name"] != "server" for m in c["volumeMounts"] if m["name"] in claim_volumes], (
+        "only the server writes the run"
+    )
 
     # The certificate folder as server.certs_dir expects it, from the throwaway PKI.
     _, pki = pki_deploy
@@ -492,11 +469,7 @@ def test_front_is_unprivileged_nginx_with_the_server_certificate(rendered, specs
     assert spec["nginx"] and Path(spec["conf"]).is_file()
     # The front serves the server certificate and verifies the SuperLink with the CA.
     srv = _front_server(conf)
-    files = {
-        "ssl_certificate": "server.crt",
-        "ssl_certificate_key": "server.key",
-        "proxy_ssl_trusted_certificate": "ca.crt",
-    }
+    files = {"ssl_certificate": "server.crt", "ssl_certificate_key": "server.key", "proxy_ssl_trusted_certificate": "ca.crt"}
     local = parse_nginx(Path(spec["conf"]).read_text())
     for directive, name in files.items():
         assert Path(_only(srv, directive)[0]).name == name
@@ -536,12 +509,7 @@ def test_front_forwards_only_the_fleet_api_and_health(rendered, overlay):
     size = _only(srv, "client_max_body_size")[0]
     assert int(size[:-1]) * {"k": 2**10, "m": 2**20, "g": 2**30}[size[-1].lower()] >= 64 * 2**20, size
 
-    forwarded = [
-        ("POST", "/v1/fleet/pull-messages"),
-        ("POST", "/v1/fleet/register-node"),
-        ("POST", "/v1/fleet/push-object"),
-        ("GET", "/health"),
-    ]
+    forwarded = [("POST", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/register-node"), ("POST", "/v1/fleet/push-object"), ("GET", "/health")]
     refused = [
         ("POST", "/v1/control/list-runs"),
         ("POST", "/v1/control/start-run"),
@@ -579,9 +547,7 @@ def test_front_writes_only_to_its_volumes(rendered, specs, overlay):
     writable = [m["mountPath"] for m in front["volumeMounts"] if m["name"] in empty and not m.get("readOnly")]
     conf = _front_conf(rendered[overlay])
     [http] = [d[2] for d in conf if d[0] == "http"]
-    paths = [_only(conf, "pid")[0]] + [
-        _only(http, f"{k}_temp_path")[0] for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    ]
+    paths = [_only(conf, "pid")[0]] + [_only(http, f"{k}_temp_path")[0] for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")]
     for path in paths:
         assert any(path.startswith(w.rstrip("/") + "/") for w in writable), (path, writable)
     assert _only(conf, "error_log")[0] == "stderr"
@@ -589,9 +555,7 @@ def test_front_writes_only_to_its_volumes(rendered, specs, overlay):
     spec = _spec(specs[overlay], "fedprompt-server", "front")
     local = parse_nginx(Path(spec["conf"]).read_text())
     [local_http] = [d[2] for d in local if d[0] == "http"]
-    local_paths = [_only(local, "pid")[0]] + [
-        _only(local_http, f"{k}_temp_path")[0] for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
-    ]
+    local_paths = [_only(local, "pid")[0]] + [_only(local_http, f"{k}_temp_path")[0] for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")]
     volumes = [str(spec["mounts"][w.rstrip("/")]) for w in writable]
     for path in local_paths:
         assert any(path.startswith(v + "/") for v in volumes), (path, volumes)
@@ -607,11 +571,7 @@ def test_front_runs_and_forwards_only_the_fleet_api(rendered, pki_deploy, tmp_pa
 
     _, pki = pki_deploy
     front_port, link_port = free_port(), free_port()
-    spec = _spec(
-        local_specs(rendered["expose"], tmp_path / "root", ports={PORT: front_port, SUPERLINK_PORT: link_port}),
-        "fedprompt-server",
-        "front",
-    )
+    spec = _spec(local_specs(rendered["expose"], tmp_path / "root", ports={PORT: front_port, SUPERLINK_PORT: link_port}), "fedprompt-server", "front")
     seen: list[tuple[str, str, dict, bytes]] = []
 
     class SuperLink(http.server.BaseHTTPRequestHandler):
@@ -719,10 +679,7 @@ def test_server_pod_probes_and_service_reach_the_front(rendered, overlay):
     # kubectl logs/exec/cp mean the server (the run volume is only there), not the front.
     assert server["spec"]["template"]["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "server"
     for probe in (server_c["livenessProbe"], front["livenessProbe"]):
-        assert (
-            probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
-            >= 60
-        )
+        assert probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3) >= 60
 
     service = _one(objects, "Service", "fedprompt-server")
     assert _selects({"matchLabels": service["spec"]["selector"]}, _pod_labels(server))
@@ -782,13 +739,7 @@ def test_each_client_pod_serves_its_partition_with_its_own_key(rendered, specs, 
 
 def _private_keys(objects: list[dict]) -> list[tuple[str, str]]:
     """(object, key) of every private key in the rendered Secrets and ConfigMaps."""
-    return [
-        (o["metadata"]["name"], k)
-        for o in objects
-        if o["kind"] in ("Secret", "ConfigMap")
-        for k, v in _decoded(o).items()
-        if b"PRIVATE KEY" in v
-    ]
+    return [(o["metadata"]["name"], k) for o in objects if o["kind"] in ("Secret", "ConfigMap") for k, v in _decoded(o).items() if b"PRIVATE KEY" in v]
 
 
 def test_silo_is_one_client_with_only_its_own_key(rendered, specs, pki_deploy):
@@ -803,9 +754,7 @@ def test_silo_is_one_client_with_only_its_own_key(rendered, specs, pki_deploy):
     assert client["kind"] == "StatefulSet" and client["spec"]["replicas"] == 1
     # Its own key, one: in the Secret, and nowhere else.
     assert _private_keys(objects) == [(_secret_name(objects, "fedprompt-client-key"), "client.key")]
-    assert _generated(objects, "Secret", "fedprompt-client-key") == {
-        "client.key": (pki / "clients" / "client-0").read_bytes()
-    }
+    assert _generated(objects, "Secret", "fedprompt-client-key") == {"client.key": (pki / "clients" / "client-0").read_bytes()}
     assert _generated(objects, "Secret", "fedprompt-ca") == {"ca.crt": (pki / "ca.crt").read_bytes()}
     assert {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"} == {
         _secret_name(objects, "fedprompt-client-key"),
@@ -838,9 +787,7 @@ def test_silo_client_is_the_in_cluster_client_but_for_server_partition_and_key(r
     ours = _one(rendered["silo"], "StatefulSet", "fedprompt-client")
     theirs = _one(rendered["cpu"], "StatefulSet", "fedprompt-client")
     a, b = _pod_spec(ours), _pod_spec(theirs)
-    assert {k: v for k, v in a.items() if k not in ("containers", "volumes")} == {
-        k: v for k, v in b.items() if k not in ("containers", "volumes")
-    }
+    assert {k: v for k, v in a.items() if k not in ("containers", "volumes")} == {k: v for k, v in b.items() if k not in ("containers", "volumes")}
     [ca], [cb] = a["containers"], b["containers"]
     for key in ("image", "imagePullPolicy", "resources", "securityContext", "volumeMounts"):
         assert ca.get(key) == cb.get(key), key
@@ -857,9 +804,7 @@ def test_expose_runs_no_client_and_holds_no_client_key(rendered, pki_deploy):
     assert not [o for o in objects if o["kind"] == "StatefulSet"]
     assert [o["metadata"]["name"] for o in _workloads(objects)] == ["fedprompt-server"]
     assert _private_keys(objects) == [(_secret_name(objects, "fedprompt-server-certs"), "server.key")]
-    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"} == {
-        _secret_name(objects, "fedprompt-server-certs")
-    }
+    assert {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"} == {_secret_name(objects, "fedprompt-server-certs")}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -890,9 +835,7 @@ def test_n_agrees_everywhere(rendered, specs, overlay):
             if spec["nginx"]:
                 continue
             argv = spec["argv"]
-            configs[spec["pod"]] = cfg = load_config(
-                _option(argv, "--config"), [f"{k}={v}" for k, v in _sets(argv).items()]
-            )
+            configs[spec["pod"]] = cfg = load_config(_option(argv, "--config"), [f"{k}={v}" for k, v in _sets(argv).items()])
             assert cfg.federation.num_clients == n, spec["pod"]
             if "--num-partitions" in argv:
                 assert int(_option(argv, "--num-partitions")) == n
@@ -936,11 +879,7 @@ def test_deployed_config_is_the_shipped_config(rendered, specs):
 
 def _policies(objects: list[dict], labels: dict, kind: str) -> list[dict]:
     return [
-        p
-        for p in objects
-        if p["kind"] == "NetworkPolicy"
-        and _selects(p["spec"]["podSelector"], labels)
-        and kind in p["spec"].get("policyTypes", ["Ingress"])
+        p for p in objects if p["kind"] == "NetworkPolicy" and _selects(p["spec"]["podSelector"], labels) and kind in p["spec"].get("policyTypes", ["Ingress"])
     ]
 
 
@@ -995,9 +934,7 @@ def test_exposed_server_admits_the_outside_on_the_front_port_only(rendered):
     outside = [r for r in rules if any("ipBlock" in peer for peer in r.get("from", []))]
     assert outside, "no rule admits the silos from outside the cluster"
     for rule in rules:
-        assert rule.get("ports") and all(
-            p.get("protocol", "TCP") == "TCP" and p["port"] == PORT for p in rule["ports"]
-        ), rule
+        assert rule.get("ports") and all(p.get("protocol", "TCP") == "TCP" and p["port"] == PORT for p in rule["ports"]), rule
     egress = [r for p in _policies(objects, server_labels, "Egress") for r in p["spec"].get("egress", [])]
     assert {p["port"] for r in egress for p in r["ports"]} == {53}  # the server dials nothing but DNS
     _assert_default_deny(objects)
@@ -1099,9 +1036,7 @@ def test_gpu_overlay_puts_clients_on_gpus_and_cpu_overlay_does_not(rendered, spe
         client = _one(objects, "StatefulSet")["spec"]["template"]["spec"]
         server = _one(objects, "Deployment")["spec"]["template"]["spec"]
         [c] = client["containers"]
-        assert (
-            _container(_one(objects, "Deployment"), "server")["image"].split(":")[-1] == "0.1.0"
-        )  # the server needs no GPU
+        assert _container(_one(objects, "Deployment"), "server")["image"].split(":")[-1] == "0.1.0"  # the server needs no GPU
         assert "nvidia.com/gpu" not in str(server)
         argv = specs[overlay]["fedprompt-client"][0]["argv"]
         device = load_config(_option(argv, "--config"), [f"{k}={v}" for k, v in _sets(argv).items()]).model.device
@@ -1134,9 +1069,7 @@ def test_dockerfiles_mirror_make_install(dockerfile):
     torch = re.search(r"\$\(PIP\) -q (torch==\S+)", makefile).group(1)
     assert f"pip install -q {pip}" in text and torch in text
     assert "PIP_CONSTRAINT=" in text and "-c constraints" in text
-    assert re.search(r"^FROM python:3\.11-slim|^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) or dockerfile.endswith(
-        ".cuda"
-    )
+    assert re.search(r"^FROM python:3\.11-slim|^ARG PYTHON_IMAGE=python:3\.11-slim", text, re.M) or dockerfile.endswith(".cuda")
     if dockerfile.endswith(".cuda"):
         assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-runtime-", text, re.M)
         assert "python3.11" in text
@@ -1227,12 +1160,7 @@ def test_local_specs_lays_out_volumes_and_rewrites_paths(tmp_path):
                                 "command": ["run"],
                                 "args": ["--key=/etc/s/sub/k1-$(I)", "/tmp", "/tmpfoo", "--data", "/data/x", "$(X)"],
                                 "env": [
-                                    {
-                                        "name": "I",
-                                        "valueFrom": {
-                                            "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
-                                        },
-                                    },
+                                    {"name": "I", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}},
                                     {"name": "X", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "X"}}},
                                     {"name": "P", "value": "/data/$(I)"},
                                 ],
@@ -1244,14 +1172,7 @@ def test_local_specs_lays_out_volumes_and_rewrites_paths(tmp_path):
                             }
                         ],
                         "volumes": [
-                            {
-                                "name": "s",
-                                "secret": {
-                                    "secretName": "s",
-                                    "defaultMode": 0o440,
-                                    "items": [{"key": "k1", "path": "sub/k1-1"}],
-                                },
-                            },
+                            {"name": "s", "secret": {"secretName": "s", "defaultMode": 0o440, "items": [{"key": "k1", "path": "sub/k1-1"}]}},
                             {"name": "t", "emptyDir": {}},
                         ],
                     },
@@ -1264,15 +1185,7 @@ def test_local_specs_lays_out_volumes_and_rewrites_paths(tmp_path):
     assert list(out) == ["w"] and [s["pod"] for s in out["w"]] == ["w-0", "w-1"]
     s1 = out["w"][1]
     secret_dir = root / "w-1" / "volumes" / "s"
-    assert s1["argv"] == [
-        "run",
-        f"--key={secret_dir}/sub/k1-1",
-        str(root / "w-1" / "volumes" / "t"),
-        "/tmpfoo",
-        "--data",
-        f"{root}/volumes/data-w-1/x",
-        "7",
-    ]
+    assert s1["argv"] == ["run", f"--key={secret_dir}/sub/k1-1", str(root / "w-1" / "volumes" / "t"), "/tmpfoo", "--data", f"{root}/volumes/data-w-1/x", "7"]
     assert s1["env"] == {"I": "1", "X": "7", "P": f"{root}/volumes/data-w-1/1"}
     assert (secret_dir / "sub" / "k1-1").read_bytes() == b"one" and s1["files"] == [secret_dir / "sub" / "k1-1"]
     assert oct((secret_dir / "sub" / "k1-1").stat().st_mode & 0o777) == "0o440"
@@ -1291,21 +1204,13 @@ def _nginx_objects(conf: str, command: list[str] | None) -> list[dict]:
     container = {
         "name": "front",
         "image": "nginxinc/nginx-unprivileged:1.27-alpine",
-        "volumeMounts": [
-            {"name": "conf", "mountPath": "/etc/nginx/x"},
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "tls", "mountPath": "/etc/tls"},
-        ],
+        "volumeMounts": [{"name": "conf", "mountPath": "/etc/nginx/x"}, {"name": "tmp", "mountPath": "/tmp"}, {"name": "tls", "mountPath": "/etc/tls"}],
     }
     if command is not None:
         container["command"] = command
     return [
         {"kind": "ConfigMap", "metadata": {"name": "front", "namespace": "n"}, "data": {"nginx.conf": conf}},
-        {
-            "kind": "Secret",
-            "metadata": {"name": "tls", "namespace": "n"},
-            "data": {"a.crt": base64.b64encode(b"A").decode()},
-        },
+        {"kind": "Secret", "metadata": {"name": "tls", "namespace": "n"}, "data": {"a.crt": base64.b64encode(b"A").decode()}},
         {
             "kind": "Deployment",
             "metadata": {"name": "d", "namespace": "n"},
@@ -1326,17 +1231,9 @@ def _nginx_objects(conf: str, command: list[str] | None) -> list[dict]:
 
 
 def test_local_specs_runs_nginx_images_as_the_local_nginx(tmp_path):
-    assert (
-        is_nginx_image("nginx")
-        and is_nginx_image("nginx:1.27")
-        and is_nginx_image("nginxinc/nginx-unprivileged:1.27-alpine")
-    )
+    assert is_nginx_image("nginx") and is_nginx_image("nginx:1.27") and is_nginx_image("nginxinc/nginx-unprivileged:1.27-alpine")
     assert is_nginx_image("registry.example.com/mirror/nginx@sha256:" + "0" * 64)
-    assert (
-        not is_nginx_image("fedprompt:0.1.0")
-        and not is_nginx_image("nginxinc/other:1")
-        and not is_nginx_image("my-nginx")
-    )
+    assert not is_nginx_image("fedprompt:0.1.0") and not is_nginx_image("nginxinc/other:1") and not is_nginx_image("my-nginx")
     conf = (
         "pid /tmp/nginx.pid;\nhttp {\n  listen 9092 ssl;\n  listen [::]:9094;\n  ssl_certificate /etc/tls/a.crt;\n"
         "  upstream u { server 127.0.0.1:9093; }\n  location / { proxy_pass https://localhost:9093/tmp/x; }\n}\n"

@@ -33,15 +33,7 @@ from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
 from tests.helpers import stop_all
 from tests.k8slocal import local_specs
-from tests.test_deploy import (  # noqa: F401 (pki_deploy: a fixture)
-    PORT,
-    SHIPPED_CONFIG,
-    SUPERLINK_PORT,
-    _render,
-    _spec,
-    need_nginx,
-    pki_deploy,
-)
+from tests.test_deploy import PORT, SHIPPED_CONFIG, SUPERLINK_PORT, _render, _spec, need_nginx, pki_deploy  # noqa: F401 (pki_deploy: a fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -57,17 +49,13 @@ def _quick(config: dict) -> dict:
 
 
 def _quick_deploy(copy: Path) -> None:
-    (copy / "k8s" / "components" / "common" / "config.yaml").write_text(
-        yaml.safe_dump(_quick(yaml.safe_load(SHIPPED_CONFIG.read_text())))
-    )
+    (copy / "k8s" / "components" / "common" / "config.yaml").write_text(yaml.safe_dump(_quick(yaml.safe_load(SHIPPED_CONFIG.read_text()))))
 
 
 def _server_argv(spec: dict, link_port: int) -> list[str]:
     """The server container's command with the SuperLink on a free loopback port (the front's
     upstream is mapped to the same one)."""
-    argv = [
-        a.replace(f"server.superlink_port={SUPERLINK_PORT}", f"server.superlink_port={link_port}") for a in spec["argv"]
-    ]
+    argv = [a.replace(f"server.superlink_port={SUPERLINK_PORT}", f"server.superlink_port={link_port}") for a in spec["argv"]]
     assert argv != spec["argv"], "the server container no longer sets server.superlink_port"
     return argv
 
@@ -90,17 +78,11 @@ class Pods:
         self.folder, self.procs, self.logs = folder, {}, {}
 
     def start(self, name: str, argv: list[str], spec: dict) -> None:
-        env = {
-            **os.environ,
-            **spec["env"],
-            "FEDPROMPT_CACHE": os.environ.get("FEDPROMPT_CACHE", os.path.expanduser("~/.cache/fedprompt")),
-        }
+        env = {**os.environ, **spec["env"], "FEDPROMPT_CACHE": os.environ.get("FEDPROMPT_CACHE", os.path.expanduser("~/.cache/fedprompt"))}
         # Appending: nginx writes its access log through a file of its own (/dev/stdout) and its
         # error log to the inherited descriptor; without O_APPEND they overwrite each other.
         self.logs[name] = open(self.folder / f"{name}.log", "ab")
-        self.procs[name] = subprocess.Popen(
-            argv, env=env, stdout=self.logs[name], stderr=subprocess.STDOUT, start_new_session=True
-        )
+        self.procs[name] = subprocess.Popen(argv, env=env, stdout=self.logs[name], stderr=subprocess.STDOUT, start_new_session=True)
 
     def log(self, name: str) -> str:
         return (self.folder / f"{name}.log").read_text(errors="replace")
@@ -123,9 +105,7 @@ class Pods:
 
 
 def _https(port: int, ca: Path, method: str, path: str, body: bytes = b"") -> int:
-    conn = http.client.HTTPSConnection(
-        "127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)), timeout=30
-    )
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     try:
         conn.request(method, path, body=body or None, headers={"content-type": "application/protobuf"})
         response = conn.getresponse()
@@ -145,9 +125,7 @@ def _wait_healthy(pods: Pods, front_port: int, ca: Path) -> None:
                 return
         except OSError:
             pass
-        assert time.monotonic() - t0 < 120, (
-            "GET /health through the front never succeeded:\n" + pods.log("front")[-2000:]
-        )
+        assert time.monotonic() - t0 < 120, "GET /health through the front never succeeded:\n" + pods.log("front")[-2000:]
         time.sleep(0.5)
 
 
@@ -171,11 +149,7 @@ def test_rendered_manifests_complete_a_round_as_local_processes(pki_deploy, tmp_
     copy, pki = pki_deploy
     _quick_deploy(copy)
     front_port, link_port = free_port(), free_port()
-    specs = local_specs(
-        _render(copy / "k8s" / "overlays" / "cpu"),
-        tmp_path / "root",
-        ports={PORT: front_port, SUPERLINK_PORT: link_port},
-    )
+    specs = local_specs(_render(copy / "k8s" / "overlays" / "cpu"), tmp_path / "root", ports={PORT: front_port, SUPERLINK_PORT: link_port})
     server, front = _spec(specs, "fedprompt-server", "server"), _spec(specs, "fedprompt-server", "front")
     clients = [s for s in specs["fedprompt-client"] if not s["init"]]
     assert len(clients) == 2
@@ -205,9 +179,7 @@ def _silo_kustomization(folder: Path, silo: Path, partition: int, key: Path) -> 
                 "apiVersion": "kustomize.config.k8s.io/v1beta1",
                 "kind": "Kustomization",
                 "resources": [os.path.relpath(silo, folder)],
-                "configMapGenerator": [
-                    {"name": "fedprompt-silo", "behavior": "merge", "literals": [f"PARTITION_ID={partition}"]}
-                ],
+                "configMapGenerator": [{"name": "fedprompt-silo", "behavior": "merge", "literals": [f"PARTITION_ID={partition}"]}],
                 "secretGenerator": [{"name": "fedprompt-client-key", "behavior": "replace", "files": ["client.key"]}],
             }
         )
@@ -234,9 +206,7 @@ def test_exposed_server_and_separately_rendered_silos_complete_a_round(pki_deplo
     overlays = copy / "k8s" / "overlays"
     front_port, link_port = free_port(), free_port()
     # Three clusters: the server's, and one per silo, each rendered on its own.
-    specs = local_specs(
-        _render(overlays / "expose"), tmp_path / "server-cluster", ports={PORT: front_port, SUPERLINK_PORT: link_port}
-    )
+    specs = local_specs(_render(overlays / "expose"), tmp_path / "server-cluster", ports={PORT: front_port, SUPERLINK_PORT: link_port})
     server, front = _spec(specs, "fedprompt-server", "server"), _spec(specs, "fedprompt-server", "front")
     assert "fedprompt-client" not in specs  # no client runs in the server's cluster
     silo1 = _silo_kustomization(tmp_path / "silo-1", overlays / "silo", 1, pki / "clients" / "client-1")

@@ -39,9 +39,7 @@ def peft_accuracy(cfg, adapter: Path) -> float:
     torch.manual_seed(12345)  # a different head init: the adapter must supply the real one
     bb = load_backbone(cfg.model, num_labels=len(s.data.labels), task=s.data.task)
     pm = PeftModel.from_pretrained(bb.model, str(adapter))
-    m = evaluate(
-        PeftForward(pm), s.task, s.test, cfg, pad_id=s.pad_id, device=bb.device, limit=cfg.train.max_eval_examples
-    )
+    m = evaluate(PeftForward(pm), s.task, s.test, cfg, pad_id=s.pad_id, device=bb.device, limit=cfg.train.max_eval_examples)
     return m["accuracy"]
 
 
@@ -71,13 +69,7 @@ def test_default_config_reaches_target_and_adapter_reproduces(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["accuracy"] >= 0.88, rows
     assert {"round", "accuracy", "loss", "bytes_up", "bytes_down", "wall_s"} <= set(rows[-1])
-    for f in (
-        "config.yaml",
-        "summary.json",
-        "curves.png",
-        "adapter/adapter_config.json",
-        "adapter/adapter_model.safetensors",
-    ):
+    for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
         assert (out / f).is_file(), f
     assert "Summary" in r.stdout and str(out) in r.stdout
     cfg = load_config(out / "config.yaml")
@@ -97,8 +89,7 @@ def test_smollm2_4bit_methods_train_and_export(method, tmp_path):
     from fedprompt.tasks import collate
 
     cfg = load_config(
-        ROOT / f"configs/bbc-smollm2-{method}.yaml",
-        ["train.local_steps=3", "train.warmup_steps=0", "train.max_eval_examples=24", "train.eval_batch_size=24"],
+        ROOT / f"configs/bbc-smollm2-{method}.yaml", ["train.local_steps=3", "train.warmup_steps=0", "train.max_eval_examples=24", "train.eval_batch_size=24"]
     )
     res = run_train(cfg, tmp_path / "run", quiet=True)
     assert res["steps"] == 3 and res["payload_bytes"] > 0
@@ -113,25 +104,13 @@ def test_smollm2_4bit_methods_train_and_export(method, tmp_path):
     with torch.no_grad():
         ours.model.eval(), bb.model.eval()
         a = ours.task.class_logits(ours.model(batch["input_ids"], batch["attention_mask"]), batch)
-        c = ours.task.class_logits(
-            bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch
-        )
+        c = ours.task.class_logits(bb.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
         pm = PeftModel.from_pretrained(bb.model, str(adapter))
         pm.eval()
-        b = ours.task.class_logits(
-            pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch
-        )
+        b = ours.task.class_logits(pm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch)
     torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a, c, atol=1e-3), "the adapter did not change the backbone's output"
-    m = evaluate(
-        PeftForward(pm),
-        ours.task,
-        ours.test,
-        saved,
-        pad_id=ours.pad_id,
-        device=bb.device,
-        limit=saved.train.max_eval_examples,
-    )
+    m = evaluate(PeftForward(pm), ours.task, ours.test, saved, pad_id=ours.pad_id, device=bb.device, limit=saved.train.max_eval_examples)
     assert m["accuracy"] == pytest.approx(res["accuracy"], abs=1e-9)  # peft's model scores what the run recorded
 
 
@@ -147,20 +126,10 @@ def test_generation_sft_on_user_file(tmp_path):
         for split in (bbc.train, bbc.test):
             for ex in split:
                 title = ex["text"].split("\n", 1)[0]
-                fh.write(
-                    json.dumps({"prompt": f"Headline: {title}\nTopic:", "response": " " + bbc.labels[ex["label"]]})
-                    + "\n"
-                )
+                fh.write(json.dumps({"prompt": f"Headline: {title}\nTopic:", "response": " " + bbc.labels[ex["label"]]}) + "\n")
     cfg = load_config(
         ROOT / "configs/bbc-smollm2-lora.yaml",
-        [
-            "data.dataset=file",
-            f"data.path={f}",
-            "data.task=generation",
-            "train.local_steps=4",
-            "train.max_eval_examples=8",
-            "train.lr=0.005",
-        ],
+        ["data.dataset=file", f"data.path={f}", "data.task=generation", "train.local_steps=4", "train.max_eval_examples=8", "train.lr=0.005"],
     )
     res = run_train(cfg, tmp_path / "run", quiet=True)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

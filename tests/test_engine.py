@@ -15,14 +15,7 @@ def _train(cfg, steps=6):
     s = setup(cfg)
     engine = make_engine(s.model, cfg, steps)
     loss = train_steps(
-        engine,
-        s.task,
-        s.train,
-        cfg,
-        steps=steps,
-        stream=batches(len(s.train), cfg.train.batch_size, 0),
-        pad_id=s.pad_id,
-        device=s.backbone.device,
+        engine, s.task, s.train, cfg, steps=steps, stream=batches(len(s.train), cfg.train.batch_size, 0), pad_id=s.pad_id, device=s.backbone.device
     )
     return s, engine, loss
 
@@ -73,16 +66,7 @@ def test_zero_stages_train_the_payload(stage):
     with full_params(s.model):
         before = payload.extract(s.model)
     engine = make_engine(s.model, cfg, 4)
-    train_steps(
-        engine,
-        s.task,
-        s.train,
-        cfg,
-        steps=4,
-        stream=batches(len(s.train), cfg.train.batch_size, 0),
-        pad_id=s.pad_id,
-        device=s.backbone.device,
-    )
+    train_steps(engine, s.task, s.train, cfg, steps=4, stream=batches(len(s.train), cfg.train.batch_size, 0), pad_id=s.pad_id, device=s.backbone.device)
     with full_params(s.model):
         after = payload.extract(s.model)
     assert set(after) == set(before)
@@ -94,16 +78,7 @@ def test_gradient_accumulation_consumes_micro_batches():
     cfg = tiny_config("bert", "prompt", deepspeed__gradient_accumulation_steps=2)
     s = setup(cfg)
     engine = make_engine(s.model, cfg, 3)
-    train_steps(
-        engine,
-        s.task,
-        s.train,
-        cfg,
-        steps=3,
-        stream=batches(len(s.train), cfg.train.batch_size, 0),
-        pad_id=s.pad_id,
-        device=s.backbone.device,
-    )
+    train_steps(engine, s.task, s.train, cfg, steps=3, stream=batches(len(s.train), cfg.train.batch_size, 0), pad_id=s.pad_id, device=s.backbone.device)
     assert engine.global_steps == 3 and engine.micro_steps == 6
 
 
@@ -112,15 +87,9 @@ def test_loss_decreases():
     s = setup(cfg)
     engine = make_engine(s.model, cfg, 30)
     stream = batches(len(s.train), cfg.train.batch_size, 0)
-    first = train_steps(
-        engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device
-    )
-    train_steps(
-        engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device, start_step=10
-    )
-    last = train_steps(
-        engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device, start_step=20
-    )
+    first = train_steps(engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device)
+    train_steps(engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device, start_step=10)
+    last = train_steps(engine, s.task, s.train, cfg, steps=10, stream=stream, pad_id=s.pad_id, device=s.backbone.device, start_step=20)
     assert last < first
 
 
@@ -155,29 +124,12 @@ def test_bf16_training_exports_the_fp32_contract(tmp_path):
 def test_lr_schedule_steps_once_per_optimizer_step_with_accumulation():
     """DeepSpeed steps the scheduler at accumulation boundaries only: the LR seen at optimizer
     step k is base * lr_factor(k), whatever gradient_accumulation_steps is."""
-    cfg = tiny_config(
-        "bert",
-        "prompt",
-        deepspeed__gradient_accumulation_steps=3,
-        train__warmup_steps=2,
-        train__local_steps=5,
-        train__lr=0.01,
-    )
+    cfg = tiny_config("bert", "prompt", deepspeed__gradient_accumulation_steps=3, train__warmup_steps=2, train__local_steps=5, train__lr=0.01)
     s = setup(cfg)
     engine = make_engine(s.model, cfg, 5)
     stream = batches(len(s.train), cfg.train.batch_size, 0)
     seen = []
-    train_steps(
-        engine,
-        s.task,
-        s.train,
-        cfg,
-        steps=5,
-        stream=stream,
-        pad_id=s.pad_id,
-        device=s.backbone.device,
-        on_step=lambda log: seen.append(log.lr),
-    )
+    train_steps(engine, s.task, s.train, cfg, steps=5, stream=stream, pad_id=s.pad_id, device=s.backbone.device, on_step=lambda log: seen.append(log.lr))
     # on_step reports the LR after the step, i.e. the one the next step will use.
     expected = [0.01 * lr_factor(k, warmup=2, total=5, schedule="linear") for k in range(1, 6)]
     assert seen == pytest.approx(expected)
@@ -192,13 +144,5 @@ def test_zero3_run_exports_an_adapter_that_loads(tmp_path):
     load_adapter(fresh.model, tmp_path / "run" / "adapter")  # names, shapes, dtypes all checked
     from fedprompt.engine import evaluate
 
-    m = evaluate(
-        fresh.model,
-        fresh.task,
-        fresh.test,
-        cfg,
-        pad_id=fresh.pad_id,
-        device=fresh.backbone.device,
-        limit=cfg.train.max_eval_examples,
-    )
+    m = evaluate(fresh.model, fresh.task, fresh.test, cfg, pad_id=fresh.pad_id, device=fresh.backbone.device, limit=cfg.train.max_eval_examples)
     assert m["accuracy"] == pytest.approx(res["accuracy"])

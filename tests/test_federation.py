@@ -16,19 +16,11 @@ from fedprompt.report import read_jsonl
 from fedprompt.server import strategies as fs
 from fedprompt.server.app import FederationError, serve
 from tests.fakegrid import FakeGrid, client_responder, replace_arrays
-from tests.tiny import tiny_config
+from tests.tiny import federation_config, tiny_config
 
 
 def _cfg(**sets):
-    base = dict(
-        federation__num_clients=3,
-        federation__rounds=3,
-        federation__min_clients=2,
-        data__partition="iid",
-        train__lr=0.05,
-        federation__fraction_fit=1.0,
-    )
-    return tiny_config("bert", "prompt", **(base | sets))
+    return federation_config(**sets)
 
 
 @pytest.fixture(scope="module")
@@ -149,24 +141,12 @@ def test_strategies_are_flowers_own_classes():
     }
     for name, cls in expected.items():
         s = fs.make_strategy(
-            tiny_config(
-                "bert",
-                federation__strategy=name,
-                federation__proximal_mu=0.5,
-                federation__trim_fraction=0.1,
-                federation__server_lr=0.3,
-            )
+            tiny_config("bert", federation__strategy=name, federation__proximal_mu=0.5, federation__trim_fraction=0.1, federation__server_lr=0.3)
         )
         assert type(s) is cls
-    assert (
-        fs.make_strategy(tiny_config("bert", federation__strategy="fedprox", federation__proximal_mu=0.5)).proximal_mu
-        == 0.5
-    )
+    assert fs.make_strategy(tiny_config("bert", federation__strategy="fedprox", federation__proximal_mu=0.5)).proximal_mu == 0.5
     assert fs.make_strategy(tiny_config("bert", federation__strategy="fedadam", federation__server_lr=0.3)).eta == 0.3
-    assert (
-        fs.make_strategy(tiny_config("bert", federation__strategy="trimmedmean", federation__trim_fraction=0.1)).beta
-        == 0.1
-    )
+    assert fs.make_strategy(tiny_config("bert", federation__strategy="trimmedmean", federation__trim_fraction=0.1)).beta == 0.1
 
 
 def test_weighted_mean_skips_worker_bookkeeping():
@@ -213,11 +193,7 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
     from fedprompt.server.app import main
     from tests.fakegrid import FakeContext
 
-    for mode, central, expect_central in (
-        ("simulation", "true", True),
-        ("simulation", "false", False),
-        ("deployment", "true", False),
-    ):
+    for mode, central, expect_central in (("simulation", "true", True), ("simulation", "false", False), ("deployment", "true", False)):
         cfg = _cfg(federation__rounds=1, federation__fraction_evaluate=1.0, federation__centralized_eval=central)
         client.cfg = cfg
         out = tmp_path / f"{mode}-{central}"
@@ -228,10 +204,7 @@ def test_the_server_app_entry_reads_the_run_directory(tmp_path, client):
         grid = _grid(client)
         main(grid, ctx)
         assert json.loads((out / "status.json").read_text()) == {"state": "done"}
-        central_asked = any(
-            m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized"
-            for m in grid.sent
-        )
+        central_asked = any(m.metadata.message_type == "evaluate" and m.content["config"].get("scope") == "centralized" for m in grid.sent)
         assert central_asked == expect_central, (mode, central)
 
 

@@ -16,16 +16,7 @@ import pytest
 from fedprompt.config import load_config
 from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
-from tests.helpers import (
-    TINY,
-    client_tls,
-    make_certs,
-    metrics_rows,
-    set_args,
-    start_fedprompt,
-    stop_all,
-    wait_for_round,
-)
+from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -66,28 +57,11 @@ def test_server_and_two_clients_on_minilm(tmp_path):
         ]
     )
     server = start_fedprompt(
-        [
-            "server",
-            *common,
-            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]),
-            "--output",
-            str(out),
-        ],
-        tmp_path / "server.log",
+        ["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)], tmp_path / "server.log"
     )
     clients = [
         start_fedprompt(
-            [
-                "client",
-                *common,
-                *client_tls(certs, f"client-{i}"),
-                "--server",
-                f"127.0.0.1:{port}",
-                "--partition-id",
-                str(i),
-                "--num-partitions",
-                "2",
-            ],
+            ["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
             tmp_path / f"client{i}.log",
             threads=1,
         )
@@ -128,17 +102,7 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     server = start_fedprompt(server_args, tmp_path / "server1.log")
     clients = [
         start_fedprompt(
-            [
-                "client",
-                *common,
-                "--server",
-                f"127.0.0.1:{port}",
-                "--partition-id",
-                str(i),
-                "--num-partitions",
-                "2",
-                "--insecure",
-            ],
+            ["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2", "--insecure"],
             tmp_path / f"client{i}.log",
             threads=1,
         )
@@ -162,9 +126,7 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert "resuming after round" in (tmp_path / "server2.log").read_text()
 
 
-@pytest.mark.parametrize(
-    "kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")]
-)
+@pytest.mark.parametrize("kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")])
 def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     """6 virtual clients on one worker: one backbone load in all; every method and
     quantization trains federated; the run directory is complete."""
@@ -183,11 +145,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         "train.lr=0.05",
     ]
     r = subprocess.run(
-        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=900,
-        cwd=ROOT,
+        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(out / "metrics.jsonl")
@@ -196,14 +154,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     pids = {pid for x in rows[1:] for pid in x["backbone_loads"]}
     assert len(pids) == 1 and all(list(x["backbone_loads"].values()) == [1] for x in rows[1:])
     assert rows[1]["digest"] != rows[2]["digest"]
-    for f in (
-        "config.yaml",
-        "summary.json",
-        "curves.png",
-        "adapter/adapter_config.json",
-        "adapter/adapter_model.safetensors",
-        "checkpoint.safetensors",
-    ):
+    for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint.safetensors"):
         assert (out / f).is_file(), f
     assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
 
@@ -245,14 +196,7 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path):
             "-m",
             "fedprompt",
             "simulate",
-            *set_args(
-                [
-                    f"model.name={tiny_folder('bert')}",
-                    *TINY,
-                    "data.dataset=file",
-                    f"data.path={tmp_path / 'missing.csv'}",
-                ]
-            ),
+            *set_args([f"model.name={tiny_folder('bert')}", *TINY, "data.dataset=file", f"data.path={tmp_path / 'missing.csv'}"]),
             "--output",
             str(tmp_path / "run"),
         ],
@@ -264,18 +208,7 @@ def test_bad_input_is_one_line_before_anything_starts(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "missing.csv" in r.stderr
     assert not (tmp_path / "run").exists()
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedprompt",
-            "client",
-            "--server",
-            "nohost",
-            "--partition-id",
-            "3",
-            "--num-partitions",
-            "2",
-        ],
+        [sys.executable, "-m", "fedprompt", "client", "--server", "nohost", "--partition-id", "3", "--num-partitions", "2"],
         capture_output=True,
         text=True,
         timeout=300,

@@ -23,9 +23,7 @@ class _Echo(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         body = self.rfile.read(int(self.headers.get("content-length") or 0))
         type(self).seen.append(f"{self.command} {self.path}")
-        out = json.dumps(
-            {"path": self.path, "body": body.decode("latin-1"), "sig": self.headers.get("x-sig", "")}
-        ).encode()
+        out = json.dumps({"path": self.path, "body": body.decode("latin-1"), "sig": self.headers.get("x-sig", "")}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(out)))
@@ -60,9 +58,7 @@ def _call(port: int, method: str, path: str, body: bytes = b"", headers: dict | 
 def test_the_fleet_api_and_health_pass_with_body_and_headers_intact(front):
     f, _ = front
     body = bytes(range(256)) * 1000  # binary protobuf-like bytes, 256 KB
-    status, out = _call(
-        f.port, "POST", "/v1/fleet/pull-messages", body, {"x-sig": "abc", "content-type": "application/protobuf"}
-    )
+    status, out = _call(f.port, "POST", "/v1/fleet/pull-messages", body, {"x-sig": "abc", "content-type": "application/protobuf"})
     assert status == 200
     got = json.loads(out)
     assert got["path"] == "/v1/fleet/pull-messages" and got["body"].encode("latin-1") == body and got["sig"] == "abc"
@@ -100,11 +96,7 @@ def test_everything_else_is_refused_and_never_reaches_the_superlink(front, metho
 
 def test_allowed_is_an_allowlist():
     assert allowed("POST", "/v1/fleet/register-node") and allowed("GET", "/health")
-    assert (
-        not allowed("POST", "/v1/fleet/")
-        and not allowed("POST", "/v1/fleet/a/b")
-        and not allowed("POST", "/v1/fleet/x.y")
-    )
+    assert not allowed("POST", "/v1/fleet/") and not allowed("POST", "/v1/fleet/a/b") and not allowed("POST", "/v1/fleet/x.y")
 
 
 def test_a_dead_superlink_is_a_502_not_a_hang():

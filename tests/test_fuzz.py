@@ -86,11 +86,7 @@ def fresh(folder: Path, suffix: str) -> Path:
 
 # ---- Config --------------------------------------------------------------------------------
 
-SECTIONS = {
-    name: [f.name for f in dataclasses.fields(tp)]
-    for name, tp in get_type_hints(Config).items()
-    if dataclasses.is_dataclass(tp)
-}
+SECTIONS = {name: [f.name for f in dataclasses.fields(tp)] for name, tp in get_type_hints(Config).items() if dataclasses.is_dataclass(tp)}
 FIELDS = sorted({k for keys in SECTIONS.values() for k in keys})
 DOTTED = [f"{s}.{k}" for s, keys in SECTIONS.items() for k in keys]
 
@@ -152,38 +148,11 @@ scalars = st.one_of(
     st.text(max_size=12),
     # valid choices of Literal fields and the like, so that cross-field checks run too
     st.sampled_from(
-        [
-            "none",
-            "4bit",
-            "prompt",
-            "lora",
-            "file",
-            "client",
-            "both",
-            "sample",
-            "krum",
-            "fedprox",
-            "{text}",
-            "q_proj,v_proj",
-            "0",
-            "",
-            "1e-3",
-            " nan ",
-            "-inf",
-        ]
+        ["none", "4bit", "prompt", "lora", "file", "client", "both", "sample", "krum", "fedprox", "{text}", "q_proj,v_proj", "0", "", "1e-3", " nan ", "-inf"]
     ),
 )
-keys = st.one_of(
-    st.sampled_from(list(SECTIONS) + FIELDS),
-    st.text(max_size=8),
-    st.integers(),
-    st.booleans(),
-    st.none(),
-    st.floats(allow_nan=True),
-)
-junk = st.recursive(
-    scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12
-)
+keys = st.one_of(st.sampled_from(list(SECTIONS) + FIELDS), st.text(max_size=8), st.integers(), st.booleans(), st.none(), st.floats(allow_nan=True))
+junk = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(keys, inner, max_size=4), max_leaves=12)
 sections = st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), junk, max_size=6)
 documents = st.one_of(st.dictionaries(st.sampled_from(list(SECTIONS)) | keys, sections | junk, max_size=7), junk)
 
@@ -233,20 +202,13 @@ def test_any_yaml_file_loads_or_raises_one_line_errors(scratch, text):
 
 override_keys = st.one_of(
     st.sampled_from(DOTTED),
-    st.sampled_from(
-        ["", ".", "model", "model.", ".name", "a..b", "model..name", "model.name.x", "data.labels.0", " train . lr "]
-    ),
+    st.sampled_from(["", ".", "model", "model.", ".name", "a..b", "model..name", "model.name.x", "data.labels.0", " train . lr "]),
     st.text(max_size=10),
 )
 override_values = st.one_of(
-    st.sampled_from(YAML_SNIPPETS),
-    st.text(max_size=20),
-    scalars.map(str),
-    junk.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip()),
+    st.sampled_from(YAML_SNIPPETS), st.text(max_size=20), scalars.map(str), junk.map(lambda v: yaml.safe_dump(v, default_flow_style=True).strip())
 )
-overrides = st.lists(
-    st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=20)), max_size=5
-)
+overrides = st.lists(st.one_of(st.builds(lambda k, v: f"{k}={v}", override_keys, override_values), st.text(max_size=20)), max_size=5)
 
 
 @fuzz(150)
@@ -278,9 +240,7 @@ def test_any_bytes_load_or_raise_one_line_errors(scratch, data):
     assert_config_outcome(path, [])
 
 
-@pytest.mark.parametrize(
-    "name", ["missing.yaml", "a-directory", "nul\x00byte.yaml", "", "~nosuchuser/c.yaml", "/dev/null"]
-)
+@pytest.mark.parametrize("name", ["missing.yaml", "a-directory", "nul\x00byte.yaml", "", "~nosuchuser/c.yaml", "/dev/null"])
 def test_config_paths_that_are_not_files(scratch, name):
     (scratch / "a-directory").mkdir(exist_ok=True)
     path = name if name in ("", "/dev/null") or name.startswith("~") else scratch / name
@@ -298,9 +258,7 @@ cells = st.one_of(
     st.text(max_size=10),
     st.sampled_from(["", " ", "nan", "NA", "null", "1.0", "\x00", "a\x00b", "é", "a,b", 'q"uote', "line\nbreak"]),
 )
-json_cells = st.recursive(
-    cells, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6
-)
+json_cells = st.recursive(cells, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=4), c, max_size=3), max_leaves=6)
 COLUMNS = ["text", "label", "prompt", "response", "extra", "", "Text", "label ", "a/b", "[]", "x.y"]
 
 
@@ -312,10 +270,7 @@ def tables(draw, nested: bool = True) -> list[dict]:
     gen = draw(st.integers(0, 3)) == 0
     labels = draw(st.sampled_from([["pos", "neg"], ["pos", "neg", "neu"], [0, 1], [1, 0, 2], ["pos", 1], ["pos"]]))
     rows = [
-        {"prompt": f"question {i}?", "response": f"answer {i}."}
-        if gen
-        else {"text": f"example text {i}", "label": labels[i % len(labels)]}
-        for i in range(n)
+        {"prompt": f"question {i}?", "response": f"answer {i}."} if gen else {"text": f"example text {i}", "label": labels[i % len(labels)]} for i in range(n)
     ]
     for _ in range(draw(st.sampled_from([0, 0, 1, 2, 4])) if rows else 0):
         row = rows[draw(st.integers(0, len(rows) - 1))]
@@ -390,15 +345,7 @@ def render(rows: list[dict], suffix: str, draw) -> bytes:
                 arrays[k] = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
         pq.write_table(pa.table(arrays) if arrays else pa.table({"text": pa.array([], pa.string())}), out)
     except (pa.ArrowException, TypeError, ValueError):  # e.g. an empty struct parquet cannot store
-        pq.write_table(
-            pa.table(
-                {
-                    k: pa.array([None if v is None else json.dumps(v) for v in vs], pa.string())
-                    for k, vs in columns.items()
-                }
-            ),
-            out,
-        )
+        pq.write_table(pa.table({k: pa.array([None if v is None else json.dumps(v) for v in vs], pa.string()) for k, vs in columns.items()}), out)
     return out.getvalue()
 
 
@@ -449,29 +396,9 @@ def _records(n: int = 12) -> list[dict]:
     "name, content",
     [
         # one 5 MiB field, then ordinary rows: loads
-        (
-            "big.csv",
-            lambda: (
-                b"text,label\n" + b"x" * BIG + b",a\n" + "".join(f"e{i},{'ab'[i % 2]}\n" for i in range(12)).encode()
-            ),
-        ),
-        (
-            "big.jsonl",
-            lambda: (
-                json.dumps({"text": "x" * BIG, "label": "a"}).encode()
-                + b"\n"
-                + "".join(json.dumps(r) + "\n" for r in _records()).encode()
-            ),
-        ),
-        (
-            "big.parquet",
-            lambda: _parquet(
-                {
-                    "text": ["x" * BIG] + [r["text"] for r in _records()],
-                    "label": ["a"] + [r["label"] for r in _records()],
-                }
-            ),
-        ),
+        ("big.csv", lambda: b"text,label\n" + b"x" * BIG + b",a\n" + "".join(f"e{i},{'ab'[i % 2]}\n" for i in range(12)).encode()),
+        ("big.jsonl", lambda: json.dumps({"text": "x" * BIG, "label": "a"}).encode() + b"\n" + "".join(json.dumps(r) + "\n" for r in _records()).encode()),
+        ("big.parquet", lambda: _parquet({"text": ["x" * BIG] + [r["text"] for r in _records()], "label": ["a"] + [r["label"] for r in _records()]})),
         # a 5 MiB line that is not a record
         ("junk.csv", lambda: b"x" * BIG),
         ("junk.jsonl", lambda: b"{" + b"x" * BIG + b"\n"),
@@ -483,9 +410,7 @@ def _records(n: int = 12) -> list[dict]:
         ("deep-top.jsonl", lambda: b"[" * 100_000 + b"]" * 100_000 + b"\n"),
         (
             "deep-strings.jsonl",
-            lambda: "".join(
-                json.dumps({"text": "[" * 500 + str(i), "label": i % 2}) + "\n" for i in range(12)
-            ).encode(),
+            lambda: "".join(json.dumps({"text": "[" * 500 + str(i), "label": i % 2}) + "\n" for i in range(12)).encode(),
         ),  # brackets in strings do not count
     ],
 )
@@ -499,9 +424,7 @@ def test_huge_and_deep_files(scratch, name, content):
 def test_nesting_limit_names_the_line(scratch):
     path = scratch / "nest.jsonl"
     ok = "".join(json.dumps(r) + "\n" for r in _records()).encode()
-    path.write_bytes(
-        ok + b'{"text": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b', "label": "a"}\n'
-    )
+    path.write_bytes(ok + b'{"text": ' + b"[" * (MAX_JSON_DEPTH + 1) + b"]" * (MAX_JSON_DEPTH + 1) + b', "label": "a"}\n')
     with pytest.raises(DataError, match=rf"line 13 nests JSON values more than {MAX_JSON_DEPTH} levels deep"):
         load_task_data(DataConfig(dataset="file", path=str(path)))
     inner = MAX_JSON_DEPTH - 1  # inside the record's own braces: MAX_JSON_DEPTH levels in all
@@ -524,46 +447,26 @@ def _parquet(columns: dict) -> bytes:
             lambda: "".join(json.dumps({"text": f"e{i}", "label": {"y": i % 2}}) + "\n" for i in range(12)),
             "row 1 has a mapping in column 'label'",
         ),
-        (
-            "list.parquet",
-            lambda: _parquet({"text": [f"e{i}" for i in range(12)], "label": [[i % 2] for i in range(12)]}),
-            "row 1 has a list in column 'label'",
-        ),
+        ("list.parquet", lambda: _parquet({"text": [f"e{i}" for i in range(12)], "label": [[i % 2] for i in range(12)]}), "row 1 has a list in column 'label'"),
         (
             "bytes.parquet",
             lambda: _parquet({"text": [bytes([i, 255]) for i in range(12)], "label": [i % 2 for i in range(12)]}),
             "row 1 has binary data in column 'text'",
         ),
-        (
-            "nan.jsonl",
-            lambda: "".join(f'{{"text": "e{i}", "label": {"NaN" if i == 4 else i % 2}}}\n' for i in range(12)),
-            "row 5 has an empty 'label' value",
-        ),
+        ("nan.jsonl", lambda: "".join(f'{{"text": "e{i}", "label": {"NaN" if i == 4 else i % 2}}}\n' for i in range(12)), "row 5 has an empty 'label' value"),
         # datasets' JSON loader retried forever on a mixed-type key with a "/" (it splits the path there)
         (
             "slash.jsonl",
-            lambda: "".join(
-                json.dumps({"text": f"e{i}", "label": i % 2, "a/b": [1, "x"][i % 2]}) + "\n" for i in range(12)
-            ),
+            lambda: "".join(json.dumps({"text": f"e{i}", "label": i % 2, "a/b": [1, "x"][i % 2]}) + "\n" for i in range(12)),
             "key 'a/b' has values of mixed types and a '/' in its name",
         ),
         (
             "slash-nested.jsonl",
-            lambda: "".join(
-                '{"text": "e%d", "label": 1, "m": {"u\\/v": %s}}\n' % (i, ["1", '"x"'][i % 2]) for i in range(12)
-            ),
+            lambda: "".join('{"text": "e%d", "label": 1, "m": {"u\\/v": %s}}\n' % (i, ["1", '"x"'][i % 2]) for i in range(12)),
             "key 'u/v'",
         ),  # nested, written as the escape \/
-        (
-            "classes.csv",
-            lambda: "text,label\n" + "".join(f"t{i},l{i}\n" for i in range(2000)),
-            "(2000 in all) has too few",
-        ),
-        (
-            "empty.parquet",
-            lambda: _parquet({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}),
-            "has no rows",
-        ),
+        ("classes.csv", lambda: "text,label\n" + "".join(f"t{i},l{i}\n" for i in range(2000)), "(2000 in all) has too few"),
+        ("empty.parquet", lambda: _parquet({"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), "has no rows"),
         ("dup.parquet", lambda: _parquet_dup(), "duplicate column names ('text')"),
         ("nul.csv", lambda: b"\x00" * 40, "has a NUL byte (offset 0, line 1)"),  # was: columns '' vs '\x00...' mismatch
         ("nul-mid.jsonl", lambda: b'{"text": "a"}\n{"text": "b\x00"}\n', "has a NUL byte (offset 25, line 2)"),
@@ -590,9 +493,7 @@ def test_data_errors_name_the_problem(scratch, name, content, needle):
 
 def _parquet_dup() -> bytes:
     out = io.BytesIO()
-    pq.write_table(
-        pa.Table.from_arrays([pa.array(["a", "b"] * 6), pa.array(["x", "y"] * 6)], names=["text", "text"]), out
-    )
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"] * 6), pa.array(["x", "y"] * 6)], names=["text", "text"]), out)
     return out.getvalue()
 
 
@@ -610,23 +511,10 @@ def _cli_case(tmp: Path, kind: str) -> tuple[list[str], str]:
         (tmp / "c.yaml").write_text("train:\n  lr: 2024-13-45\n", encoding="utf-8")
         return ["simulate", "--config", str(tmp / "c.yaml")], "line 2"
     if kind == "zero-clients":
-        return [
-            "simulate",
-            "--set",
-            "privacy.mode=client",
-            "--set",
-            "federation.num_clients=0",
-        ], "federation.num_clients"
+        return ["simulate", "--set", "privacy.mode=client", "--set", "federation.num_clients=0"], "federation.num_clients"
     if kind == "corrupt-parquet":
         (tmp / "d.parquet").write_bytes(b"PAR1" + os.urandom(200) + b"PAR1")
-        return [
-            "train",
-            "--set",
-            "data.dataset=file",
-            "--set",
-            f"data.path={tmp / 'd.parquet'}",
-            *NO_MODEL,
-        ], "d.parquet"
+        return ["train", "--set", "data.dataset=file", "--set", f"data.path={tmp / 'd.parquet'}", *NO_MODEL], "d.parquet"
     (tmp / "d.jsonl").write_bytes(b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b', "label": 1}\n')
     return ["simulate", "--set", "data.dataset=file", "--set", f"data.path={tmp / 'd.jsonl'}", *NO_MODEL], "levels deep"
 
@@ -636,14 +524,7 @@ def test_cli_bad_input_exits_2_without_a_run_directory(tmp_path, kind):
     args, needle = _cli_case(tmp_path, kind)
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(REPO), "FEDPROMPT_CACHE": str(tmp_path / "cache")}
-    p = subprocess.run(
-        [sys.executable, "-m", "fedprompt", *args, "--output", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=300,
-    )
+    p = subprocess.run([sys.executable, "-m", "fedprompt", *args, "--output", str(out)], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
     assert "Traceback" not in p.stderr, p.stderr
     lines = p.stderr.strip().splitlines()

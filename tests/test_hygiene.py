@@ -34,9 +34,7 @@ def _listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
     ports = set()
     for p in procs:
         try:
-            ports |= {
-                (c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
-            }
+            ports |= {(c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return ports
@@ -45,12 +43,7 @@ def _listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
 @pytest.mark.parametrize("outcome", ["finished", "failed", "SIGINT", "SIGTERM"])
 def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
     mark = f"{outcome}-{os.getpid()}-{time.monotonic_ns()}"
-    sets = [
-        f"model.name={tiny_folder('bert')}",
-        *TINY,
-        "federation.num_clients=4",
-        f"federation.rounds={2 if outcome == 'finished' else 50}",
-    ]
+    sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4", f"federation.rounds={2 if outcome == 'finished' else 50}"]
     if outcome == "failed":  # fails once running: no client can answer in a millisecond
         sets.append("federation.round_timeout=0.001")
     os.environ["FEDPROMPT_TEST_MARK"] = mark

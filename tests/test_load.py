@@ -46,17 +46,7 @@ def test_200_virtual_clients_10_percent_per_round_memory_flat(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="2")
     with open(tmp_path / "sim.log", "wb") as log:
         p = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedprompt",
-                "simulate",
-                "--config",
-                str(ROOT / "configs/bbc-minilm-prompt.yaml"),
-                *set_args(sets),
-                "--output",
-                str(out),
-            ],
+            [sys.executable, "-m", "fedprompt", "simulate", "--config", str(ROOT / "configs/bbc-minilm-prompt.yaml"), *set_args(sets), "--output", str(out)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -36,9 +36,7 @@ def test_only_payload_is_trainable(built, kind, method):
     # Every backbone weight is frozen (the head, when there is one, is payload, not backbone).
     payload_ids = {id(p) for p in s.model.trainable().values()}
     frozen = [n for n, p in s.model.backbone.named_parameters() if id(p) not in payload_ids]
-    assert frozen and all(
-        not p.requires_grad for n, p in s.model.backbone.named_parameters() if id(p) not in payload_ids
-    )
+    assert frozen and all(not p.requires_grad for n, p in s.model.backbone.named_parameters() if id(p) not in payload_ids)
 
 
 @pytest.mark.parametrize("kind,method", CASES)
@@ -100,11 +98,7 @@ def test_adapter_changes_the_output(built, kind, method):
             assert group
             # Random, not constant: a constant shift vanishes in BERT's embedding LayerNorm.
             g = torch.Generator().manual_seed(0)
-            payload.load(
-                s.model,
-                {k: v + 0.5 * torch.randn(v.shape, generator=g) if k in group else v for k, v in saved.items()},
-                source="test",
-            )
+            payload.load(s.model, {k: v + 0.5 * torch.randn(v.shape, generator=g) if k in group else v for k, v in saved.items()}, source="test")
             b = s.model(**batch)
             payload.load(s.model, saved, source="test")
             assert not torch.allclose(a, b), sorted(group)[:3]
@@ -112,9 +106,7 @@ def test_adapter_changes_the_output(built, kind, method):
 
 @pytest.mark.parametrize("init", ["text", "vocab", "random"])
 def test_prompt_init_modes(init):
-    s = setup(
-        tiny_config("llama", "prompt", peft__prompt_init=init, peft__prompt_init_text="Classify this news article")
-    )
+    s = setup(tiny_config("llama", "prompt", peft__prompt_init=init, peft__prompt_init_text="Classify this news article"))
     vocab = s.model.backbone.get_input_embeddings().weight
     w = s.model.prompt.weight.detach()
     if init in ("text", "vocab"):  # every virtual token starts as a real token's embedding

@@ -12,16 +12,7 @@ from pathlib import Path
 import pytest
 
 from fedprompt.processes import binary, env, free_port
-from tests.helpers import (
-    TINY,
-    client_tls,
-    make_certs,
-    metrics_rows,
-    set_args,
-    start_fedprompt,
-    stop_all,
-    wait_for_round,
-)
+from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 pytestmark = pytest.mark.slow
@@ -90,23 +81,17 @@ def _flwr(home: Path, *args: str, timeout: float = 90) -> subprocess.CompletedPr
 
 def _connection(home: Path, address: str, ca: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
-    )
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "target"\n\n[superlink.target]\naddress = "{address}"\nroot-certificates = "{ca}"\n')
     return home
 
 
 def _run_id(out: Path) -> str:
     """The Flower run id of the federation writing `out` (from its `flwr run` log)."""
     log = (out / "logs" / "run.log").read_text()
-    return next(
-        w for line in log.splitlines() if "Successfully started run" in line for w in line.split() if w.isdigit()
-    )
+    return next(w for line in log.splitlines() if "Successfully started run" in line for w in line.split() if w.isdigit())
 
 
-def _federation(
-    tmp_path: Path, name: str, extra_server: list[str] = ()
-) -> tuple[list[subprocess.Popen], Path, str, Path]:
+def _federation(tmp_path: Path, name: str, extra_server: list[str] = ()) -> tuple[list[subprocess.Popen], Path, str, Path]:
     """A TLS server (3 rounds) and one registered client; (processes, run dir, address, certs)."""
     d = tmp_path / name
     d.mkdir()
@@ -126,30 +111,12 @@ def _federation(
     )
     addr = f"127.0.0.1:{port}"
     server = start_fedprompt(
-        [
-            "server",
-            *common,
-            *set_args([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]),
-            "--output",
-            str(out),
-        ],
+        ["server", *common, *set_args([f"server.address={addr}", f"server.certs_dir={certs}", *extra_server]), "--output", str(out)],
         d / "server.log",
         threads=1,
     )
     client = start_fedprompt(
-        [
-            "client",
-            *common,
-            *client_tls(certs, "client-0"),
-            "--server",
-            addr,
-            "--partition-id",
-            "0",
-            "--num-partitions",
-            "1",
-        ],
-        d / "client.log",
-        threads=1,
+        ["client", *common, *client_tls(certs, "client-0"), "--server", addr, "--partition-id", "0", "--num-partitions", "1"], d / "client.log", threads=1
     )
     return [server, client], out, addr, certs
 
@@ -198,13 +165,7 @@ def test_a_third_party_with_the_ca_and_network_reach_is_refused_everything(tmp_p
     finally:
         rows = _finish(procs, out, tmp_path / "fed" / "server.log")
     log = (tmp_path / "fed" / "server.log").read_text()
-    for path in (
-        "/v1/control/start-run",
-        "/v1/control/register-node",
-        "/v1/control/unregister-node",
-        "/v1/control/list-runs",
-        "/v1/control/stop-run",
-    ):
+    for path in ("/v1/control/start-run", "/v1/control/register-node", "/v1/control/unregister-node", "/v1/control/list-runs", "/v1/control/stop-run"):
         assert f"refused POST {path}" in log, (path, log[-3000:])
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert [r["digest"] for r in rows[1:]] == [r["digest"] for r in undisturbed[1:]]
@@ -235,9 +196,7 @@ def test_a_client_runs_none_of_a_foreign_apps_code_and_goes_on_serving(tmp_path,
         rows = _finish(procs, out, tmp_path / "fed" / "server.log")
     assert not marker.exists(), marker.read_text()
     assert replies and all(r["error"] for r in replies), replies
-    assert all("fedprompt client refuses run" in r["reason"] and "bundle sha256" in r["reason"] for r in replies), (
-        replies
-    )
+    assert all("fedprompt client refuses run" in r["reason"] and "bundle sha256" in r["reason"] for r in replies), replies
     client_log = (tmp_path / "fed" / "client.log").read_text()
     assert "refused run" in client_log and "none of its code runs here" in client_log
     assert [r["digest"] for r in rows[1:]] == [r["digest"] for r in undisturbed[1:]]
@@ -259,7 +218,5 @@ def test_a_run_stopped_on_the_server_host_says_so_plainly(tmp_path):
     finally:
         stop_all(procs)
     text = log.read_text()
-    assert "fedprompt: error: federated run stopped: someone on the server host stopped it with `flwr stop`" in text, (
-        text[-2000:]
-    )
+    assert "fedprompt: error: federated run stopped: someone on the server host stopped it with `flwr stop`" in text, text[-2000:]
     assert "\x1b[" not in text and "Traceback" not in text

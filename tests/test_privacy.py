@@ -14,11 +14,7 @@ from fedprompt.run import setup
 from fedprompt.tasks import collate
 from tests.tiny import tiny_config
 
-CASES = [
-    (kind, method, quant)
-    for kind, quant in (("bert", "none"), ("llama", "none"), ("llama", "4bit"))
-    for method in ("prompt", "prefix", "lora")
-]
+CASES = [(kind, method, quant) for kind, quant in (("bert", "none"), ("llama", "none"), ("llama", "4bit")) for method in ("prompt", "prefix", "lora")]
 
 
 def _no_dropout(model: torch.nn.Module) -> None:
@@ -105,22 +101,9 @@ def test_a_dp_step_changes_the_payload_by_the_noised_mean(monkeypatch):
     before = {k: v.detach().clone() for k, v in s.model.trainable().items()}
     with privacy.per_example_gradients(s.model):
         engine = make_engine(s.model, cfg, 4, dp=plan)
-        train_steps(
-            engine,
-            s.task,
-            s.train,
-            cfg,
-            steps=2,
-            stream=iter([[], [0, 3, 5]]),
-            pad_id=s.pad_id,
-            device=s.backbone.device,
-            private=True,
-        )
+        train_steps(engine, s.task, s.train, cfg, steps=2, stream=iter([[], [0, 3, 5]]), pad_id=s.pad_id, device=s.backbone.device, private=True)
         # Nothing of a step's per-example state is left to leak into the next step.
-        assert all(
-            getattr(p, "grad_sample", None) is None and getattr(p, "summed_grad", None) is None
-            for p in s.model.trainable().values()
-        )
+        assert all(getattr(p, "grad_sample", None) is None and getattr(p, "summed_grad", None) is None for p in s.model.trainable().values())
     after = s.model.trainable()
     assert all(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())

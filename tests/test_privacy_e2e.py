@@ -20,11 +20,7 @@ pytestmark = pytest.mark.slow
 
 def _simulate(sets: list[str], out: Path, timeout: int = 900) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=ROOT,
+        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
 
 
@@ -67,11 +63,7 @@ def test_unsound_or_unreachable_dp_is_refused_before_anything_starts(tmp_path):
     base = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=3", "data.partition=iid"]
     r = _simulate([*base, "privacy.mode=sample", "train.batch_size=20"], tmp_path / "a", timeout=300)
     assert r.returncode == 2 and "too few" in r.stderr and r.stderr.count("\n") == 1
-    r = _simulate(
-        [*base, "privacy.mode=sample", "privacy.target_epsilon=0.001", "federation.rounds=50"],
-        tmp_path / "b",
-        timeout=300,
-    )
+    r = _simulate([*base, "privacy.mode=sample", "privacy.target_epsilon=0.001", "federation.rounds=50"], tmp_path / "b", timeout=300)
     assert r.returncode == 2 and "target_epsilon" in r.stderr and r.stderr.count("\n") == 1
     r = _simulate([*base, "privacy.mode=sample", "deepspeed.zero_stage=3"], tmp_path / "c", timeout=300)
     assert r.returncode == 2 and "zero_stage" in r.stderr

@@ -15,20 +15,11 @@ from fedprompt.report import read_jsonl
 from fedprompt.server import strategies as fs
 from fedprompt.server.app import serve
 from tests.fakegrid import FakeGrid, client_responder
-from tests.tiny import tiny_config
+from tests.tiny import federation_config
 
 
 def _cfg(**sets):
-    base = dict(
-        federation__num_clients=3,
-        federation__rounds=3,
-        federation__min_clients=3,
-        data__partition="iid",
-        train__lr=0.05,
-        federation__fraction_fit=1.0,
-        federation__fraction_evaluate=0.0,
-    )
-    return tiny_config("bert", "prompt", **(base | sets))
+    return federation_config(**({"federation__min_clients": 3, "federation__fraction_evaluate": 0.0} | sets))
 
 
 def _run(cfg, out, client, wrap=None):
@@ -60,19 +51,11 @@ def test_sample_dp_epsilon_grows_per_round_is_the_largest_and_survives_a_restart
     again = LocalClient(cfg, num_partitions=3)
     res = again.fit(again.initial_payload(), partition_id=0, round_num=1)
     assert res.metrics["dp_steps"] == 4 * cfg.round_steps
-    assert res.metrics["epsilon"] == pytest.approx(
-        privacy.epsilon([(1.2, 4 / n, 4 * cfg.round_steps)], cfg.privacy.delta)
-    )
+    assert res.metrics["epsilon"] == pytest.approx(privacy.epsilon([(1.2, 4 / n, 4 * cfg.round_steps)], cfg.privacy.delta))
 
 
 def test_a_client_never_trains_past_its_target_epsilon(tmp_path):
-    cfg = _cfg(
-        privacy__mode="sample",
-        privacy__target_epsilon=5.0,
-        client__state_dir=str(tmp_path),
-        train__batch_size=4,
-        federation__rounds=2,
-    )
+    cfg = _cfg(privacy__mode="sample", privacy__target_epsilon=5.0, client__state_dir=str(tmp_path), train__batch_size=4, federation__rounds=2)
     client = LocalClient(cfg, num_partitions=3)
     g = client.initial_payload()
     first = client.fit(g, partition_id=0, round_num=1).metrics["epsilon"]
@@ -91,14 +74,8 @@ def plain_client():
 def test_client_dp_with_flowers_wrappers_noises_accounts_and_resumes(tmp_path, plain_client, clipping):
     sigma, clip = 1.0, 1e-4
     # Federated evaluation on: its replies must satisfy the uniform weighting too.
-    cfg = _cfg(
-        privacy__mode="client",
-        privacy__client_noise_multiplier=sigma,
-        privacy__client_clip_norm=clip,
-        privacy__clipping=clipping,
-        federation__rounds=2,
-        federation__fraction_evaluate=1.0,
-    )
+    client_dp = dict(privacy__mode="client", privacy__client_noise_multiplier=sigma, privacy__client_clip_norm=clip, privacy__clipping=clipping)
+    cfg = _cfg(**client_dp, federation__rounds=2, federation__fraction_evaluate=1.0)
     plain_client.cfg = cfg
     strategy = fs.make_strategy(cfg)
     assert type(strategy).__name__ == f"DifferentialPrivacy{clipping.title()}SideFixedClipping"
@@ -126,14 +103,7 @@ def test_client_dp_with_flowers_wrappers_noises_accounts_and_resumes(tmp_path, p
     else:
         assert min(seen) > clip  # the server did the clipping
     # Resumed from the checkpoint (tensors come back in another key order): rounds go on.
-    more = _cfg(
-        privacy__mode="client",
-        privacy__client_noise_multiplier=sigma,
-        privacy__client_clip_norm=clip,
-        privacy__clipping=clipping,
-        federation__rounds=3,
-        federation__fraction_evaluate=1.0,
-    )
+    more = _cfg(**client_dp, federation__rounds=3, federation__fraction_evaluate=1.0)
     plain_client.cfg = more
     rows = _run(more, out, plain_client)
     assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[3]["dp_releases"] == 3
@@ -152,12 +122,7 @@ def test_client_dp_noise_has_std_sigma_clip_over_m(tmp_path, plain_client):
     from fedprompt.checkpoint import load_latest
 
     sigma, clip = 2.0, 1e-6
-    cfg = _cfg(
-        privacy__mode="client",
-        privacy__client_noise_multiplier=sigma,
-        privacy__client_clip_norm=clip,
-        federation__rounds=1,
-    )
+    cfg = _cfg(privacy__mode="client", privacy__client_noise_multiplier=sigma, privacy__client_clip_norm=clip, federation__rounds=1)
     plain_client.cfg = cfg
     out = tmp_path / "run"
     _run(cfg, out, plain_client)

@@ -23,9 +23,7 @@ def pki(tmp_path_factory) -> Path:
 
 def _superlink(tmp: Path, tls: dict | None):
     port = free_port()
-    proc = processes.start_superlink(
-        "127.0.0.1", port, simulation=False, flwr_home=tmp / "flwr", log=tmp / "link.log", tls=tls
-    )
+    proc = processes.start_superlink("127.0.0.1", port, simulation=False, flwr_home=tmp / "flwr", log=tmp / "link.log", tls=tls)
     return proc, f"127.0.0.1:{port}"
 
 

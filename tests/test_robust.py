@@ -27,9 +27,9 @@ WIRE_DTYPES = ["float32", "int64"]
 OTHER_DTYPES = ["float64", "float16", "bfloat16", "int32", "int64", "float32", "bool", "uint8"]
 names = st.text(min_size=1, max_size=6)
 shapes = st.lists(st.integers(0, 3), max_size=3).map(tuple)
-manifests = st.lists(
-    st.tuples(names, shapes, st.sampled_from(WIRE_DTYPES)), min_size=1, max_size=4, unique_by=lambda s: s[0]
-).map(lambda specs: tuple(payload.TensorSpec(*s) for s in specs))
+manifests = st.lists(st.tuples(names, shapes, st.sampled_from(WIRE_DTYPES)), min_size=1, max_size=4, unique_by=lambda s: s[0]).map(
+    lambda specs: tuple(payload.TensorSpec(*s) for s in specs)
+)
 
 
 def _exact(spec: payload.TensorSpec, seed: int) -> torch.Tensor:
@@ -101,9 +101,7 @@ def test_numpy_and_torch_payloads_are_judged_and_hashed_alike(case):
     """The server checks and hashes numpy arrays (it never imports torch), a client torch
     tensors: the same verdict and the same digest for the same content."""
     manifest, tensors, _ = case
-    as_numpy = {
-        k: (v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v) for k, v in tensors.items()
-    }
+    as_numpy = {k: (v.numpy() if isinstance(v, torch.Tensor) and v.dtype != torch.bfloat16 else v) for k, v in tensors.items()}
     verdicts = []
     for t in (tensors, as_numpy):
         try:
@@ -114,11 +112,7 @@ def test_numpy_and_torch_payloads_are_judged_and_hashed_alike(case):
     assert verdicts[0] == verdicts[1]
     if verdicts[0] == "ok":
         assert payload.digest(tensors) == payload.digest(as_numpy)
-        assert (
-            payload.manifest_from(tensors)
-            == payload.manifest_from(as_numpy)
-            == tuple(sorted(manifest, key=lambda s: s.name))
-        )
+        assert payload.manifest_from(tensors) == payload.manifest_from(as_numpy) == tuple(sorted(manifest, key=lambda s: s.name))
 
 
 @given(thing=st.one_of(st.none(), st.lists(st.integers()), st.text(), st.integers()))
@@ -129,9 +123,7 @@ def test_validate_refuses_what_is_not_a_mapping(thing):
 
 # ---- robust.py: norms, bounding, screening ----
 
-arrays = hnp.arrays(
-    np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=6), elements=st.floats(-1e4, 1e4, width=32)
-)
+arrays = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, max_side=6), elements=st.floats(-1e4, 1e4, width=32))
 
 
 @settings(max_examples=200, deadline=None)
@@ -195,9 +187,7 @@ def _reply(node: int, tensors: dict, examples: int = 10) -> Message:
 
     _identity()
     msg = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
-    content = RecordDict(
-        {"arrays": to_record(tensors), "metrics": MetricRecord({"num-examples": examples, "uniform-weight": 1})}
-    )
+    content = RecordDict({"arrays": to_record(tensors), "metrics": MetricRecord({"num-examples": examples, "uniform-weight": 1})})
     return Message(content=content, reply_to=msg)
 
 
@@ -255,9 +245,7 @@ def test_norm_bounding_keeps_fedavg_on_course(capsys):
 
     glob, replies, true = _poisoned_round()
     honest = sorted(robust.update_norm(glob, from_record(r.content["arrays"])) for r in replies[:6])
-    cfg = load_config(
-        None, ["federation.num_clients=8", f"federation.norm_bound={honest[3]}", "federation.reject_norm_factor=0"]
-    )
+    cfg = load_config(None, ["federation.num_clients=8", f"federation.norm_bound={honest[3]}", "federation.reject_norm_factor=0"])
     problems: list[str] = []
     kept, row = _screen_and_bound(cfg, 4, glob, replies, problems)
     assert len(kept) == 8 and not problems and row["bounded"] >= 2 and row["screened_out"] == 0
@@ -298,26 +286,9 @@ def _refused(sets: list[str]) -> str:
 
 
 def test_config_refuses_unsound_robust_settings():
-    line = _refused(
-        [
-            "federation.strategy=krum",
-            "federation.num_malicious=2",
-            "federation.num_clients=8",
-            "federation.fraction_fit=0.5",
-        ]
-    )
-    assert line.startswith(
-        "federation.strategy: 'krum' with federation.num_malicious 2 needs more than 6 clients per round, 4 are sampled"
-    )
-    load_config(
-        None,
-        [
-            "federation.strategy=krum",
-            "federation.num_malicious=2",
-            "federation.num_clients=8",
-            "federation.fraction_fit=1",
-        ],
-    )
+    line = _refused(["federation.strategy=krum", "federation.num_malicious=2", "federation.num_clients=8", "federation.fraction_fit=0.5"])
+    assert line.startswith("federation.strategy: 'krum' with federation.num_malicious 2 needs more than 6 clients per round, 4 are sampled")
+    load_config(None, ["federation.strategy=krum", "federation.num_malicious=2", "federation.num_clients=8", "federation.fraction_fit=1"])
     assert "needs more than 2 clients" in _refused(["federation.strategy=multikrum", "federation.num_clients=2"])
     assert _refused(["federation.strategy=trimmedmean", "federation.num_malicious=2"]).startswith(
         "federation.trim_fraction: 0.2 cuts 1 of 8 sampled updates from each end, fewer than federation.num_malicious (2)"
@@ -325,13 +296,9 @@ def test_config_refuses_unsound_robust_settings():
     assert _refused(["privacy.mode=client", "federation.norm_bound=0.5"]).startswith(
         "federation.norm_bound: 0.5 with privacy.mode 'client': the DP wrapper already clips"
     )
-    assert _refused(["privacy.mode=client", "federation.strategy=krum"]).startswith(
-        "federation.strategy: 'krum' with privacy.mode"
-    )
+    assert _refused(["privacy.mode=client", "federation.strategy=krum"]).startswith("federation.strategy: 'krum' with privacy.mode")
     assert _refused(["federation.norm_bound=-1"]).startswith("federation.norm_bound: -1.0 must be >= 0")
-    assert _refused(["federation.reject_norm_factor=0.5"]).startswith(
-        "federation.reject_norm_factor: 0.5 is out of range"
-    )
+    assert _refused(["federation.reject_norm_factor=0.5"]).startswith("federation.reject_norm_factor: 0.5 is out of range")
     assert _refused(["attack.clients=9"]).startswith("attack.clients: 9 is out of range; allowed 0..7")
     assert _refused(["attack.kind=noise"]).startswith("attack.kind: 'noise' is not allowed")
 
@@ -342,10 +309,7 @@ def test_deployment_refuses_an_attack(command, capsys):
 
     assert main([command, "--insecure", "--set", "attack.clients=1"]) == 2
     err = capsys.readouterr().err
-    assert (
-        f"attack.clients: 1 poisons updates, a simulation-only research setting; `fedprompt {command}` refuses it"
-        in err
-    )
+    assert f"attack.clients: 1 poisons updates, a simulation-only research setting; `fedprompt {command}` refuses it" in err
 
 
 def test_krum_scores_tiny_updates_of_a_large_payload_exactly():
@@ -355,9 +319,7 @@ def test_krum_scores_tiny_updates_of_a_large_payload_exactly():
     rng = np.random.default_rng(1)
     glob = {"prompt": rng.normal(size=(20, 384)).astype(np.float32)}
     step = rng.normal(size=(20, 384)) * 1e-3
-    replies = [
-        {"prompt": (glob["prompt"] + step + rng.normal(size=(20, 384)) * 1e-4).astype(np.float32)} for _ in range(6)
-    ]
+    replies = [{"prompt": (glob["prompt"] + step + rng.normal(size=(20, 384)) * 1e-4).astype(np.float32)} for _ in range(6)]
     replies += [{"prompt": (glob["prompt"] - step).astype(np.float32)} for _ in range(2)]  # sign-flipped, honest length
     assert robust.krum_select(glob, replies, 2, 6) == [0, 1, 2, 3, 4, 5]
     assert robust.krum_select(glob, replies, 2, 1)[0] < 6
@@ -366,18 +328,11 @@ def test_krum_scores_tiny_updates_of_a_large_payload_exactly():
 def test_a_non_finite_server_optimizer_state_keeps_the_last_good_state(capsys):
     """Two finite but huge updates: FedAdam's second moment overflows to Inf while its step
     stays finite. Neither the global tensors nor the moments may take that round."""
-    cfg = load_config(
-        None, ["federation.num_clients=2", "federation.strategy=fedadam", "federation.reject_norm_factor=0"]
-    )
+    cfg = load_config(None, ["federation.num_clients=2", "federation.strategy=fedadam", "federation.reject_norm_factor=0"])
     glob = {"p": np.zeros(4, np.float32)}
     strategy = fs.make_strategy(cfg)
     strategy.current_arrays = dict(glob)  # what configure_train would have set
-    ok = _aggregate(
-        cfg,
-        glob,
-        [_reply(1, {"p": np.full(4, 0.1, np.float32)}), _reply(2, {"p": np.full(4, 0.2, np.float32)})],
-        strategy,
-    )
+    ok = _aggregate(cfg, glob, [_reply(1, {"p": np.full(4, 0.1, np.float32)}), _reply(2, {"p": np.full(4, 0.2, np.float32)})], strategy)
     moments = fs.strategy_state(strategy)
     assert not np.allclose(ok["p"], 0) and moments
     huge = [_reply(1, {"p": np.full(4, 1e20, np.float32)}), _reply(2, {"p": np.full(4, 1e20, np.float32)})]
@@ -400,18 +355,9 @@ def client():
 
 
 def _cfg(**sets):
-    from tests.tiny import tiny_config
+    from tests.tiny import federation_config
 
-    base = dict(
-        federation__num_clients=3,
-        federation__rounds=2,
-        federation__min_clients=2,
-        data__partition="iid",
-        train__lr=0.05,
-        federation__fraction_fit=1.0,
-        federation__fraction_evaluate=0.0,
-    )
-    return tiny_config("bert", "prompt", **(base | sets))
+    return federation_config(**({"federation__rounds": 2, "federation__fraction_evaluate": 0.0} | sets))
 
 
 def _serve(cfg, out, responders):
@@ -521,10 +467,7 @@ def test_an_aggregate_that_overflows_is_not_released(tmp_path, client, capsys, m
     cfg = _cfg(federation__rounds=1)
     client.cfg = cfg
     rows = _serve(cfg, tmp_path / "run", {101 + i: client_responder(client, i) for i in range(3)})
-    assert (
-        "round 1: the aggregate of 3 updates (or the server optimizer's state) holds NaN or Inf; the global state is kept"
-        in capsys.readouterr().out
-    )
+    assert "round 1: the aggregate of 3 updates (or the server optimizer's state) holds NaN or Inf; the global state is kept" in capsys.readouterr().out
     ck, _ = load_latest(tmp_path / "run")
     init = client.initial_payload()
     assert rows[1]["digest"] == payload.digest(init)

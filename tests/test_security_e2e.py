@@ -10,16 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedprompt.processes import free_port
-from tests.helpers import (
-    TINY,
-    client_tls,
-    make_certs,
-    metrics_rows,
-    set_args,
-    start_fedprompt,
-    stop_all,
-    wait_for_round,
-)
+from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,24 +49,14 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
     )
     addr = f"127.0.0.1:{port}"
     server = start_fedprompt(
-        ["server", *common, *set_args([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)],
-        tmp_path / "server.log",
+        ["server", *common, *set_args([f"server.address={addr}", f"server.certs_dir={certs}"]), "--output", str(out)], tmp_path / "server.log"
     )
     client = lambda pid, extra, log: start_fedprompt(  # noqa: E731
-        ["client", *common, *extra, "--server", addr, "--partition-id", str(pid), "--num-partitions", "2"],
-        tmp_path / log,
-        threads=1,
+        ["client", *common, *extra, "--server", addr, "--partition-id", str(pid), "--num-partitions", "2"], tmp_path / log, threads=1
     )
     stranger = client(0, client_tls(certs, "stranger"), "stranger.log")
     untrusting = client(
-        1,
-        set_args(
-            [
-                f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}",
-                f"client.auth_key={certs / 'clients' / 'client-1'}",
-            ]
-        ),
-        "untrusting.log",
+        1, set_args([f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}", f"client.auth_key={certs / 'clients' / 'client-1'}"]), "untrusting.log"
     )
     plain = client(1, ["--insecure"], "plain.log")
     procs = [server, stranger, untrusting, plain]
@@ -87,15 +68,11 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
         assert "speaks TLS" in (tmp_path / "plain.log").read_text()
         assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
         assert "not registered" in (tmp_path / "stranger.log").read_text()
-        assert server.poll() is None and all(
-            r["round"] == 0 for r in metrics_rows(out)
-        )  # nothing ran without registered clients
+        assert server.poll() is None and all(r["round"] == 0 for r in metrics_rows(out))  # nothing ran without registered clients
         good = [client(i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
         procs += good
         t0 = time.monotonic()
-        while not any(
-            r["round"] >= 1 and r["clients"] == 2 for r in metrics_rows(out)
-        ):  # both registered clients trained
+        while not any(r["round"] >= 1 and r["clients"] == 2 for r in metrics_rows(out)):  # both registered clients trained
             assert all(p.poll() is None for p in [server, *good]), (tmp_path / "server.log").read_text()[-3000:]
             assert time.monotonic() - t0 < 600, "no round with both clients"
             time.sleep(0.5)
@@ -115,21 +92,9 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
 
 
 def test_the_server_refuses_to_start_without_tls_unless_told_insecure(tmp_path):
-    base = [
-        sys.executable,
-        "-m",
-        "fedprompt",
-        "server",
-        *set_args([f"model.name={tiny_folder('bert')}", *TINY, f"server.address=127.0.0.1:{free_port()}"]),
-    ]
+    base = [sys.executable, "-m", "fedprompt", "server", *set_args([f"model.name={tiny_folder('bert')}", *TINY, f"server.address=127.0.0.1:{free_port()}"])]
     r = subprocess.run([*base, "--output", str(tmp_path / "a")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "requires TLS" in r.stderr and "--insecure" in r.stderr and r.stderr.count("\n") == 1
     assert not (tmp_path / "a").exists()
-    r = subprocess.run(
-        [sys.executable, "-m", "fedprompt", "client", "--server", "127.0.0.1:1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    r = subprocess.run([sys.executable, "-m", "fedprompt", "client", "--server", "127.0.0.1:1"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "requires TLS" in r.stderr and r.stderr.count("\n") == 1

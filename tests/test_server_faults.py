@@ -21,11 +21,7 @@ pytestmark = pytest.mark.slow  # real server processes, killed and restarted
 
 def _server(out: Path, point: str = "none", rnd: int = 0) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.faultserver", str(out), point, str(rnd)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+        [sys.executable, "-m", "tests.faultserver", str(out), point, str(rnd)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
 
 
@@ -55,12 +51,7 @@ def test_sigkill_at_each_fault_point_then_restart_resumes_exactly(tmp_path, refe
     """One run killed four times, at a different point of a different round each time."""
     # resumed_after: where this start resumes, i.e. the newest complete checkpoint the previous
     # death left (a half-written one is never used; a rename cut short leaves the previous one).
-    for rnd, point, resumed_after in [
-        (1, "aggregate", None),
-        (2, "checkpoint-write", 0),
-        (3, "checkpoint-rename", 1),
-        (4, "metrics-append", 2),
-    ]:
+    for rnd, point, resumed_after in [(1, "aggregate", None), (2, "checkpoint-write", 0), (3, "checkpoint-rename", 1), (4, "metrics-append", 2)]:
         rc, log = _finish(tmp_path, point, rnd)
         assert rc == -signal.SIGKILL, log
         if resumed_after is not None:  # the newest complete checkpoint is the one used

@@ -67,10 +67,7 @@ def test_verbalizer_truncates_the_text_never_the_template_tail():
     head = tok("Article: ", add_special_tokens=False)["input_ids"]
     assert len(enc.ids[0]) == 16 and enc.ids[0][-len(tail) :] == tail and enc.ids[0][: len(head)] == head
     assert enc.ids[1][-len(tail) :] == tail
-    assert task.label_ids.tolist() == [
-        tok(" business", add_special_tokens=False)["input_ids"][0],
-        tok(" sport", add_special_tokens=False)["input_ids"][0],
-    ]
+    assert task.label_ids.tolist() == [tok(" business", add_special_tokens=False)["input_ids"][0], tok(" sport", add_special_tokens=False)["input_ids"][0]]
     bad = load_config(None, ["data.label_words=[' business news', ' sport']"])
     with pytest.raises(TaskError, match="exactly one token"):
         VerbalizerClassification(tok, bad, ["business", "sport"])
@@ -106,12 +103,7 @@ def test_exact_match_stops_decoding_once_the_reference_is_out_of_reach():
         max_new_tokens, eos = 32, tok.eos_token_id
 
     Task.tok = tok
-    data = Encoded(
-        ids=[tok("Topic:")["input_ids"]],
-        target=[None],
-        prompt_len=[len(tok("Topic:")["input_ids"])],
-        responses=[" business"],
-    )
+    data = Encoded(ids=[tok("Topic:")["input_ids"]], target=[None], prompt_len=[len(tok("Topic:")["input_ids"])], responses=[" business"])
     right = Scripted(tok(" business")["input_ids"])
     assert exact_match(right, Task, data, 1, torch.device("cpu")) == 1.0
     assert right.calls == len(tok(" business")["input_ids"]) + 1  # the tokens, then EOS

@@ -23,11 +23,7 @@ def test_a_client_reply_costs_at_most_1_10_x_the_raw_payload(config):
     g = np.random.default_rng(0)
     tensors = {name: g.standard_normal(shape).astype(dtype) for name, shape, dtype in GOLDEN[config]}
     raw = sum(t.nbytes for t in tensors.values())
-    down = Message(
-        RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}),
-        dst_node_id=5,
-        message_type="train",
-    )
+    down = Message(RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"server-round": 7})}), dst_node_id=5, message_type="train")
     # The metrics a real fit reply carries (see LocalClient.fit).
     metrics = {"num-examples": 123, "train_loss": 0.5, "train_s": 12.5, "pid": 4194303, "backbone_loads": 1}
     up = reply_message(down, Reply(tensors=tensors, metrics=metrics))

@@ -49,12 +49,7 @@ def tiny_folder(kind: str) -> str:
         src = resolve("minilm-l6")
         tok = transformers.AutoTokenizer.from_pretrained(src)
         cfg = transformers.BertConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
+            vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
         )
         model = transformers.BertModel(cfg)
         model.config.architectures = ["BertModel"]
@@ -83,11 +78,13 @@ TINY = [
 
 def tiny_config(kind: str, method: str = "prompt", quantization: str = "none", **sets):
     """A Config on the tiny backbone: small batches, a few steps, built-in BBC data subsampled."""
-    overrides = [
-        f"model.name={tiny_folder(kind)}",
-        f"model.quantization={quantization}",
-        f"peft.method={method}",
-        *TINY,
-    ]
+    overrides = [f"model.name={tiny_folder(kind)}", f"model.quantization={quantization}", f"peft.method={method}", *TINY]
     overrides += [f"{k.replace('__', '.')}={v}" for k, v in sets.items()]
     return load_config(None, overrides)
+
+
+def federation_config(**sets):
+    """tiny_config for the round loop: 3 IID clients, all sampled, lr 0.05; `sets` override
+    (keys as section__field)."""
+    base = dict(federation__num_clients=3, federation__rounds=3, federation__min_clients=2, data__partition="iid", train__lr=0.05, federation__fraction_fit=1.0)
+    return tiny_config("bert", "prompt", **(base | sets))

@@ -25,11 +25,7 @@ from flwr.app import Error, Message
 from flwr.proto.runtime_pb2 import AcquireTaskRequest
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
+from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
@@ -60,11 +56,7 @@ def installed_app() -> AppIdentity:
 
     meta = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))
     fab = build_fab_from_disk(APP_DIR)  # deterministic: fixed timestamps and order
-    return AppIdentity(
-        f"{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}",
-        meta["project"]["version"],
-        hashlib.sha256(fab).hexdigest(),
-    )
+    return AppIdentity(f"{meta['tool']['flwr']['app']['publisher']}/{meta['project']['name']}", meta["project"]["version"], hashlib.sha256(fab).hexdigest())
 
 
 def mismatch(expected: AppIdentity, fab_id: str, version: str, content: bytes) -> str | None:
@@ -102,9 +94,7 @@ class Executor:
             root_certificates=None,
             interceptors=[
                 RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                SuperExecAuthHttpInterceptor(
-                    master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})
-                ),
+                SuperExecAuthHttpInterceptor(master_secret=secret, protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})),
             ],
             retry_invoker=None,
         )  # serve_forever waits and asks again
@@ -129,10 +119,7 @@ class Executor:
             server_address=self.address,
             insecure=True,
             root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"), RuntimeTokenHttpInterceptor(token)],
             retry_invoker=_retries(),
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))  # a long fit is not a dead task

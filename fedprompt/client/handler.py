@@ -42,13 +42,7 @@ def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
 
 
 def _fit(client, req: Request, tensors: dict, worker: dict) -> Reply:
-    res = client.fit(
-        tensors,
-        partition_id=req.partition_id,
-        round_num=req.round,
-        source=f"server (round {req.round})",
-        proximal_mu=req.proximal_mu,
-    )
+    res = client.fit(tensors, partition_id=req.partition_id, round_num=req.round, source=f"server (round {req.round})", proximal_mu=req.proximal_mu)
     metrics = {NUM_EXAMPLES: res.num_examples, UNIFORM_WEIGHT: 1, **res.metrics, **worker}
     # In the order the server sent them: Flower's DP clipping pairs arrays by position.
     ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors

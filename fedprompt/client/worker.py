@@ -28,16 +28,7 @@ def _user_error(e: BaseException) -> bool:
 class Worker:
     """Serve `client` (a LocalClient) as partition `partition_id` to the server at `superlink`."""
 
-    def __init__(
-        self,
-        client,
-        *,
-        partition_id: int,
-        superlink: str,
-        quiet: bool = False,
-        root_certificates: str | None = None,
-        auth_key: str | None = None,
-    ):
+    def __init__(self, client, *, partition_id: int, superlink: str, quiet: bool = False, root_certificates: str | None = None, auth_key: str | None = None):
         from fedprompt import processes
         from fedprompt.client import executor
 
@@ -98,9 +89,7 @@ class Worker:
                 if why is None:
                     # Its runtime API's web server says goodbye last ("INFO:     Finished server process"): skip that.
                     said = [line for line in processes.tail(log, 20).split(" | ") if not line.startswith("INFO:")]
-                    self.say(
-                        f"SuperNode exited ({said[-1] if said else 'no reason logged'}); reconnecting to {self.superlink}"
-                    )
+                    self.say(f"SuperNode exited ({said[-1] if said else 'no reason logged'}); reconnecting to {self.superlink}")
             if why is not None:
                 self.fatal = why
                 self.stopping.set()
@@ -122,18 +111,12 @@ class Worker:
         except Exception as e:
             if not _user_error(e):
                 traceback.print_exc()
-            self.say(
-                f"round {request.round} {request.kind}: {type(e).__name__}: {e} ({time.perf_counter() - t0:.1f} s)"
-            )
+            self.say(f"round {request.round} {request.kind}: {type(e).__name__}: {e} ({time.perf_counter() - t0:.1f} s)")
             raise
         finally:
             self.requests += 1
         m = reply.metrics
-        detail = (
-            f"loss {m['train_loss']:.4f}"
-            if "train_loss" in m
-            else (f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else "ok")
-        )
+        detail = f"loss {m['train_loss']:.4f}" if "train_loss" in m else (f"accuracy {m['accuracy']:.4f}" if "accuracy" in m else "ok")
         self.say(f"round {request.round} {request.kind}: {detail} ({time.perf_counter() - t0:.1f} s)")
         return reply
 
@@ -175,15 +158,7 @@ class Worker:
             raise SecurityError(self.fatal)
 
 
-def run_client(
-    cfg,
-    *,
-    partition_id: int,
-    num_partitions: int,
-    server: str | None = None,
-    quiet: bool = False,
-    insecure: bool = False,
-) -> None:
+def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | None = None, quiet: bool = False, insecure: bool = False) -> None:
     """`fedprompt client`: load the backbone and this partition once, then serve until stopped.
     Over TLS (client.root_certificates) with this client's key (client.auth_key), unless `insecure`."""
     from fedprompt import security
@@ -200,9 +175,7 @@ def run_client(
     if not 0 <= partition_id < num_partitions:
         from fedprompt.rundir import RunError
 
-        raise RunError(
-            f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}"
-        )
+        raise RunError(f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}")
     client = LocalClient(cfg, num_partitions=num_partitions)
     shard = client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
     if cfg.privacy.mode in ("sample", "both"):
@@ -218,6 +191,4 @@ def run_client(
                 f"(epsilon so far {spent:.3f} at delta {cfg.privacy.delta:g})",
                 flush=True,
             )
-    Worker(
-        client, partition_id=partition_id, superlink=superlink, quiet=quiet, root_certificates=trust, auth_key=key
-    ).serve()
+    Worker(client, partition_id=partition_id, superlink=superlink, quiet=quiet, root_certificates=trust, auth_key=key).serve()

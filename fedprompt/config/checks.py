@@ -15,52 +15,29 @@ def validate(c: Config) -> list[str]:
         if not ok:
             p.append(msg)
 
-    need(
-        0 <= c.server.superlink_port < 65536,
-        f"server.superlink_port: {c.server.superlink_port} is out of range; allowed 0..65535",
-    )
+    need(0 <= c.server.superlink_port < 65536, f"server.superlink_port: {c.server.superlink_port} is out of range; allowed 0..65535")
     need(
         c.server.front != "external" or c.server.superlink_port > 0,
         "server.superlink_port: server.front 'external' needs a fixed port for the proxy to forward to, e.g. 9093",
     )
-    need(
-        c.model.name.strip() != "",
-        "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id",
-    )
+    need(c.model.name.strip() != "", "model.name: must not be empty; use minilm-l6, smollm2-135m, a local folder or a hub id")
     need(8 <= c.model.max_length <= 8192, f"model.max_length: {c.model.max_length} is out of range; allowed 8..8192")
-    need(
-        1 <= c.peft.num_virtual_tokens <= 512,
-        f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512",
-    )
+    need(1 <= c.peft.num_virtual_tokens <= 512, f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512")
     if c.peft.method == "prompt" and c.peft.prompt_init == "text":
-        need(
-            c.peft.prompt_init_text.strip() != "",
-            "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'",
-        )
+        need(c.peft.prompt_init_text.strip() != "", "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'")
     need(1 <= c.peft.lora_r <= 1024, f"peft.lora_r: {c.peft.lora_r} is out of range; allowed 1..1024")
     need(c.peft.lora_alpha > 0, f"peft.lora_alpha: {c.peft.lora_alpha} must be > 0")
     need(0.0 <= c.peft.lora_dropout < 1.0, f"peft.lora_dropout: {c.peft.lora_dropout} is out of range; allowed [0, 1)")
     need(len(c.peft.lora_target_modules) > 0, "peft.lora_target_modules: must list at least one module name, or 'auto'")
 
-    need(
-        c.data.dataset in ("bbc", "tweets", "file"),
-        f"data.dataset: {c.data.dataset!r} is not allowed; expected one of 'bbc', 'tweets', 'file'",
-    )
+    need(c.data.dataset in ("bbc", "tweets", "file"), f"data.dataset: {c.data.dataset!r} is not allowed; expected one of 'bbc', 'tweets', 'file'")
     if c.data.dataset == "file":
-        need(
-            c.data.path.strip() != "",
-            "data.path: required when data.dataset is 'file' (a .csv, .jsonl, .json or .parquet file)",
-        )
+        need(c.data.path.strip() != "", "data.path: required when data.dataset is 'file' (a .csv, .jsonl, .json or .parquet file)")
     if c.data.task == "generation":
         need(c.data.dataset == "file", "data.task: 'generation' needs data.dataset 'file' with prompt/response columns")
-    need(
-        0.0 < c.data.test_fraction < 1.0, f"data.test_fraction: {c.data.test_fraction} is out of range; allowed (0, 1)"
-    )
+    need(0.0 < c.data.test_fraction < 1.0, f"data.test_fraction: {c.data.test_fraction} is out of range; allowed (0, 1)")
     need(c.data.max_examples >= 0, f"data.max_examples: {c.data.max_examples} must be >= 0 (0 means all)")
-    need(
-        0.0 <= c.data.min_confidence <= 1.0,
-        f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]",
-    )
+    need(0.0 <= c.data.min_confidence <= 1.0, f"data.min_confidence: {c.data.min_confidence} is out of range; allowed [0, 1]")
     need(c.data.alpha > 0, f"data.alpha: {c.data.alpha} must be > 0 (Dirichlet concentration)")
     need(c.data.quantity_sigma > 0, f"data.quantity_sigma: {c.data.quantity_sigma} must be > 0")
     # numpy's generators refuse negative seeds; derived per-round seeds must stay within 64 bits
@@ -90,15 +67,9 @@ def validate(c: Config) -> list[str]:
     need(f.rounds >= 1, f"federation.rounds: {f.rounds} must be >= 1")
     need(0 < f.fraction_fit <= 1, f"federation.fraction_fit: {f.fraction_fit} is out of range; allowed (0, 1]")
     need(1 <= f.min_clients, f"federation.min_clients: {f.min_clients} must be >= 1")
-    need(
-        f.min_clients <= f.num_clients,
-        f"federation.min_clients: {f.min_clients} exceeds federation.num_clients ({f.num_clients}); lower it or add clients",
-    )
+    need(f.min_clients <= f.num_clients, f"federation.min_clients: {f.min_clients} exceeds federation.num_clients ({f.num_clients}); lower it or add clients")
     need(f.local_steps >= 0, f"federation.local_steps: {f.local_steps} must be >= 0 (0: train.local_steps)")
-    need(
-        0 <= f.fraction_evaluate <= 1,
-        f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)",
-    )
+    need(0 <= f.fraction_evaluate <= 1, f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)")
     need(0 <= f.trim_fraction < 0.5, f"federation.trim_fraction: {f.trim_fraction} is out of range; allowed [0, 0.5)")
     need(f.round_timeout >= 0, f"federation.round_timeout: {f.round_timeout} must be >= 0 seconds (0: no limit)")
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
@@ -108,8 +79,7 @@ def validate(c: Config) -> list[str]:
     need(f.norm_bound >= 0, f"federation.norm_bound: {f.norm_bound} must be >= 0 (0: off)")
     need(
         f.reject_norm_factor == 0 or f.reject_norm_factor > 1,
-        f"federation.reject_norm_factor: {f.reject_norm_factor} is out "
-        "of range; allowed 0 (off) or > 1 (a multiple of the round's median update norm)",
+        f"federation.reject_norm_factor: {f.reject_norm_factor} is out of range; allowed 0 (off) or > 1 (a multiple of the round's median update norm)",
     )
     per_round = max(int(f.num_clients * f.fraction_fit), 1)  # what Flower samples (strategy.sampled_clients)
     if f.strategy in ("krum", "multikrum"):
@@ -190,16 +160,10 @@ def validate(c: Config) -> list[str]:
             "client_clip_norm instead",
         )
         n_clients = max(f.num_clients, 1)  # 0 is reported above; the message below must still format
-        need(
-            pr.delta < 1 / n_clients,
-            f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / n_clients:.3g})",
-        )
+        need(pr.delta < 1 / n_clients, f"privacy.delta: {pr.delta} with privacy.mode {pr.mode!r} must be < 1 / federation.num_clients ({1 / n_clients:.3g})")
 
     a = c.audit
-    need(
-        0 <= a.client < f.num_clients,
-        f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)",
-    )
+    need(0 <= a.client < f.num_clients, f"audit.client: {a.client} is out of range; allowed 0..{f.num_clients - 1} (a partition id)")
     need(0 <= a.canaries <= 1000, f"audit.canaries: {a.canaries} is out of range; allowed 0..1000")
     need(1 <= a.canary_repeats <= 100, f"audit.canary_repeats: {a.canary_repeats} is out of range; allowed 1..100")
     need(1 <= a.references <= 100_000, f"audit.references: {a.references} is out of range; allowed 1..100000")
@@ -207,20 +171,15 @@ def validate(c: Config) -> list[str]:
     at = c.attack
     need(
         0 <= at.clients < f.num_clients,
-        f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients - 1} "
-        "(the last attack.clients of federation.num_clients partitions attack)",
+        f"attack.clients: {at.clients} is out of range; allowed 0..{f.num_clients - 1} (the last attack.clients of federation.num_clients partitions attack)",
     )
     need(
         not 0 < at.clients < f.num_clients or c.audit.client < f.num_clients - at.clients,
-        f"audit.client: {c.audit.client} is one of the attacking partitions (the last attack.clients = {at.clients}); "
-        "audit an honest client",
+        f"audit.client: {c.audit.client} is one of the attacking partitions (the last attack.clients = {at.clients}); audit an honest client",
     )
 
     d = c.deepspeed
     need(d.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage: {d.zero_stage} is not allowed; expected 0, 1, 2 or 3")
-    need(
-        d.gradient_accumulation_steps >= 1,
-        f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1",
-    )
+    need(d.gradient_accumulation_steps >= 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1")
     need(d.gradient_clipping >= 0, f"deepspeed.gradient_clipping: {d.gradient_clipping} must be >= 0 (0: off)")
     return p

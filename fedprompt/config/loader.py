@@ -67,10 +67,7 @@ class _Loader(yaml.SafeLoader):
             why = "more than 4300 digits" if "integer string conversion" in str(e) else str(e) or type(e).__name__
             kind = str(node.tag).rsplit(":", 1)[-1]  # int, float, timestamp, ...
             raise yaml.constructor.ConstructorError(
-                None,
-                None,
-                f"cannot read {_show(node.value)} as {kind} ({why}); quote it if it is text",
-                node.start_mark,
+                None, None, f"cannot read {_show(node.value)} as {kind} ({why}); quote it if it is text", node.start_mark
             ) from None
 
 
@@ -212,11 +209,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(
-                [
-                    f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"
-                ]
-            )
+            raise ConfigError([f"config file {str(p)!r} does not exist; pass an existing YAML file, e.g. configs/bbc-minilm-prompt.yaml"])
         try:
             raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader)
         except UnicodeDecodeError as e:
@@ -233,11 +226,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if raw is None:  # an empty file (or only comments): all defaults
             raw = {}
         if not isinstance(raw, dict):
-            raise ConfigError(
-                [
-                    f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"
-                ]
-            )
+            raise ConfigError([f"config file {str(p)!r}: expected a mapping of sections (model:, peft:, ...), got {type(raw).__name__}"])
     for ov in overrides:
         parts, value = parse_override(ov)
         _apply_override(raw, parts, value)

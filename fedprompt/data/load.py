@@ -36,14 +36,10 @@ def _stratified_take(y: Any, k: int, rng: Any, keep_one_out: bool) -> Any:
 def _check_classes(y: list[int], labels: list[str], where: str, what: str) -> None:
     counts = {labels[i]: n for i, n in sorted(Counter(y).items())}
     if len(counts) < 2:
-        raise DataError(
-            f"{where}: found {len(counts)} class ({_listed(list(counts)) or 'none'}){what}; classification needs at least 2 classes"
-        )
+        raise DataError(f"{where}: found {len(counts)} class ({_listed(list(counts)) or 'none'}){what}; classification needs at least 2 classes")
     small = [f"{_cut(repr(lab), 40)} ({n})" for lab, n in counts.items() if n < 2]
     if small:
-        raise DataError(
-            f"{where}: class {_listed(small)} has too few examples{what} to stratify a train/test split; give every class at least 2 examples"
-        )
+        raise DataError(f"{where}: class {_listed(small)} has too few examples{what} to stratify a train/test split; give every class at least 2 examples")
 
 
 @dataclass
@@ -60,16 +56,12 @@ class _Labelled:
 def _builtin(cfg: DataConfig, texts: list[str], raw_labels: list[str]) -> _Labelled:
     name = cfg.dataset
     if cfg.task == "generation":
-        raise DataError(
-            f"data.task: the built-in {name!r} dataset is classification only; use data.task auto or classification"
-        )
+        raise DataError(f"data.task: the built-in {name!r} dataset is classification only; use data.task auto or classification")
     builtin = sorted(set(raw_labels))
     if cfg.labels:
         unknown = [lab for lab in cfg.labels if lab not in builtin]
         if unknown:
-            raise DataError(
-                f"data.labels: {', '.join(map(repr, unknown))} not in the {name} labels; allowed: {', '.join(builtin)}"
-            )
+            raise DataError(f"data.labels: {', '.join(map(repr, unknown))} not in the {name} labels; allowed: {', '.join(builtin)}")
         keep = [i for i, lab in enumerate(raw_labels) if lab in cfg.labels]  # a subset filters rows
         texts, raw_labels = [texts[i] for i in keep], [raw_labels[i] for i in keep]
     return _Labelled(name, texts, raw_labels, list(cfg.labels) or builtin)
@@ -110,8 +102,7 @@ def _file(cfg: DataConfig, ds_mod: Any, rng: Any) -> _Labelled | TaskData:
         lab = str(int(v) if isinstance(v, float) and v.is_integer() else v).strip()
         if cfg.labels and lab not in cfg.labels:
             raise DataError(
-                f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels "
-                f"({', '.join(cfg.labels)}); fix the row or add the label"
+                f"data file {cfg.path!r}: row {i + 1} has label {_cut(repr(lab))}, not in data.labels ({', '.join(cfg.labels)}); fix the row or add the label"
             )
         raw_labels.append(lab)
     return _Labelled(name, texts, raw_labels, list(cfg.labels) or sorted(set(raw_labels)))
@@ -162,9 +153,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     return TaskData("classification", labels, build(train_idx), build(test_idx), name)
 
 
-def _generation(
-    ds_mod: Any, prompts: list[str], responses: list[str], cfg: DataConfig, name: str, rng: Any
-) -> TaskData:
+def _generation(ds_mod: Any, prompts: list[str], responses: list[str], cfg: DataConfig, name: str, rng: Any) -> TaskData:
     order = rng.permutation(len(prompts))
     if cfg.max_examples > 0:
         order = order[: cfg.max_examples]

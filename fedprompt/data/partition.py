@@ -27,13 +27,9 @@ def _dirichlet(ds: "datasets.Dataset", cfg: DataConfig, n: int) -> tuple[Any, "d
     from flwr_datasets.partitioner import DirichletPartitioner
 
     if "label" not in ds.column_names:
-        raise DataError(
-            "data.partition: 'dirichlet' needs class labels, which a generation task has not; use iid or quantity"
-        )
+        raise DataError("data.partition: 'dirichlet' needs class labels, which a generation task has not; use iid or quantity")
     min_size = min(10, len(ds) // n // 2)
-    return DirichletPartitioner(
-        n, partition_by="label", alpha=cfg.alpha, seed=cfg.seed, min_partition_size=min_size
-    ), ds
+    return DirichletPartitioner(n, partition_by="label", alpha=cfg.alpha, seed=cfg.seed, min_partition_size=min_size), ds
 
 
 def _iid(ds: "datasets.Dataset", cfg: DataConfig, n: int) -> tuple[Any, "datasets.Dataset"]:
@@ -63,9 +59,7 @@ def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, part
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition_id: {partition_id} is out of range; allowed 0..{num_partitions - 1}")
     if num_partitions > len(ds):
-        raise DataError(
-            f"{num_partitions} partitions for {len(ds)} examples; use at most {len(ds)} clients or more data (data.max_examples)"
-        )
+        raise DataError(f"{num_partitions} partitions for {len(ds)} examples; use at most {len(ds)} clients or more data (data.max_examples)")
     part, ds = PARTITIONERS[cfg.partition](ds, cfg, num_partitions)
     part.dataset = ds
     try:
@@ -74,8 +68,7 @@ def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, part
             return part.load_partition(partition_id)
     except ValueError as e:
         raise DataError(
-            f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); "
-            "raise data.alpha or use fewer clients"
+            f"could not make {num_partitions} {cfg.partition} partitions of {len(ds)} examples ({_error_line(e)}); raise data.alpha or use fewer clients"
         ) from None
 
 

@@ -18,20 +18,12 @@ def build_lora(backbone, cfg, *, num_labels=None) -> PeftAdapted:
     if missing:
         from fedprompt.backbone import BackboneError
 
-        linear = sorted(
-            {n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if "Linear" in type(m).__name__}
-        )
-        raise BackboneError(
-            f"peft.lora_target_modules: {missing} not found in the backbone; its linear layers are: {', '.join(linear)}"
-        )
-    config = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target_modules
-    )
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in backbone.model.named_modules() if "Linear" in type(m).__name__})
+        raise BackboneError(f"peft.lora_target_modules: {missing} not found in the backbone; its linear layers are: {', '.join(linear)}")
+    config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=target_modules)
     try:
         return PeftAdapted(backbone, config, "lora")
     except ValueError as e:  # peft: no default targets for this architecture, or unsupported layer type
         from fedprompt.backbone import BackboneError
 
-        raise BackboneError(
-            f"peft.lora_target_modules: {str(e).splitlines()[0]}; list the linear layers to adapt, e.g. [q_proj, v_proj]"
-        ) from None
+        raise BackboneError(f"peft.lora_target_modules: {str(e).splitlines()[0]}; list the linear layers to adapt, e.g. [q_proj, v_proj]") from None

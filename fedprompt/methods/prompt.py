@@ -40,9 +40,7 @@ class SoftPrompt(Adapted):
             if self.head_name is None:
                 from fedprompt.backbone import BackboneError
 
-                raise BackboneError(
-                    f"model.name: {type(self.model).__name__} has no classification head named {HEAD_NAMES}"
-                )
+                raise BackboneError(f"model.name: {type(self.model).__name__} has no classification head named {HEAD_NAMES}")
             if self.head_name == "score":
                 # Decoder classifiers pool the last position when given inputs_embeds, which is
                 # padding under right padding: the soft prompt would read the wrong token.

@@ -18,9 +18,7 @@ def log(text: str) -> None:
     print(f"fedprompt server: {text}", flush=True)
 
 
-def aggregate(
-    cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, good: list[Message], manifest: payload.Manifest
-) -> tuple[dict, dict, bool]:
+def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, good: list[Message], manifest: payload.Manifest) -> tuple[dict, dict, bool]:
     """(new global tensors, train metrics, released) from the round's good replies. Krum picks
     its replies first. An aggregate, or a server-optimizer state (FedAdam's moments), that is
     not finite is not kept: the global and strategy state of the last round stay."""
@@ -33,9 +31,7 @@ def aggregate(
                 f"{2 * f.num_malicious + 2} updates, this round has {len(good)}: its choice proves nothing"
             )
         keep = select(f, len(good))
-        chosen = robust.krum_select(
-            state.tensors, [from_record(r.content["arrays"]) for r in good], f.num_malicious, keep
-        )
+        chosen = robust.krum_select(state.tensors, [from_record(r.content["arrays"]) for r in good], f.num_malicious, keep)
         log(f"round {rnd}: {f.strategy} keeps node(s) {', '.join(str(good[i].metadata.src_node_id) for i in chosen)}")
         good = [good[i] for i in chosen]
     for rep in good:  # Flower's DP clipping pairs a reply's arrays with the global ones by position
@@ -47,19 +43,14 @@ def aggregate(
     if not all(robust.finite(v) for v in [*tensors.values(), *after]):
         # Finite updates can still sum past float32 (screening needs >= 3 replies and a sane
         # majority), and FedAdam's second moment overflows first: keep the last good state.
-        log(
-            f"round {rnd}: the aggregate of {len(good)} updates (or the server optimizer's state) holds NaN or Inf; "
-            "the global state is kept"
-        )
+        log(f"round {rnd}: the aggregate of {len(good)} updates (or the server optimizer's state) holds NaN or Inf; the global state is kept")
         restore_strategy(strategy, before)
         return state.tensors, train, False
     payload.validate(tensors, manifest, source=f"aggregate of round {rnd}")
     return tensors, train, True
 
 
-def screen_and_bound(
-    cfg: Config, rnd: int, global_: dict[str, np.ndarray], good: list[Message], problems: list[str]
-) -> tuple[list[Message], dict]:
+def screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good: list[Message], problems: list[str]) -> tuple[list[Message], dict]:
     """The valid replies minus absurd updates (federation.reject_norm_factor, each added to
     `problems` with its node and reason), the others' updates bounded to federation.norm_bound
     (logged); and the row's figures: median update norm, replies screened out, bounded."""
@@ -84,11 +75,7 @@ def screen_and_bound(
             bounded += 1
         kept.append(rep)
     # Under client-level DP a raw statistic of the updates would be published un-noised: none.
-    row = {
-        "update_norm_median": float(np.median(norms)) if norms and not client_dp(cfg) else None,
-        "screened_out": len(good) - len(kept),
-        "bounded": bounded,
-    }
+    row = {"update_norm_median": float(np.median(norms)) if norms and not client_dp(cfg) else None, "screened_out": len(good) - len(kept), "bounded": bounded}
     return kept, row
 
 

@@ -23,16 +23,7 @@ from fedprompt.config import Config, load_config
 from fedprompt.protocol import MESSAGE_TYPE, Kind
 from fedprompt.report import append_jsonl, plot_curves
 from fedprompt.server.aggregate import aggregate, log, screen_and_bound
-from fedprompt.server.strategies import (
-    WEIGHT_KEY,
-    WORKER_KEYS,
-    client_dp,
-    make_strategy,
-    restore_strategy,
-    sampled_clients,
-    strategy_state,
-    weighted_mean,
-)
+from fedprompt.server.strategies import WEIGHT_KEY, WORKER_KEYS, client_dp, make_strategy, restore_strategy, sampled_clients, strategy_state, weighted_mean
 from fedprompt.wire import error_reason, from_record, to_record, wire_bytes
 
 app = ServerApp()
@@ -145,9 +136,7 @@ def _start(grid: Grid, cfg: Config, timeout: float | None) -> checkpoint.ServerS
     tensors = from_record(rep.content["arrays"])
     payload.validate(tensors, payload.manifest_from(tensors), source=f"node {node} (initial payload)")
     log(f"initial payload from node {node}: {len(tensors)} tensors, {sum(v.nbytes for v in tensors.values()):,} bytes")
-    return checkpoint.ServerState(
-        round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]), config_yaml=cfg.to_yaml()
-    )
+    return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=str(rep.content["adapter"]["config"]), config_yaml=cfg.to_yaml())
 
 
 def _check_reply(rep: Message, manifest: payload.Manifest) -> dict:
@@ -175,9 +164,7 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
             row["fed_examples"] = int(agg[WEIGHT_KEY])
     if centralized:
         node = sorted(grid.get_node_ids())[0]
-        content = RecordDict(
-            {"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})}
-        )
+        content = RecordDict({"arrays": to_record(tensors), "config": ConfigRecord({"scope": "centralized", "server-round": rnd})})
         m = dict(_ask(grid, node, Kind.EVALUATE, content, timeout).content["metrics"])
         row.update({k: float(v) for k, v in m.items() if k not in (WEIGHT_KEY, *WORKER_KEYS)})
     else:  # deployment: the server holds no data; the federated figures are the figures
@@ -188,15 +175,7 @@ def _evaluate(grid: Grid, strategy, rnd: int, tensors: dict, *, centralized: boo
 
 
 def _round(
-    grid: Grid,
-    cfg: Config,
-    strategy,
-    state: checkpoint.ServerState,
-    rnd: int,
-    manifest: payload.Manifest,
-    *,
-    centralized: bool,
-    timeout: float | None,
+    grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd: int, manifest: payload.Manifest, *, centralized: bool, timeout: float | None
 ) -> tuple[dict, dict]:
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
@@ -234,17 +213,12 @@ def _round(
     if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
         # The noise is sized for m = sampled_clients updates; a mean over any other number
         # would leak more than accounted. The round releases nothing: the global state stays.
-        log(
-            f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of "
-            f"{len(msgs)} sampled; nothing aggregated"
-        )
+        log(f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of {len(msgs)} sampled; nothing aggregated")
         tensors, train, released = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY), False
     else:
         tensors, train, released = aggregate(cfg, strategy, rnd, state, good, manifest)
         if client_dp(cfg):  # a noised aggregate was computed: kept or not, it counts as a release
-            privacy_row.update(
-                _client_epsilon(cfg, privacy_row["dp_releases"] + 1), dp_releases=privacy_row["dp_releases"] + 1
-            )
+            privacy_row.update(_client_epsilon(cfg, privacy_row["dp_releases"] + 1), dp_releases=privacy_row["dp_releases"] + 1)
     if client_dp(cfg):
         privacy_row["clip_norm"] = float(strategy.clipping_norm)
         if pr.mode == "client":
@@ -365,8 +339,7 @@ def _finish(cfg: Config, out: Path, state: checkpoint.ServerState, manifest: pay
             rows,
             out / "curves.png",
             x="round",
-            title=f"{cfg.data.dataset}: {cfg.model.name} + {cfg.peft.method}, "
-            f"{cfg.federation.strategy}, {cfg.federation.num_clients} clients",
+            title=f"{cfg.data.dataset}: {cfg.model.name} + {cfg.peft.method}, {cfg.federation.strategy}, {cfg.federation.num_clients} clients",
         )
     last = rows[-1]
     summary = {

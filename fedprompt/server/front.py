@@ -40,15 +40,7 @@ class Front:
     `cafile`, or `http://...`). `say(text)` gets one line per refused kind of request."""
 
     def __init__(
-        self,
-        host: str,
-        port: int,
-        upstream: str,
-        *,
-        certfile: Path | None = None,
-        keyfile: Path | None = None,
-        cafile: Path | None = None,
-        say=print,
+        self, host: str, port: int, upstream: str, *, certfile: Path | None = None, keyfile: Path | None = None, cafile: Path | None = None, say=print
     ):
         self.host, self.port, self.upstream = host, port, upstream.rstrip("/")
         self.certfile, self.keyfile, self.cafile, self.say = certfile, keyfile, cafile, say
@@ -94,9 +86,7 @@ class Front:
             if not allowed(method, path) or scope.get("query_string"):
                 peer = scope.get("client") or ("?", 0)
                 self._log_refusal(method, path, f"{peer[0]}:{peer[1]}")
-                await PlainTextResponse("403 Forbidden: only the Fleet API is served here\n", status_code=403)(
-                    scope, receive, send
-                )
+                await PlainTextResponse("403 Forbidden: only the Fleet API is served here\n", status_code=403)(scope, receive, send)
                 return
             headers = [(k, v) for k, v in scope["headers"] if k.decode("latin-1").lower() not in _HOP]
 
@@ -113,14 +103,10 @@ class Front:
                 req = client.build_request(method, path, headers=headers, content=body() if method == "POST" else None)
                 up = await client.send(req, stream=True)
             except httpx.HTTPError as e:
-                await PlainTextResponse(
-                    f"502 Bad Gateway: the SuperLink did not answer ({type(e).__name__})\n", status_code=502
-                )(scope, receive, send)
+                await PlainTextResponse(f"502 Bad Gateway: the SuperLink did not answer ({type(e).__name__})\n", status_code=502)(scope, receive, send)
                 return
             out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
-            await StreamingResponse(
-                up.aiter_raw(), status_code=up.status_code, headers=out_headers, background=BackgroundTask(up.aclose)
-            )(scope, receive, send)
+            await StreamingResponse(up.aiter_raw(), status_code=up.status_code, headers=out_headers, background=BackgroundTask(up.aclose))(scope, receive, send)
 
         return app
 

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from fedprompt import processes
 from fedprompt.config import Config
-from fedprompt.report import Table, summary
+from fedprompt.report import Table, summary, where
 from fedprompt.rundir import RunError
 from fedprompt.server.app import STATUS
 
@@ -35,16 +35,7 @@ def _kb(n) -> str:
     return "-" if not n else f"{n / 1024:.1f}"
 
 
-def follow(
-    out: Path,
-    run: "processes.subprocess.Popen",
-    cfg: Config,
-    log: Path,
-    *,
-    quiet: bool = False,
-    tick=None,
-    stopped=None,
-) -> list[dict]:
+def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False, tick=None, stopped=None) -> list[dict]:
     """Print each metrics row as the ServerApp appends it; return all rows once the run ended
     well, or raise RunError with the reason it did not. `tick()` is called every ~2 s;
     `stopped()` says whether a run that ended without a result was stopped by `flwr stop`."""
@@ -124,9 +115,7 @@ def summarise(cfg: Config, out: Path, s: dict, t0: float) -> None:
             ("bytes up per client", f"{s['bytes_up_max']:,} max (payload {s['payload_bytes']:,} raw: x{ratio:.3f})"),
             ("wall time", f"{time.perf_counter() - t0:.1f} s"),
             *_privacy_lines(cfg, s),
-            ("results", str(out)),
-            ("adapter", str(out / "adapter")),
-            ("metrics", str(out / "metrics.jsonl")),
+            *where(out),
         ],
     )
 
@@ -137,8 +126,7 @@ def _privacy_lines(cfg: Config, s: dict) -> list[tuple[str, str]]:
         lines.append(
             (
                 "epsilon (example)",
-                f"{s.get('epsilon', 0.0):.3f} at delta {p.delta:g}, the largest of any client "
-                f"(DP-SGD, clip {p.max_grad_norm}, {p.accountant.upper()})",
+                f"{s.get('epsilon', 0.0):.3f} at delta {p.delta:g}, the largest of any client (DP-SGD, clip {p.max_grad_norm}, {p.accountant.upper()})",
             )
         )
     if p.mode in ("client", "both"):

@@ -56,8 +56,7 @@ def screen(norms: list[float], factor: float, *, min_replies: int = 3) -> list[s
     return [
         None
         if n <= limit
-        else f"update norm {n:.4g} exceeds {factor:g} x the round's median update norm {med:.4g} "
-        f"(of {len(norms)} valid replies; federation.reject_norm_factor)"
+        else f"update norm {n:.4g} exceeds {factor:g} x the round's median update norm {med:.4g} (of {len(norms)} valid replies; federation.reject_norm_factor)"
         for n in norms
     ]
 
@@ -95,14 +94,7 @@ def _scaled(global_: Payload, reply: Payload, s: float) -> Payload:
 def krum_select(global_: Payload, replies: list[Payload], f: int, keep: int) -> list[int]:
     """Indices (ascending) of the `keep` replies with the lowest Krum scores: each update's
     summed squared distance to its n - f - 2 nearest other updates (at least 1)."""
-    flat = np.stack(
-        [
-            np.concatenate(
-                [(r[k].astype(np.float64) - g.astype(np.float64)).ravel() for k, g in global_.items() if _floating(g)]
-            )
-            for r in replies
-        ]
-    )
+    flat = np.stack([np.concatenate([(r[k].astype(np.float64) - g.astype(np.float64)).ravel() for k, g in global_.items() if _floating(g)]) for r in replies])
     d = ((flat[:, None, :] - flat[None, :, :]) ** 2).sum(-1)
     n = len(replies)
     near = max(n - f - 2, 1)

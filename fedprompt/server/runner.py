@@ -42,9 +42,7 @@ def _check_resumable(saved_yaml: str, cfg: Config, out: Path) -> None:
     import yaml
 
     old, new = _flat(yaml.safe_load(saved_yaml) or {}), _flat(cfg.to_dict())
-    changed = [
-        k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)
-    ]
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
     if changed:
         k = changed[0]
         raise RunError(
@@ -63,10 +61,7 @@ def prepare(cfg: Config, out: Path, overwrite: bool) -> int:
             raise RunError(f"{out}: no usable checkpoint ({'; '.join(notes)}); pass --overwrite to start over")
         _check_resumable(state.config_yaml, cfg, out)
         if state.round >= cfg.federation.rounds and (out / "summary.json").exists():
-            raise RunError(
-                f"{out} already holds a finished run of {state.round} rounds; raise federation.rounds to "
-                "continue it, or pass a new --output"
-            )
+            raise RunError(f"{out} already holds a finished run of {state.round} rounds; raise federation.rounds to continue it, or pass a new --output")
         (out / STATUS).unlink(missing_ok=True)
     else:
         prepare_output(out, overwrite)
@@ -103,9 +98,7 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _run(
-    cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool, tls: dict[str, Path] | None = None
-) -> dict:
+def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool, tls: dict[str, Path] | None = None) -> dict:
     """Start the SuperLink (on loopback), the front (a deployment's only listener on
     `host:port`, unless server.front is external), submit the app and follow the run."""
     t0 = time.perf_counter()
@@ -117,9 +110,7 @@ def _run(
         # The SuperLink's Control API has no login: it listens on loopback only, where this
         # process's own `flwr run`, key registration and revocation reach it.
         link_port = port if simulation else (cfg.server.superlink_port or processes.free_port())
-        link = processes.start_superlink(
-            "127.0.0.1", link_port, simulation=simulation, flwr_home=home, log=logs / "superlink.log", tls=tls
-        )
+        link = processes.start_superlink("127.0.0.1", link_port, simulation=simulation, flwr_home=home, log=logs / "superlink.log", tls=tls)
         processes.write_connection(home, f"127.0.0.1:{link_port}", root_certificates=tls["ca"] if tls else None)
         if not simulation and cfg.server.front == "builtin":
             from fedprompt.server.front import Front
@@ -144,31 +135,14 @@ def _run(
         fed = None
         if simulation:
             per_worker = max(1, _cpus() // cfg.federation.workers)
-            fed = {
-                "num-supernodes": cfg.federation.num_clients,
-                "client-resources-num-cpus": per_worker,
-                "init-args-logging-level": "ERROR",
-                "verbose": False,
-            }
+            fed = {"num-supernodes": cfg.federation.num_clients, "client-resources-num-cpus": per_worker, "init-args-logging-level": "ERROR", "verbose": False}
         run = processes.submit(
             home,
-            {
-                "output": str(out.resolve()),
-                "mode": "simulation" if simulation else "deployment",
-                "superlink-pid": link.pid,
-            },
+            {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment", "superlink-pid": link.pid},
             log=logs / "run.log",
             federation_config=fed,
         )
-        rows = follow(
-            out,
-            run,
-            cfg,
-            logs / "run.log",
-            quiet=quiet,
-            tick=tick,
-            stopped=lambda: processes.was_stopped(home, logs / "run.log"),
-        )
+        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick, stopped=lambda: processes.was_stopped(home, logs / "run.log"))
     finally:
         processes.stop(run)
         if front is not None:
@@ -199,21 +173,12 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
         print(
             f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
             f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
-            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}, {f.strategy}"
-            + (f"; resuming after round {after}" if after else "")
+            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}, {f.strategy}" + (f"; resuming after round {after}" if after else "")
         )
     return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
 
 
-def run_server(
-    cfg: Config,
-    output: str | Path,
-    *,
-    overwrite: bool = False,
-    quiet: bool = False,
-    insecure: bool = False,
-    keep_alive: bool = False,
-) -> dict:
+def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False, insecure: bool = False, keep_alive: bool = False) -> dict:
     """The front on `server.address`, the SuperLink behind it on loopback and the ServerApp;
     waits for `federation.min_clients`.
     TLS with the files of `server.certs_dir` and only registered clients, unless `insecure`.
@@ -228,11 +193,7 @@ def run_server(
     host, port = processes.split_address(cfg.server.address, "server.address")
     tls = None
     if insecure:
-        print(
-            "fedprompt server: " + security.INSECURE_WARNING.format(where=cfg.server.address),
-            file=sys.stderr,
-            flush=True,
-        )
+        print("fedprompt server: " + security.INSECURE_WARNING.format(where=cfg.server.address), file=sys.stderr, flush=True)
     else:
         tls = security.server_files(cfg.server.certs_dir)
         security.authorized_keys(cfg.server.certs_dir)  # unreadable keys fail now
@@ -252,8 +213,7 @@ def run_server(
         )
         print(
             f"fedprompt server: {where}; waiting for {cfg.federation.min_clients} clients; "
-            f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}"
-            + (f"; resuming after round {after}" if after else "")
+            f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else "")
         )
     result = _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)
     if keep_alive:

@@ -65,11 +65,7 @@ def make_strategy(cfg: Config) -> fl.Strategy:
 def _dp_wrap(cfg: Config, inner: fl.FedAvg) -> fl.Strategy:
     # Fixed clipping only: config/checks.py refuses Flower's adaptive wrappers (see there).
     p, m = cfg.privacy, sampled_clients(cfg)
-    cls = (
-        fl.DifferentialPrivacyServerSideFixedClipping
-        if p.clipping == "server"
-        else fl.DifferentialPrivacyClientSideFixedClipping
-    )
+    cls = fl.DifferentialPrivacyServerSideFixedClipping if p.clipping == "server" else fl.DifferentialPrivacyClientSideFixedClipping
     return cls(inner, p.client_noise_multiplier, p.client_clip_norm, m)
 
 
