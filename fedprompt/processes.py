@@ -109,6 +109,13 @@ def plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """Untrusted text (a participant's error, a request path, another program's output) as one
+    printable line of at most `limit` characters: no control sequences, newlines or megabytes."""
+    text = " ".join("".join(ch if ch.isprintable() else " " for ch in plain(str(text)[:100_000])).split())
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def tail(log: Path, lines: int = 5) -> str:
     """The last `lines` non-empty lines of `log`, joined by " | ", without colour codes."""
     try:

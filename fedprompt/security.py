@@ -74,7 +74,7 @@ def _flwr_json(args: list[str], flwr_home: Path) -> dict:
     except ValueError:
         out = {"success": False, "error-message": (r.stdout + r.stderr).strip()[-300:]}
     if "error-message" in out:  # Flower colours its messages; ours carry none
-        out["error-message"] = " ".join(processes.plain(str(out["error-message"])).split())
+        out["error-message"] = processes.one_line(out["error-message"])
     return out
 
 

@@ -19,10 +19,9 @@ def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
 def error_reason(message: Message, limit: int = 300) -> str:
     """A reply's error reason as one printable line of at most `limit` characters: a
     participant's text is untrusted (terminal control sequences, newlines, megabytes)."""
-    from fedprompt.processes import plain
+    from fedprompt.processes import one_line
 
-    text = " ".join("".join(ch if ch.isprintable() else " " for ch in plain(str(message.error.reason)[:100_000])).split())
-    return text if len(text) <= limit else text[:limit] + "..."
+    return one_line(message.error.reason, limit)
 
 
 def wire_bytes(message: Message) -> int:

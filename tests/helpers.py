@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 from fedprompt.report import read_jsonl
+from tests.tiny import TINY  # noqa: F401  (re-exported: the e2e tests' overrides)
 
 ROOT = Path(__file__).resolve().parent.parent
-
-from tests.tiny import TINY  # noqa: E402,F401  (re-exported: the e2e tests' overrides)
 
 
 def set_args(items: list[str]) -> list[str]:

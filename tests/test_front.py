@@ -141,3 +141,11 @@ def test_a_participants_error_text_is_logged_as_one_short_plain_line():
     hostile = SimpleNamespace(error=SimpleNamespace(reason="\x1b[92mINFO\x1b[0m: bad\nthing\r\x07" + "x" * 10_000))
     text = error_reason(hostile)
     assert text.startswith("INFO: bad thing") and "\x1b" not in text and "\n" not in text and len(text) <= 303
+
+
+def test_a_refused_path_is_logged_as_plain_text(front):
+    """The path is the requester's text: terminal escapes and newlines never reach the log."""
+    f, said = front
+    assert _call(f.port, "POST", "/v1/control/%1b[31mred%0aforged-line", b"x")[0] == 403
+    line = next(s for s in said if "red" in s)
+    assert "\x1b" not in line and "\n" not in line and "forged-line" in line

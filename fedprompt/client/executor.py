@@ -30,7 +30,7 @@ from flwr.supercore.retry.retry_invoker import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
-from fedprompt.processes import APP_DIR
+from fedprompt.processes import APP_DIR, one_line
 
 # Error codes of the replies this process makes (Flower's ErrorCode values start at 0; ours
 # are apart so a server's log tells them from Flower's own).
@@ -87,7 +87,6 @@ class Executor:
     def __init__(self, address: str, secret: bytes, app, *, say=print):
         self.address, self.app, self.say = address, app, say
         self.expected = installed_app()
-        self.refused = 0  # tasks of foreign apps answered with an error
         self._tasks = RuntimeHttpClient.from_server_address(
             server_address=address,
             insecure=True,
@@ -111,7 +110,7 @@ class Executor:
         try:
             self._serve(res.token)
         except Exception as e:  # one broken task (a SuperNode restarting, a malformed message) is not the client's end
-            self.say(f"task of run {res.task.run_id} not served: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
+            self.say(f"task of run {res.task.run_id} not served: {type(e).__name__}: {one_line(e)}")
         return True
 
     def _serve(self, token: str) -> None:
@@ -129,7 +128,6 @@ class Executor:
             message, context, run, fab = pull_task_input(client)
             why = mismatch(self.expected, run.fab_id, run.fab_version, fab.content)
             if why is not None:
-                self.refused += 1
                 details = f"fedprompt client refuses run {run.run_id}: {why}; it runs only {self.expected}"
                 self.say(f"refused run {run.run_id}: {why} (none of its code runs here)")
                 reply = Message(Error(code=FOREIGN_APP, reason=details), reply_to=message)

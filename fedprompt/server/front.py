@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from fedprompt.processes import one_line
+
 # Fleet routes are lowercase words joined by dashes (register-node, pull-messages, ...): a path
 # with anything else (dot segments, encoded characters, a second slash) is not a Fleet call.
 _FLEET = re.compile(r"/v1/fleet/[a-z]+(-[a-z]+)*")
@@ -51,10 +53,11 @@ class Front:
 
     def _log_refusal(self, method: str, path: str, peer: str) -> None:
         self.refused += 1
-        key, now = (method, path[:80]), time.monotonic()
+        shown = one_line(path, 80)  # the path is the requester's text
+        key, now = (method, shown), time.monotonic()
         if now - self._said.get(key, -1e9) >= 60.0:  # one line a minute per kind: a scan is no log flood
             self._said[key] = now
-            self.say(f"front: refused {method} {path[:80]!s} from {peer} (only the Fleet API faces the network)")
+            self.say(f"front: refused {one_line(method, 16)} {shown} from {peer} (only the Fleet API faces the network)")
 
     def _app(self):
         import httpx
@@ -62,7 +65,7 @@ class Front:
         from starlette.responses import PlainTextResponse, StreamingResponse
 
         verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.cafile)) if self.cafile else False
-        # No pool limit on waiting: a SuperNode's calls are short; 120 s covers a large object.
+        # A SuperNode's calls are short; 120 s covers pulling or pushing a large object.
         client = httpx.AsyncClient(
             base_url=self.upstream,
             verify=verify,
