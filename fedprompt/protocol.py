@@ -8,10 +8,13 @@ only these objects. Plain Python and numpy: no Flower, no torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
+
+from fedprompt.errors import UserError
 
 
 class Kind(StrEnum):
@@ -35,6 +38,65 @@ BACKBONE_LOADS = "backbone_loads"  # backbone loads in that process so far
 WORKER_KEYS = (WORKER_PID, BACKBONE_LOADS, "epsilon", "noise_multiplier", "sample_rate", "dp_steps")
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a reply may say under one metric key: a finite number in [lo, hi], an integer
+    when `integer`."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    integer: bool = False
+
+
+# Every metric a fedprompt client sends. A reply's metrics are untrusted input: the server keeps
+# only these keys (others are dropped and logged) and rejects a reply whose value is out of range.
+METRICS: dict[str, MetricSpec] = {
+    NUM_EXAMPLES: MetricSpec(lo=1, integer=True),
+    UNIFORM_WEIGHT: MetricSpec(lo=1, hi=1, integer=True),
+    WORKER_PID: MetricSpec(lo=1, integer=True),
+    BACKBONE_LOADS: MetricSpec(lo=0, integer=True),
+    "epsilon": MetricSpec(lo=0),  # the client's sample-level DP spend so far
+    "noise_multiplier": MetricSpec(lo=0),
+    "sample_rate": MetricSpec(lo=0, hi=1),
+    "dp_steps": MetricSpec(lo=0, integer=True),
+    "train_loss": MetricSpec(lo=0),  # cross-entropy (+ FedProx's term): never negative
+    "train_s": MetricSpec(lo=0),  # seconds of local training
+    "loss": MetricSpec(lo=0),
+    "accuracy": MetricSpec(lo=0, hi=1),
+    "macro_f1": MetricSpec(lo=0, hi=1),
+    "exact_match": MetricSpec(lo=0, hi=1),
+}
+
+
+class MetricError(UserError, ValueError):
+    """A reply's metric that no honest client sends (non-finite, out of range, not a number)."""
+
+
+def check_metrics(metrics: dict) -> tuple[dict[str, float | int], list[str]]:
+    """(the known metrics, the unknown keys dropped) of a reply; MetricError names the first
+    known metric whose value is not a finite number in its range, or a missing example count."""
+    kept: dict[str, float | int] = {}
+    for key, value in metrics.items():
+        spec = METRICS.get(key)
+        if spec is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise MetricError(f"metric {key!r} is {_show(value)}, not a finite number")
+        if spec.integer and value != int(value):
+            raise MetricError(f"metric {key!r} is {value!r}, not an integer")
+        if not spec.lo <= value <= spec.hi:
+            raise MetricError(f"metric {key!r} is {value!r}, outside [{spec.lo:g}, {spec.hi:g}]")
+        kept[key] = int(value) if spec.integer else float(value)
+    if NUM_EXAMPLES not in kept:
+        raise MetricError(f"metric {NUM_EXAMPLES!r} (the example count) is missing")
+    return kept, sorted(_show(k) for k in metrics if k not in METRICS)
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:40] + "..."  # a hostile value may be megabytes long
+
+
 @dataclass
 class Request:
     """One thing the server asks of one client.
@@ -49,6 +111,7 @@ class Request:
     proximal_mu: float = 0.0
     scope: str = "local"
     partition_id: int = 0
+    run: int = 0  # the Flower run the request belongs to (a client's record of what it received)
 
 
 @dataclass

@@ -248,7 +248,7 @@ def test_reload_per_message_rebuilds_the_client_every_call_and_learns_the_same(t
 
         rows = _run(cfg, out, FakeGrid({101 + i: via_client_for(i) for i in range(3)}))
         loads = local.BACKBONE_LOADS - before
-        messages = 1 + 1 + 3 + 1  # query, round 0's centralized evaluation, 3 fits, round 1's evaluation
+        messages = 3 + 1 + 3 + 1  # 3 queries (the initial payload quorum), round 0's centralized evaluation, 3 fits, round 1's evaluation
         assert loads == (messages if reload else 1), loads
         digests[reload] = [r["digest"] for r in rows[1:]]
     handler._CLIENTS.clear()

@@ -40,6 +40,7 @@ def request_of(msg: Message, context: Context) -> Request:
         scope=str(config.get("scope", "local")),
         # simulation: Flower gives each virtual node its partition; a `fedprompt client` sets its own
         partition_id=int(context.node_config.get("partition-id", 0)),
+        run=int(msg.metadata.run_id),
     )
 
 

@@ -64,14 +64,24 @@ KINDS = {Kind.INIT: _init, Kind.FIT: _fit, Kind.EVALUATE: _evaluate}
 
 
 def handle(client, request: Request) -> Reply:
-    """Serve one request with `client` (a fedprompt.local.LocalClient)."""
+    """Serve one request with `client` (a fedprompt.local.LocalClient), once the client's
+    guard accepts the server's global (client/guard.py: GlobalRefused otherwise)."""
     import torch
 
     from fedprompt import local
+    from fedprompt.client.guard import GlobalRefused, guard_for
 
+    guard = guard_for(client, request.partition_id)
+    try:
+        guard.check(request)
+    except GlobalRefused as e:
+        guard.record(request, None, refused=str(e))
+        raise
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in request.tensors.items()}
     worker = {WORKER_PID: os.getpid(), BACKBONE_LOADS: local.BACKBONE_LOADS}
-    return KINDS[request.kind](client, request, tensors, worker)
+    reply = KINDS[request.kind](client, request, tensors, worker)
+    guard.record(request, reply)
+    return reply
 
 
 def attacking(cfg, partition_id: int) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from fedprompt.config.schema import Config
 
@@ -71,7 +72,24 @@ def validate(c: Config) -> list[str]:
     need(f.local_steps >= 0, f"federation.local_steps: {f.local_steps} must be >= 0 (0: train.local_steps)")
     need(0 <= f.fraction_evaluate <= 1, f"federation.fraction_evaluate: {f.fraction_evaluate} is out of range; allowed [0, 1] (0: no federated evaluation)")
     need(0 <= f.trim_fraction < 0.5, f"federation.trim_fraction: {f.trim_fraction} is out of range; allowed [0, 0.5)")
-    need(f.round_timeout >= 0, f"federation.round_timeout: {f.round_timeout} must be >= 0 seconds (0: no limit)")
+    need(f.round_timeout >= 0, f"federation.round_timeout: {f.round_timeout} must be >= 0 seconds (0: derived from the rounds so far)")
+    need(
+        f.max_weight_factor == 0 or f.max_weight_factor >= 1,
+        f"federation.max_weight_factor: {f.max_weight_factor} is out of range; allowed 0 (claims uncapped) or >= 1 (a multiple of the round's median claim)",
+    )
+    need(f.init_quorum >= 1, f"federation.init_quorum: {f.init_quorum} must be >= 1 (clients asked for the initial payload)")
+    if f.initial_adapter:
+        folder = Path(f.initial_adapter).expanduser()
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            need(
+                (folder / name).is_file(),
+                f"federation.initial_adapter: {folder / name} not found; "
+                "give a PEFT adapter folder (an earlier run's adapter/, or peft's save_pretrained output)",
+            )
+    need(
+        c.client.max_global_norm_factor == 0 or c.client.max_global_norm_factor >= 1,
+        f"client.max_global_norm_factor: {c.client.max_global_norm_factor} is out of range; allowed 0 (off) or >= 1 (a multiple of the initial payload's norm)",
+    )
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
     need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")

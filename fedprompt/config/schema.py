@@ -86,7 +86,20 @@ class FederationConfig:
     num_malicious: int = 0  # krum / multikrum: f, attackers tolerated per round (needs > 2f + 2 sampled clients)
     norm_bound: float = 0.0  # L2 bound on each client's update (reply - global), scaled down to it; 0: off
     reject_norm_factor: float = 10.0  # reject an update longer than this x the round's median update norm; 0: off
-    round_timeout: float = 0.0  # seconds to wait for replies in a round; 0: no limit
+    # Seconds to wait for a round's replies; 0: derived from the rounds so far (3 x the slowest
+    # complete exchange + 10 s; 30 min for the first): a hung client never stalls the run.
+    round_timeout: float = 0.0
+    # Untrusted participants. A client's example count is its claim: `examples` weights updates
+    # (and evaluation means) by the claims, each capped at max_weight_factor x the round's median
+    # claim (0: uncapped); `uniform` weighs every client the same.
+    weighting: Literal["examples", "uniform"] = "examples"
+    max_weight_factor: float = 1.0
+    # Round 0's tensors (and the wire contract) are the seeded initial payload that a strict
+    # majority of this many clients agree on (fewer when fewer are connected at the start)...
+    init_quorum: int = 3
+    # ...or a trusted PEFT adapter folder (adapter_model.safetensors + adapter_config.json),
+    # e.g. an earlier run's adapter/ to continue from it.
+    initial_adapter: str = ""
     workers: int = 1  # simulation: worker processes, each holding one backbone
 
 
@@ -165,6 +178,9 @@ class ClientConfig:
     # Benchmarks: rebuild backbone, method, tokenizer and data for every message, as Flower's
     # LLM template (FlowerTune) does in each ClientApp call. Slower by design; never needed.
     reload_per_message: bool = False
+    # A global payload whose L2 norm exceeds this x the norm of the method's seeded initial
+    # payload is refused (a crafted global from a compromised server); 0: off.
+    max_global_norm_factor: float = 10.0
 
 
 @dataclass

@@ -54,6 +54,8 @@ def _check_resumable(saved_yaml: str, cfg: Config, out: Path) -> None:
 
 def prepare(cfg: Config, out: Path, overwrite: bool) -> int:
     """Create (or reopen, to resume) the run directory; the round to resume after (0: new)."""
+    if cfg.federation.initial_adapter:  # the ServerApp reads it from another working directory
+        cfg.federation.initial_adapter = str(Path(cfg.federation.initial_adapter).expanduser().resolve())
     state = None
     if out.is_dir() and not overwrite and any((out / f).exists() for f in (checkpoint.FILE, checkpoint.PREVIOUS)):
         state, notes = checkpoint.load_latest(out)

@@ -25,7 +25,8 @@ def weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
     `weight_key`; the example count is always the sum of num-examples."""
     rows = [next(iter(r.metric_records.values())) for r in records]
     total = sum(float(m[weight_key]) for m in rows) or 1.0
-    keys = [k for k in rows[0].keys() if k not in (weight_key, WEIGHT_KEY, UNIFORM_KEY, *WORKER_KEYS)]
+    # Keys every reply has (the replies' metrics were checked against protocol.METRICS).
+    keys = [k for k in rows[0].keys() if k not in (weight_key, WEIGHT_KEY, UNIFORM_KEY, *WORKER_KEYS) and all(k in m for m in rows)]
     out = {k: sum(float(m[k]) * float(m[weight_key]) for m in rows) / total for k in keys}
     out[WEIGHT_KEY] = int(sum(float(m[WEIGHT_KEY]) for m in rows))
     return MetricRecord(out)
@@ -53,7 +54,8 @@ def make_strategy(cfg: Config) -> fl.Strategy:
         min_evaluate_nodes=1,
         # Client-level DP noise is sized for a fixed number of clients per round: wait for all.
         min_available_nodes=f.num_clients if client_dp(cfg) else f.min_clients,
-        weighted_by_key=UNIFORM_KEY if client_dp(cfg) else WEIGHT_KEY,
+        # Example counts are claims: round loop caps them (server/trust.py) before this weighs by them.
+        weighted_by_key=UNIFORM_KEY if client_dp(cfg) or f.weighting == "uniform" else WEIGHT_KEY,
         train_metrics_aggr_fn=weighted_mean,
         # Evaluation figures are always example-weighted (the uniform weight is for updates).
         evaluate_metrics_aggr_fn=lambda records, _key: weighted_mean(records, WEIGHT_KEY),

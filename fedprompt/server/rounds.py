@@ -1,0 +1,168 @@
+"""One federated training round on the server: sample and message clients (the strategy),
+check every reply (payload manifest, metrics), screen and bound updates, weigh them by capped
+claims, aggregate (the strategy), evaluate, and build the round's metrics row."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+
+from fedprompt import checkpoint, payload
+from fedprompt.config import Config
+from fedprompt.protocol import NUM_EXAMPLES, WORKER_PID, Kind, MetricError
+from fedprompt.server.aggregate import aggregate, log, screen_and_bound
+from fedprompt.server.evaluation import evaluate
+from fedprompt.server.messages import FederationError, exchange, known_metrics
+from fedprompt.server.strategies import WEIGHT_KEY, client_dp, sampled_clients, weighted_mean
+from fedprompt.server.trust import Claims, Patience, cap_weights
+from fedprompt.wire import error_reason, from_record, to_record, wire_bytes
+
+
+@dataclass
+class Watch:
+    """What the round loop remembers about participants across rounds (this process's memory)."""
+
+    patience: Patience
+    claims: Claims = field(default_factory=Claims)
+
+
+def check_reply(rep: Message, manifest: payload.Manifest, rnd: int) -> dict:
+    """The reply's known metrics once its payload matches the manifest exactly and its metrics
+    are what an honest client sends; else PayloadError / MetricError."""
+    node = rep.metadata.src_node_id
+    if "arrays" not in rep.content or "metrics" not in rep.content:
+        raise payload.PayloadError(f"payload from node {node}: the reply has no tensors or no metrics")
+    payload.validate(from_record(rep.content["arrays"]), manifest, source=f"node {node}")
+    metrics = known_metrics(rep, rnd)
+    rep.content["metrics"] = MetricRecord(metrics)  # only known keys reach the strategy's means
+    return metrics
+
+
+def _weigh(cfg: Config, rnd: int, good: list[Message], watch: Watch) -> dict[str, float]:
+    """Set each kept reply's FedAvg weight (its example count, capped; or 1 under `uniform`)
+    in its metrics; the weights used, by node."""
+    f = cfg.federation
+    claims = {r.metadata.src_node_id: float(r.content["metrics"][NUM_EXAMPLES]) for r in good}
+    for line in watch.claims.note(rnd, claims):
+        log(f"round {rnd}: {line}")
+    if f.weighting == "uniform" or client_dp(cfg):  # the strategy weighs by protocol.UNIFORM_WEIGHT
+        return {str(n): 1.0 for n in claims}
+    weights, capped = cap_weights(claims, f.max_weight_factor)
+    for node in capped:
+        log(
+            f"round {rnd}: node {node} claims {claims[node]:g} training examples; weighed as {weights[node]:g} "
+            f"(federation.max_weight_factor {f.max_weight_factor:g} x the round's median claim)"
+        )
+    for r in good:
+        r.content["metrics"][NUM_EXAMPLES] = weights[r.metadata.src_node_id]
+    return {str(n): w for n, w in weights.items()}
+
+
+def train_round(
+    grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd: int, manifest: payload.Manifest, *, centralized: bool, watch: Watch
+) -> tuple[dict, dict]:
+    """One round: (new global tensors, metrics row)."""
+    t0 = time.perf_counter()
+    pr = cfg.privacy
+    msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
+    down = wire_bytes(msgs[0]) if msgs else 0
+    timeout = watch.patience.timeout(Kind.FIT)
+    # Replies arrive in any order; aggregating in node order makes a round's result a function
+    # of who took part, not of who answered first (so a resumed run repeats it bit for bit).
+    replies = sorted(exchange(grid, msgs, timeout), key=lambda m: m.metadata.src_node_id)
+    if len(replies) == len(msgs):
+        watch.patience.took(Kind.FIT, time.perf_counter() - t0)
+    good, ups, workers, problems = [], [], {}, []
+    for rep in replies:
+        node = rep.metadata.src_node_id
+        if rep.has_error():
+            problems.append(f"node {node} failed: {error_reason(rep)}")
+            continue
+        try:
+            metrics = check_reply(rep, manifest, rnd)
+        except (payload.PayloadError, MetricError) as e:
+            problems.append(f"rejected: node {node}: {e}" if isinstance(e, MetricError) else f"rejected: {e}")
+            continue
+        good.append(rep)
+        ups.append(wire_bytes(rep))
+        if WORKER_PID in metrics:
+            workers[str(metrics[WORKER_PID])] = int(metrics.get("backbone_loads", 0))
+    answered = {m.metadata.src_node_id for m in replies}
+    busy = frozenset(m.metadata.dst_node_id for m in msgs) - answered
+    if busy:
+        problems.append(f"{len(busy)} of {len(msgs)} sampled clients did not reply within {timeout:.0f} s (node(s) {', '.join(map(str, sorted(busy)))})")
+    # Every client that trained spent its privacy, kept or not: its epsilon counts.
+    privacy_row = _privacy_row(cfg, state.rows[-1], good)
+    good, robust_row = screen_and_bound(cfg, rnd, state.tensors, good, problems)
+    for p in problems:
+        log(f"round {rnd}: {p}")
+    if not good:
+        why = problems[0] if problems else "no client was sampled"
+        raise FederationError(f"round {rnd}: no usable update from {len(msgs)} sampled clients ({why})")
+    weights = _weigh(cfg, rnd, good, watch)
+    if client_dp(cfg) and not len(good) == len(msgs) == sampled_clients(cfg):
+        # The noise is sized for m = sampled_clients updates; a mean over any other number
+        # would leak more than accounted. The round releases nothing: the global state stays.
+        log(f"round {rnd}: client-level DP needs exactly {sampled_clients(cfg)} sampled updates, got {len(good)} of {len(msgs)} sampled; nothing aggregated")
+        tensors, train, released = state.tensors, weighted_mean([r.content for r in good], WEIGHT_KEY), False
+    else:
+        tensors, train, released = aggregate(cfg, strategy, rnd, state, good, manifest)
+        if client_dp(cfg):  # a noised aggregate was computed: kept or not, it counts as a release
+            privacy_row.update(_client_epsilon(cfg, privacy_row["dp_releases"] + 1), dp_releases=privacy_row["dp_releases"] + 1)
+    if client_dp(cfg):
+        privacy_row["clip_norm"] = float(strategy.clipping_norm)
+        if pr.mode == "client":
+            privacy_row["epsilon"] = privacy_row["client_epsilon"]
+    t_train = time.perf_counter() - t0
+    row = {"round": rnd, "step": rnd * cfg.round_steps}
+    t1 = time.perf_counter()
+    row.update(evaluate(grid, cfg, strategy, rnd, tensors, centralized=centralized, patience=watch.patience, busy=busy))
+    t_eval = time.perf_counter() - t1
+    row.update(
+        {
+            "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
+            "clients": len(good),
+            "failures": len(msgs) - len(good),
+            "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights used
+            "weights": weights,
+            "bytes_up": max(ups),
+            "bytes_up_total": sum(ups),
+            "bytes_down": down,
+            "bytes_down_total": down * len(msgs),
+            "train_s": round(t_train, 3),
+            "eval_s": round(t_eval, 3),
+            "round_s": round(time.perf_counter() - t0, 3),
+            "client_train_s": float(train["train_s"]) if train and "train_s" in train else None,
+            "backbone_loads": workers,
+            "released": released,
+            **robust_row,
+            **privacy_row,
+        }
+    )
+    return tensors, row
+
+
+def _privacy_row(cfg: Config, prev: dict, replies: list[Message]) -> dict:
+    """Privacy figures of a round, before this round's client-level release: the largest
+    sample-level epsilon any client has reported so far (each client's only grows) and the
+    client-level releases so far."""
+    out: dict = {}
+    if cfg.privacy.mode in ("sample", "both"):
+        eps = [float(r.content["metrics"]["epsilon"]) for r in replies if "epsilon" in r.content["metrics"]]
+        out["epsilon"] = max([prev.get("epsilon") or 0.0, *eps])
+    if client_dp(cfg):
+        releases = int(prev.get("dp_releases", 0))
+        out.update(_client_epsilon(cfg, releases), dp_releases=releases)
+    return out
+
+
+def _client_epsilon(cfg: Config, releases: int) -> dict:
+    """Client-level epsilon after `releases` noised aggregates (Gaussian mechanism, no
+    sampling amplification claimed: Flower samples a fixed-size subset)."""
+    from fedprompt.privacy import gaussian_epsilon
+
+    p = cfg.privacy
+    return {"client_epsilon": gaussian_epsilon(p.client_noise_multiplier, releases, p.delta)}
