@@ -21,8 +21,8 @@ def set_args(items: list[str]) -> list[str]:
     return [a for s in items for a in ("--set", s)]
 
 
-def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
+def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+    env = dict(os.environ) | (extra_env or {})
     if threads:  # several torch processes share this machine's cores: do not oversubscribe
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as f:

@@ -1,7 +1,12 @@
 """The server side: `fedprompt server` / `fedprompt simulate` and the ServerApp. No torch.
 
-    app.py         the ServerApp: the round loop (sample, send, validate, screen, aggregate,
-                   evaluate, checkpoint, record)
+    app.py         the ServerApp: run or resume the federation, checkpoint, record, finish
+    rounds.py      one training round (sample, send, check, screen, weigh, aggregate, evaluate)
+    evaluation.py  a round's figures: robust federated, and centralized in simulation
+    initial.py     round 0: a quorum of clients' seeded payloads, or a trusted adapter
+    messages.py    push messages, pull replies with a deadline, wait for clients
+    trust.py       what the server believes of a participant: capped claims, agreement,
+                   robust figures, how long to wait
     aggregate.py   screening, bounding, Krum's choice, the strategy's aggregate, rollback
     strategies.py  the registry of Flower strategies, and their state for checkpoints
     robust.py      update norms, screening, bounding, Krum on numpy

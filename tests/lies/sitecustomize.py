@@ -1,0 +1,93 @@
+"""A participant changed by a test to lie (tests/test_untrusted_e2e.py): with this folder on
+PYTHONPATH and FEDPROMPT_TEST_LIE=client (a `fedprompt client` process) or =server (the
+ServerApp process a `fedprompt server` starts), the real fedprompt code is patched as it is
+imported. The lies are what an attacker who edits their own installation would send over the
+real wire; nothing here ships with fedprompt."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.util
+import os
+import sys
+
+LIE = os.environ.get("FEDPROMPT_TEST_LIE", "")
+
+
+def lie_as_client(handler) -> None:
+    """init: a different initial payload; round 1: a huge example count, the update flipped
+    and an unknown metric; its evaluations: accuracy 1.0 on a billion examples; round 2: a NaN
+    training loss; round 3: hangs."""
+    import time
+
+    from fedprompt.protocol import NUM_EXAMPLES, Kind
+
+    init, fit, evaluate = (handler.KINDS[k] for k in (Kind.INIT, Kind.FIT, Kind.EVALUATE))
+
+    def lying_init(client, req, tensors, worker):
+        reply = init(client, req, tensors, worker)
+        reply.tensors = {k: v + 1 for k, v in reply.tensors.items()}
+        return reply
+
+    def lying_fit(client, req, tensors, worker):
+        if req.round == 3:
+            time.sleep(3600)
+        reply = fit(client, req, tensors, worker)
+        if req.round == 1:
+            g = {k: t.numpy() for k, t in tensors.items()}
+            reply.tensors = {k: g[k] - (v - g[k]) for k, v in reply.tensors.items()}
+            reply.metrics[NUM_EXAMPLES] = int(reply.metrics[NUM_EXAMPLES]) * 10**6
+            reply.metrics["leak"] = 42.0
+        if req.round == 2:
+            reply.metrics["train_loss"] = float("nan")
+        return reply
+
+    def lying_evaluate(client, req, tensors, worker):
+        reply = evaluate(client, req, tensors, worker)
+        reply.metrics.update({"accuracy": 1.0, NUM_EXAMPLES: 10**9})
+        return reply
+
+    handler.KINDS.update({Kind.INIT: lying_init, Kind.FIT: lying_fit, Kind.EVALUATE: lying_evaluate})
+
+
+def lie_as_server(rounds) -> None:
+    """Round 4's global, as sent to every client, is the true one x 1000 (a crafted global)."""
+    from fedprompt.wire import from_record, to_record
+
+    real = rounds.exchange
+
+    def exchange(grid, messages, timeout, poll=0.1):
+        for m in messages:
+            if m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == 4:
+                m.content["arrays"] = to_record({k: v * 1000 for k, v in from_record(m.content["arrays"]).items()})
+        return real(grid, messages, timeout, poll)
+
+    rounds.exchange = exchange
+
+
+TARGETS = {"client": ("fedprompt.client.handler", lie_as_client), "server": ("fedprompt.server.rounds", lie_as_server)}
+
+
+class _Patch(importlib.abc.MetaPathFinder):
+    """Runs the lie right after the target module is first imported."""
+
+    def __init__(self, name: str, patch):
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        real = spec.loader.exec_module
+
+        def exec_module(module):
+            real(module)
+            self.patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+if LIE in TARGETS:
+    sys.meta_path.insert(0, _Patch(*TARGETS[LIE]))
