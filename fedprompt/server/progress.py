@@ -31,6 +31,30 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
+class _Notes:
+    """The round loop's own lines in the run's log ("fedprompt server: round 2: rejected: node
+    ..."), shown as they appear: who was rejected, capped, named or waited for."""
+
+    PREFIX = "fedprompt server: "
+    QUIET = ("waiting for", "done:")  # the runner says these itself
+
+    def __init__(self, log: Path):
+        self.log, self.offset = log, 0
+
+    def new(self) -> list[str]:
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except OSError:
+            return []
+        end = chunk.rfind(b"\n") + 1  # a line being written is read next time
+        self.offset += end
+        lines = chunk[:end].decode("utf-8", errors="replace").splitlines()
+        notes = [processes.one_line(x[len(self.PREFIX) :], 400) for x in lines if x.startswith(self.PREFIX)]
+        return [n for n in notes if not n.startswith(self.QUIET)]
+
+
 def _kb(n) -> str:
     return "-" if not n else f"{n / 1024:.1f}"
 
@@ -54,12 +78,16 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
         ]
     )
     printed: set[int] = set()
+    notes = _Notes(log)
     next_tick = time.monotonic() + 2.0
     bar = tqdm(total=cfg.federation.rounds, desc="rounds", unit="round", disable=quiet, leave=False, dynamic_ncols=True)
     if not quiet:
         table.header()
     while True:
         done = run.poll() is not None
+        if not quiet:
+            for note in notes.new():
+                tqdm.write(f"  note: {note}")
         rows = _rows(out / "metrics.jsonl")
         for row in rows:
             if row["round"] in printed:

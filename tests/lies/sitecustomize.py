@@ -57,9 +57,12 @@ def lie_as_server(rounds) -> None:
     real = rounds.exchange
 
     def exchange(grid, messages, timeout, poll=0.1):
+        crafted = None
         for m in messages:
             if m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == 4:
-                m.content["arrays"] = to_record({k: v * 1000 for k, v in from_record(m.content["arrays"]).items()})
+                # The messages may share one content: craft once, then give it to each.
+                crafted = crafted or to_record({k: v * 1000 for k, v in from_record(m.content["arrays"]).items()})
+                m.content["arrays"] = crafted
         return real(grid, messages, timeout, poll)
 
     rounds.exchange = exchange
