@@ -66,11 +66,14 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
         assert "is not trusted" in (tmp_path / "untrusting.log").read_text()
         assert _wait_exit(plain, 300) == 2, (tmp_path / "plain.log").read_text()[-2000:]
         assert "speaks TLS" in (tmp_path / "plain.log").read_text()
-        assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
-        assert "not registered" in (tmp_path / "stranger.log").read_text()
         assert server.poll() is None and all(r["round"] == 0 for r in metrics_rows(out))  # nothing ran without registered clients
+        # The registered clients start while the stranger still waits out its grace (75 s for
+        # a server that may still be registering keys): it must never serve a round meanwhile.
         good = [client(i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
         procs += good
+        assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]
+        stranger_log = (tmp_path / "stranger.log").read_text()
+        assert "not registered" in stranger_log and " fit: " not in stranger_log and " evaluate: " not in stranger_log
         t0 = time.monotonic()
         while not any(r["round"] >= 1 and r["clients"] == 2 for r in metrics_rows(out)):  # both registered clients trained
             assert all(p.poll() is None for p in [server, *good]), (tmp_path / "server.log").read_text()[-3000:]

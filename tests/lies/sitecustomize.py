@@ -50,25 +50,26 @@ def lie_as_client(handler) -> None:
     handler.KINDS.update({Kind.INIT: lying_init, Kind.FIT: lying_fit, Kind.EVALUATE: lying_evaluate})
 
 
-def lie_as_server(rounds) -> None:
-    """Round 4's global, as sent to every client, is the true one x 1000 (a crafted global)."""
+def lie_as_server(evaluation) -> None:
+    """Round 3's global, as sent to every client to evaluate, is the true one x 1000 (a crafted
+    global: a planted prompt reaches a client in any message that carries the global)."""
     from fedprompt.wire import from_record, to_record
 
-    real = rounds.exchange
+    real = evaluation.exchange
 
     def exchange(grid, messages, timeout, poll=0.1):
         crafted = None
         for m in messages:
-            if m.metadata.message_type == "train" and int(m.content["config"]["server-round"]) == 4:
+            if m.metadata.message_type == "evaluate" and int(m.content["config"]["server-round"]) == 3:
                 # The messages may share one content: craft once, then give it to each.
                 crafted = crafted or to_record({k: v * 1000 for k, v in from_record(m.content["arrays"]).items()})
                 m.content["arrays"] = crafted
         return real(grid, messages, timeout, poll)
 
-    rounds.exchange = exchange
+    evaluation.exchange = exchange
 
 
-TARGETS = {"client": ("fedprompt.client.handler", lie_as_client), "server": ("fedprompt.server.rounds", lie_as_server)}
+TARGETS = {"client": ("fedprompt.client.handler", lie_as_client), "server": ("fedprompt.server.evaluation", lie_as_server)}
 
 
 class _Patch(importlib.abc.MetaPathFinder):
