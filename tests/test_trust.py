@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from fedprompt import payload
 from fedprompt.protocol import NUM_EXAMPLES, Kind, MetricError, Request, check_metrics
@@ -170,47 +170,13 @@ def _serve(cfg, out, responders, centralized=False):
     return read_jsonl(out / "metrics.jsonl"), grid
 
 
-def _retold(msg: Message, reply: Message, *, metrics: dict | None = None, tensors: dict | None = None) -> Message:
-    content = RecordDict({k: v for k, v in reply.content.items()})
-    if metrics is not None:
-        content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), **metrics})
-    if tensors is not None:
-        content["arrays"] = to_record(tensors)
-    return Message(content=content, reply_to=msg)
-
-
-def _liar(client, partition: int, **lies):
-    """An honest node's replies, changed: init (tensors + 1), fit_count (x claim), flip (the
-    update's sign), eval (accuracy, count), fit_metrics (extra metrics)."""
-    from tests.fakegrid import client_responder
-
-    honest = client_responder(client, partition)
-
-    def respond(msg):
-        reply, kind = honest(msg), msg.metadata.message_type
-        if kind == "query" and lies.get("init"):
-            return _retold(msg, reply, tensors={k: v + 1 for k, v in from_record(reply.content["arrays"]).items()})
-        if kind == "train":
-            metrics = dict(lies.get("fit_metrics", {}))
-            if "fit_count" in lies:
-                metrics[NUM_EXAMPLES] = int(reply.content["metrics"][NUM_EXAMPLES]) * lies["fit_count"]
-            tensors = None
-            if lies.get("flip"):
-                g, local = from_record(msg.content["arrays"]), from_record(reply.content["arrays"])
-                tensors = {k: g[k] - (local[k] - g[k]) for k in g}
-            return _retold(msg, reply, metrics=metrics, tensors=tensors)
-        if kind == "evaluate" and "eval" in lies:
-            return _retold(msg, reply, metrics=lies["eval"])
-        return reply
-
-    return respond
-
-
 def _nodes(client, **liar):
+    """Nodes 101, 102 honest; node 103 honest, or lying as localgrid.Lies(**liar) says."""
+    from fedprompt.server.localgrid import Lies, lying_responder
     from tests.fakegrid import client_responder
 
-    nodes = {101: client_responder(client, 0), 102: client_responder(client, 1), 103: _liar(client, 2, **liar) if liar else client_responder(client, 2)}
-    return nodes
+    third = lying_responder(client, 2, Lies(**liar)) if liar else client_responder(client, 2)
+    return {101: client_responder(client, 0), 102: client_responder(client, 1), 103: third}
 
 
 def test_an_inflated_claim_weighs_no_more_than_the_median_claim(tmp_path, client, capsys):
@@ -220,14 +186,14 @@ def test_an_inflated_claim_weighs_no_more_than_the_median_claim(tmp_path, client
     client.cfg = cfg
     claims = {101 + i: len(client.shard(i).train) for i in range(3)}
     honest_rows, _ = _serve(cfg, tmp_path / "honest", _nodes(client, flip=True))
-    rows, _ = _serve(cfg, tmp_path / "lying", _nodes(client, flip=True, fit_count=10**6))
+    rows, _ = _serve(cfg, tmp_path / "lying", _nodes(client, flip=True, count_factor=10**6))
     out = capsys.readouterr().out
     median = float(np.median(list(claims.values())))
     assert rows[1]["weights"] == {str(n): min(float(c), median) for n, c in claims.items()} | {"103": median}
     assert f"node 103 claims {claims[103] * 10**6:g} training examples; weighed as {median:g}" in out
     if claims[103] == median:  # then the capped lie is exactly the truth
         assert rows[1]["digest"] == honest_rows[1]["digest"]
-    uncapped, _ = _serve(_cfg(federation__max_weight_factor=0), tmp_path / "uncapped", _nodes(client, flip=True, fit_count=10**6))
+    uncapped, _ = _serve(_cfg(federation__max_weight_factor=0), tmp_path / "uncapped", _nodes(client, flip=True, count_factor=10**6))
     assert uncapped[1]["weights"]["103"] == claims[103] * 10**6
     from fedprompt.checkpoint import load_latest
     from fedprompt.server.robust import update_norm
@@ -242,14 +208,14 @@ def test_an_inflated_claim_weighs_no_more_than_the_median_claim(tmp_path, client
 def test_uniform_weighting_ignores_the_claims(tmp_path, client):
     cfg = _cfg(federation__weighting="uniform")
     client.cfg = cfg
-    rows, _ = _serve(cfg, tmp_path / "run", _nodes(client, fit_count=10**6))
+    rows, _ = _serve(cfg, tmp_path / "run", _nodes(client, count_factor=10**6))
     assert rows[1]["weights"] == {"101": 1.0, "102": 1.0, "103": 1.0}
 
 
 def test_round_0_is_the_majoritys_seeded_payload_and_the_liar_is_named(tmp_path, client, capsys):
     cfg = _cfg()
     client.cfg = cfg
-    rows, grid = _serve(cfg, tmp_path / "run", _nodes(client, init=True))
+    rows, grid = _serve(cfg, tmp_path / "run", _nodes(client, init_shift=1.0))
     out = capsys.readouterr().out
     assert rows[0]["digest"] == payload.digest(client.initial_payload())
     assert "node 103 answered a different initial payload" in out and "agreed by node(s) 101, 102" in out
@@ -258,12 +224,13 @@ def test_round_0_is_the_majoritys_seeded_payload_and_the_liar_is_named(tmp_path,
 
 def test_without_a_majority_the_server_refuses_to_start(tmp_path, client):
     from fedprompt.server.app import FederationError
+    from fedprompt.server.localgrid import Lies, lying_responder
     from tests.fakegrid import client_responder
 
     cfg = _cfg(federation__min_clients=2, federation__num_clients=3)
     client.cfg = cfg
     with pytest.raises(FederationError, match="initial payloads do not agree .*federation.initial_adapter"):
-        _serve(cfg, tmp_path / "run", {101: client_responder(client, 0), 102: _liar(client, 1, init=True)})
+        _serve(cfg, tmp_path / "run", {101: client_responder(client, 0), 102: lying_responder(client, 1, Lies(init_shift=1.0))})
 
 
 def test_a_trusted_adapter_is_round_0_and_continues_an_earlier_run(tmp_path, client, capsys):
@@ -274,7 +241,7 @@ def test_a_trusted_adapter_is_round_0_and_continues_an_earlier_run(tmp_path, cli
     _serve(cfg, tmp_path / "first", _nodes(client))
     earlier = load_latest(tmp_path / "first")[0]
     cont = _cfg(federation__initial_adapter=str(tmp_path / "first" / "adapter"))
-    rows, grid = _serve(cont, tmp_path / "second", _nodes(client, init=True))  # the liar is never asked
+    rows, grid = _serve(cont, tmp_path / "second", _nodes(client, init_shift=1.0))  # the liar is never asked
     assert rows[0]["digest"] == payload.digest(earlier.tensors)
     assert not any(m.metadata.message_type == "query" for m in grid.sent)
     assert "initial payload from federation.initial_adapter" in capsys.readouterr().out
@@ -283,7 +250,7 @@ def test_a_trusted_adapter_is_round_0_and_continues_an_earlier_run(tmp_path, cli
 def test_a_lying_evaluator_does_not_set_the_reported_accuracy(tmp_path, client):
     cfg = _cfg(federation__fraction_evaluate=1.0)
     client.cfg = cfg
-    rows, _ = _serve(cfg, tmp_path / "run", _nodes(client, eval={"accuracy": 1.0, NUM_EXAMPLES: 10**9}))
+    rows, _ = _serve(cfg, tmp_path / "run", _nodes(client, eval_metrics={"accuracy": 1.0, NUM_EXAMPLES: 10**9}))
     row = rows[1]
     honest = sorted(v["accuracy"] for n, v in row["fed_nodes"].items() if n != "103")
     assert row["fed_nodes"]["103"] == {**row["fed_nodes"]["103"], "accuracy": 1.0, "examples": 10**9}
@@ -304,22 +271,10 @@ def test_bad_metrics_reject_the_reply_by_node_and_unknown_ones_are_dropped(tmp_p
 
 
 def test_a_hung_client_costs_a_bounded_round_and_is_not_asked_to_evaluate(tmp_path, client, capsys, monkeypatch):
-    from tests.fakegrid import client_responder
-
     monkeypatch.setattr(trust.Patience, "MARGIN", 1.0)
     cfg = _cfg(federation__rounds=2, federation__fraction_evaluate=1.0)
     client.cfg = cfg
-    served = {"fits": 0}
-    honest = client_responder(client, 2)
-
-    def hangs_in_round_2(msg):
-        if msg.metadata.message_type == "train":
-            served["fits"] += 1
-            if served["fits"] == 2:
-                return None  # never answers
-        return honest(msg) if served["fits"] < 2 else None
-
-    rows, grid = _serve(cfg, tmp_path / "run", {101: client_responder(client, 0), 102: client_responder(client, 1), 103: hangs_in_round_2})
+    rows, grid = _serve(cfg, tmp_path / "run", _nodes(client, hang_from=2))
     out = capsys.readouterr().out
     assert "round 2: 1 of 3 sampled clients did not reply within" in out and "node(s) 103" in out
     assert rows[2]["clients"] == 2 and rows[2]["round_s"] < 3 * rows[1]["train_s"] + 1.0 + 5

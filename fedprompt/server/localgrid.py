@@ -2,8 +2,9 @@
 instead of Flower processes.
 
 Each node is a responder: a LocalClient behind the same request/reply code as the real
-ClientApp (`client_responder`), or anything else that answers a Message (a test's hostile
-node). Benchmarks run the round loop this way to measure learning without Flower's processes;
+ClientApp (`client_responder`), the same with lies told (`lying_responder`, for the tests and
+benchmarks of the defences against untrusted participants), or anything else that answers a
+Message (a test's hostile node). Benchmarks run the round loop this way to measure learning without Flower's processes;
 tests run it in a second with tiny models.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import dataclass, field
 from typing import Callable
 
 from flwr.app import Error, Message
@@ -80,3 +82,71 @@ class LocalGrid:
 
     def pull_messages(self, message_ids) -> list[Message]:
         return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+
+@dataclass(frozen=True)
+class Lies:
+    """What a lying node changes in an honest node's replies: the in-process attacker of the
+    defences' tests and benchmarks (over the real wire the tests patch a real client instead).
+    init_shift: added to its initial payload; init_extra_row: its initial payload's first
+    tensor gains a row (another wire contract); count_factor: multiplies its claimed example
+    count; flip: its update's sign flipped at honest length; fit_metrics / eval_metrics:
+    metrics added to (or replaced in) its training / evaluation replies; hang_from: from this
+    training round on it never answers (0: never)."""
+
+    init_shift: float = 0.0
+    init_extra_row: bool = False
+    count_factor: int = 1
+    flip: bool = False
+    fit_metrics: dict = field(default_factory=dict)
+    eval_metrics: dict = field(default_factory=dict)
+    hang_from: int = 0
+
+
+def lying_responder(client, partition_id: int, lies: Lies) -> Responder:
+    """A node served by `client` as partition `partition_id` that tells `lies`."""
+    import numpy as np
+    from flwr.app import MetricRecord, RecordDict
+
+    from fedprompt.protocol import NUM_EXAMPLES
+    from fedprompt.wire import from_record, to_record
+
+    honest = client_responder(client, partition_id)
+    hung = [False]
+
+    def retold(msg: Message, reply: Message, metrics: dict, tensors: dict | None) -> Message:
+        content = RecordDict({k: v for k, v in reply.content.items()})
+        content["metrics"] = MetricRecord({**dict(reply.content["metrics"]), **metrics})
+        if tensors is not None:
+            content["arrays"] = to_record(tensors)
+        return Message(content=content, reply_to=msg)
+
+    def respond(msg: Message) -> Message | None:
+        kind = msg.metadata.message_type
+        if kind == "train" and lies.hang_from and int(msg.content["config"]["server-round"]) >= lies.hang_from:
+            hung[0] = True
+        if hung[0]:
+            return None  # busy for ever: nothing it is sent is answered
+        reply = honest(msg)
+        if reply.has_error():
+            return reply
+        if kind == "query" and (lies.init_shift or lies.init_extra_row):
+            t = {k: v + np.float32(lies.init_shift) for k, v in from_record(reply.content["arrays"]).items()}
+            if lies.init_extra_row:
+                first = sorted(t)[0]
+                t[first] = np.concatenate([t[first], t[first][:1]])
+            return retold(msg, reply, {}, t)
+        if kind == "train":
+            metrics = dict(lies.fit_metrics)
+            if lies.count_factor != 1:
+                metrics[NUM_EXAMPLES] = int(reply.content["metrics"][NUM_EXAMPLES]) * lies.count_factor
+            tensors = None
+            if lies.flip:
+                g, local = from_record(msg.content["arrays"]), from_record(reply.content["arrays"])
+                tensors = {k: g[k] - (local[k] - g[k]) for k in g}
+            return retold(msg, reply, metrics, tensors)
+        if kind == "evaluate" and lies.eval_metrics:
+            return retold(msg, reply, dict(lies.eval_metrics), None)
+        return reply
+
+    return respond
