@@ -25,6 +25,10 @@ def _lying(kind: str):
     return {"PYTHONPATH": os.pathsep.join([str(LIES), os.environ.get("PYTHONPATH", "")]), "FEDPROMPT_TEST_LIE": kind}
 
 
+def _partition(i: int) -> list[str]:
+    return ["--partition-id", str(i), "--num-partitions", "3"]
+
+
 def _records(d: Path) -> list[dict]:
     return [json.loads(x) for f in sorted(d.glob("record-*.jsonl")) for x in f.read_text().splitlines()]
 
@@ -54,7 +58,7 @@ def test_one_lying_client_and_a_lying_server_meet_the_defaults(tmp_path):
     )
     clients = [
         start_fedprompt(
-            ["client", *common, *client_tls(certs, name), *set_args([f"client.state_dir={tmp_path / name}"]), "--server", addr, "--partition-id", str(i), "--num-partitions", "3"],
+            ["client", *common, *client_tls(certs, name), *set_args([f"client.state_dir={tmp_path / name}"]), "--server", addr, *_partition(i)],
             tmp_path / f"{name}.log",
             threads=1,
             extra_env=_lying("client") if name == "liar" else None,
@@ -95,7 +99,7 @@ def test_one_lying_client_and_a_lying_server_meet_the_defaults(tmp_path):
     assert rows[2]["clients"] == 2 and rows[2]["failures"] == 1
 
     # Round 3: the liar hangs; the round waits a bounded time derived from rounds 1-2 and goes on.
-    assert rows[3]["clients"] == 2 and f"round 3: 1 of 3 sampled clients did not reply within" in log and f"node(s) {liar}" in log
+    assert rows[3]["clients"] == 2 and "round 3: 1 of 3 sampled clients did not reply within" in log and f"node(s) {liar}" in log
     bound = 3 * max(rows[1]["train_s"], rows[2]["train_s"]) + 10
     assert rows[3]["train_s"] < bound + 15, (rows[3]["train_s"], bound)
 
