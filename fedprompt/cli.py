@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("audit", help="privacy audit of a finished run: membership inference AUC and canary exposure")
     p.add_argument("--run", required=True, metavar="DIR", help="a run directory (its config.yaml and adapter/ are used)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run's config (e.g. audit.client=2)")
+    p = sub.add_parser("compare", help="runs side by side: one table and one PNG of their accuracy curves")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (their metrics.jsonl and config.yaml)")
+    p.add_argument("--output", default="compare.png", metavar="PNG", help="where the curves go (default compare.png; the table also as .json beside it)")
     _certs_parser(sub)
     p = sub.add_parser("validate", help="check a config file and print it fully resolved")
     p.add_argument("file", metavar="FILE", nargs="?", help="the config (or use --config FILE)")
@@ -161,6 +164,12 @@ def _audit(args) -> None:
     run_audit(load_config(run_cfg, args.overrides), args.run)
 
 
+def _compare(args) -> None:
+    from fedprompt.compare import compare
+
+    compare([Path(r) for r in args.runs], Path(args.output))
+
+
 def _train(args, cfg) -> None:
     from fedprompt import run
 
@@ -193,7 +202,7 @@ def _eval(args, cfg) -> None:
 
 
 # Commands that take arguments only, and those that take the loaded config too.
-PLAIN = {"validate": _validate, "certs": _certs, "audit": _audit}
+PLAIN = {"validate": _validate, "certs": _certs, "audit": _audit, "compare": _compare}
 WITH_CONFIG = {"train": _train, "simulate": _federated, "server": _federated, "client": _client, "eval": _eval}
 
 

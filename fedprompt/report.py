@@ -85,8 +85,14 @@ def plot_curves(rows: list[dict], path: Path, *, x: str, title: str) -> None:
 
 
 def where(out: Path) -> list[tuple[str, str]]:
-    """The summary's last lines: where a run's results, adapter and metrics were written."""
-    return [("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl"))]
+    """The summary's last lines: where a run's results, adapter and metrics were written (and
+    the trackers' logs, when on)."""
+    lines = [("results", str(out)), ("adapter", str(out / "adapter")), ("metrics", str(out / "metrics.jsonl"))]
+    if (out / "tensorboard").is_dir():
+        lines.append(("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}"))
+    if (out / "mlruns").is_dir():
+        lines.append(("mlflow", f"mlflow ui --backend-store-uri {out / 'mlruns'}"))
+    return lines
 
 
 def summary(title: str, items: list[tuple[str, Any]], out=None) -> None:

@@ -71,15 +71,14 @@ def setup(cfg: Config, *, data=None) -> Setup:
 def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False) -> dict:
     """Centralized baseline: one client holding all the data, same engine. Returns the last
     metrics row plus summary figures."""
-    from fedprompt.engine import batches, evaluate, full_params, make_engine, train_steps
+    from fedprompt.engine import make_engine
 
     out = Path(output)
     t_start = time.perf_counter()
     check_output(out, overwrite)  # before the expensive part; prepare_output acts on it
     s = setup(cfg)
     manifest = payload.manifest_of(s.model)  # before the engine: ZeRO-3 would partition the tensors
-    steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
-    device = s.backbone.device
+    steps = cfg.train.local_steps
     private = cfg.privacy.mode in ("sample", "both")
     dp, hooks = None, contextlib.ExitStack()
     if private:  # DP-SGD on the pooled data: the upper bound of what federated DP can reach
@@ -90,7 +89,25 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
     engine = make_engine(s.model, cfg, steps, dp=dp)
     prepare_output(out, overwrite)
     (out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
-    limit = cfg.train.max_eval_examples
+    from fedprompt.tracking import Trackers
+
+    trackers = Trackers(cfg, out, out.resolve().name)
+    try:
+        return _train(cfg, out, s, engine, trackers, manifest=manifest, dp=dp, hooks=hooks, quiet=quiet, t_start=t_start)
+    except BaseException:
+        trackers.finish(ok=False)
+        raise
+
+
+def _train(cfg: Config, out: Path, s: Setup, engine, trackers, *, manifest, dp, hooks, quiet: bool, t_start: float) -> dict:
+    """run_train's evaluation-and-training loop, once the engine and the run directory exist."""
+    from fedprompt.engine import batches, evaluate, full_params, train_steps
+
+    steps, every = cfg.train.local_steps, cfg.train.eval_every or cfg.train.local_steps
+    device, limit = s.backbone.device, cfg.train.max_eval_examples
+    private = dp is not None
+    if private:
+        from fedprompt import privacy
 
     table = Table([("round", 5), ("step", 6), ("train_loss", 10), ("test_loss", 9), ("accuracy", 8), ("macro_f1", 8), ("wall_s", 8)])
     rows: list[dict] = []
@@ -111,6 +128,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
         if private:
             row["epsilon"] = privacy.epsilon([(dp.sigma, dp.q, step)], cfg.privacy.delta, cfg.privacy.accountant) if step else 0.0
         append_jsonl(out / "metrics.jsonl", row)
+        trackers.row(row, "step")
         rows.append(row)
         if not quiet:
             table.row([k, step, train_loss, m["loss"], m["accuracy"], m.get("macro_f1", m.get("exact_match")), f"{row['wall_s']:.1f}"])
@@ -167,6 +185,7 @@ def run_train(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet
         "payload_bytes": payload.raw_bytes(manifest),
     }
     (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    trackers.finish(ok=True)
     if not quiet:
         summary(
             "Summary",

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
@@ -32,9 +33,20 @@ def _flower_processes_of(port: int) -> list[str]:
     return found
 
 
+def _scrape(url: str) -> str:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.read().decode()
+    except OSError:
+        return ""  # not up yet, or gone
+
+
 def test_server_and_two_clients_on_minilm(tmp_path):
     """A real server and two real clients on loopback complete 3 rounds on MiniLM; each client
-    loads its backbone once; the final adapter loads with peft and gives the last row's accuracy."""
+    loads its backbone once; the server's Prometheus endpoint says each round as it completes;
+    the final adapter loads with peft and gives the last row's accuracy."""
     import torch
     from peft import PeftModel
 
@@ -56,8 +68,16 @@ def test_server_and_two_clients_on_minilm(tmp_path):
             "train.max_eval_examples=0",
         ]
     )
+    scrape = f"http://127.0.0.1:{free_port()}/metrics"
     server = start_fedprompt(
-        ["server", *common, *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}"]), "--output", str(out)], tmp_path / "server.log"
+        [
+            "server",
+            *common,
+            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}", f"server.metrics_address={scrape[7:-8]}"]),
+            "--output",
+            str(out),
+        ],
+        tmp_path / "server.log",
     )
     clients = [
         start_fedprompt(
@@ -67,11 +87,21 @@ def test_server_and_two_clients_on_minilm(tmp_path):
         )
         for i in range(2)
     ]
+    seen: dict[int, str] = {}  # rounds completed -> the scrape that said so, while the server runs
     try:
-        assert server.wait(timeout=1200) == 0, (tmp_path / "server.log").read_text()[-3000:]
+        t0 = time.monotonic()
+        while server.poll() is None and time.monotonic() - t0 < 1200:
+            text = _scrape(scrape)
+            done = next((int(float(x.split()[-1])) for x in text.splitlines() if x.startswith("fedprompt_rounds_completed ")), None)
+            if done is not None and done not in seen:
+                seen[done] = text
+            time.sleep(0.2)
+        assert server.wait(timeout=5) == 0, (tmp_path / "server.log").read_text()[-3000:]
         assert all(c.poll() is None for c in clients)  # clients are services: still up
     finally:
         stop_all(clients + [server])
+    assert {1, 2, 3} <= set(seen), sorted(seen)  # Prometheus saw each round as it completed
+    assert 'fedprompt_replies_rejected_total{reason="payload"} 0.0' in seen[3] and "fedprompt_clients_aggregated 2.0" in seen[3]
     assert not _flower_processes_of(port), "Flower processes left behind"
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
@@ -143,6 +173,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         "data.partition=dirichlet",
         "data.alpha=1.0",
         "train.lr=0.05",
+        *(["output.trackers=tensorboard,mlflow"] if kind == "bert" else []),
     ]
     r = subprocess.run(
         [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT
@@ -157,6 +188,30 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint.safetensors"):
         assert (out / f).is_file(), f
     assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
+    if kind == "bert":
+        _trackers_hold(out, rows)
+
+
+def _trackers_hold(out: Path, rows: list[dict]) -> None:
+    """TensorBoard's event files and MLflow's store, read back with their own readers, hold
+    every numeric figure of metrics.jsonl at its round."""
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedprompt.tracking import numbers
+
+    os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # the run's local store (see fedprompt/tracking.py)
+    tb = EventAccumulator(str(out / "tensorboard"))
+    tb.Reload()
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("fedprompt").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["peft.method"] == "prompt"
+    for key in ("accuracy", "loss", "bytes_up", "round_s", "clients"):
+        want = {r["round"]: pytest.approx(numbers(r)[key], rel=1e-6) for r in rows if key in numbers(r)}
+        assert {e.step: e.value for e in tb.Scalars(key)} == want, key
+        assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)} == want, key
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"summary.json", "metrics.jsonl", "adapter"} <= arts
 
 
 def test_simulation_of_generation_on_a_user_file(tmp_path):

@@ -165,6 +165,9 @@ class ServerConfig:
     # The SuperLink's port on 127.0.0.1; 0: a free one. `external` needs it fixed (the proxy
     # forwards there).
     superlink_port: int = 0
+    # host:port where `fedprompt server` serves Prometheus metrics (rounds, clients, rejections
+    # by reason, bytes, round time, epsilon); "": off.
+    metrics_address: str = ""
 
 
 @dataclass
@@ -187,6 +190,10 @@ class ClientConfig:
 class OutputConfig:
     dir: str = "runs/latest"
     plots: bool = True
+    # Experiment trackers (fedprompt/tracking.py): tensorboard (event files in <run>/tensorboard),
+    # mlflow (MLFLOW_TRACKING_URI, else a store in <run>/mlruns). A tracker that fails warns once.
+    trackers: list[Literal["tensorboard", "mlflow"]] = field(default_factory=list)
+    experiment: str = "fedprompt"  # the MLflow experiment's name
 
 
 @dataclass

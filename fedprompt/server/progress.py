@@ -59,10 +59,11 @@ def _kb(n) -> str:
     return "-" if not n else f"{n / 1024:.1f}"
 
 
-def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False, tick=None, stopped=None) -> list[dict]:
-    """Print each metrics row as the ServerApp appends it; return all rows once the run ended
-    well, or raise RunError with the reason it did not. `tick()` is called every ~2 s;
-    `stopped()` says whether a run that ended without a result was stopped by `flwr stop`."""
+def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False, tick=None, stopped=None, on_row=None) -> list[dict]:
+    """Print each metrics row as the ServerApp appends it (and pass it to `on_row`: trackers,
+    the Prometheus exporter); return all rows once the run ended well, or raise RunError with
+    the reason it did not. `tick()` is called every ~2 s; `stopped()` says whether a run that
+    ended without a result was stopped by `flwr stop`."""
     private = cfg.privacy.mode != "none"
     table = Table(
         [
@@ -93,6 +94,8 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
             if row["round"] in printed:
                 continue
             printed.add(row["round"])
+            if on_row is not None:
+                on_row(row)
             if row["round"] > 0:
                 bar.update(row["round"] - bar.n)
             if not quiet:

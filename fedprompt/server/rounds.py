@@ -20,6 +20,10 @@ from fedprompt.server.strategies import WEIGHT_KEY, client_dp, sampled_clients, 
 from fedprompt.server.trust import Claims, Patience, cap_weights
 from fedprompt.wire import error_reason, from_record, to_record, wire_bytes
 
+# Why a sampled client's update was not aggregated: an error reply, a payload off the manifest,
+# metrics no honest client sends, no reply in time, screened out by its norm.
+REJECTIONS = ("error", "payload", "metrics", "no_reply", "screened")
+
 
 @dataclass
 class Watch:
@@ -76,15 +80,18 @@ def train_round(
     if len(replies) == len(msgs):
         watch.patience.took(Kind.FIT, time.perf_counter() - t0)
     good, ups, workers, problems = [], [], {}, []
+    rejected = dict.fromkeys(REJECTIONS, 0)  # replies not aggregated, by reason (Prometheus labels)
     for rep in replies:
         node = rep.metadata.src_node_id
         if rep.has_error():
             problems.append(f"node {node} failed: {error_reason(rep)}")
+            rejected["error"] += 1
             continue
         try:
             metrics = check_reply(rep, manifest, rnd)
         except (payload.PayloadError, MetricError) as e:
             problems.append(f"rejected: node {node}: {e}" if isinstance(e, MetricError) else f"rejected: {e}")
+            rejected["metrics" if isinstance(e, MetricError) else "payload"] += 1
             continue
         good.append(rep)
         ups.append(wire_bytes(rep))
@@ -92,11 +99,13 @@ def train_round(
             workers[str(metrics[WORKER_PID])] = int(metrics.get("backbone_loads", 0))
     answered = {m.metadata.src_node_id for m in replies}
     busy = frozenset(m.metadata.dst_node_id for m in msgs) - answered
+    rejected["no_reply"] = len(busy)
     if busy:
         problems.append(f"{len(busy)} of {len(msgs)} sampled clients did not reply within {timeout:.0f} s (node(s) {', '.join(map(str, sorted(busy)))})")
     # Every client that trained spent its privacy, kept or not: its epsilon counts.
     privacy_row = _privacy_row(cfg, state.rows[-1], good)
     good, robust_row = screen_and_bound(cfg, rnd, state.tensors, good, problems)
+    rejected["screened"] = robust_row["screened_out"]
     for p in problems:
         log(f"round {rnd}: {p}")
     if not good:
@@ -125,7 +134,9 @@ def train_round(
         {
             "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
             "clients": len(good),
+            "connected": len(list(grid.get_node_ids())),
             "failures": len(msgs) - len(good),
+            "rejected": rejected,
             "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights used
             "weights": weights,
             "bytes_up": max(ups),

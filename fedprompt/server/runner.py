@@ -96,6 +96,34 @@ def _preflight(cfg: Config) -> None:
     resolve(cfg.model.name)
 
 
+class _Watchers:
+    """Who watches a run besides the table: the trackers (output.trackers) and, with
+    server.metrics_address, the Prometheus exporter."""
+
+    def __init__(self, cfg: Config, out: Path):
+        from fedprompt.tracking import Trackers
+
+        self.exporter = None
+        if cfg.server.metrics_address:
+            from fedprompt.server.metrics import Exporter
+
+            self.exporter = Exporter(cfg.server.metrics_address, cfg.federation.rounds)
+        self.trackers = Trackers(cfg, out, out.resolve().name)
+
+    def row(self, row: dict) -> None:
+        self.trackers.row(row, "round")
+        if self.exporter is not None:
+            self.exporter.row(row)
+
+    def finish(self, ok: bool) -> None:
+        """End the trackers. The exporter of a finished run stays up as long as this process
+        (a --keep-alive server's last figures remain scrapable); a failed run's closes now."""
+        self.trackers.finish(ok)
+        if self.exporter is not None and not ok:
+            self.exporter.close()
+            self.exporter = None
+
+
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -104,8 +132,10 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
     """Start the SuperLink (on loopback), the front (a deployment's only listener on
     `host:port`, unless server.front is external), submit the app and follow the run."""
     t0 = time.perf_counter()
+    watch = _Watchers(cfg, out)  # a metrics port in use fails here, before anything starts
     home = Path(tempfile.mkdtemp(prefix="fedprompt-flwr-"))
     link = run = front = None
+    ok = False
     logs = out / "logs"
     say = (lambda m: None) if quiet else (lambda m: tqdm.write(f"fedprompt server: {m}", file=sys.stdout))
     try:
@@ -144,8 +174,11 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
             log=logs / "run.log",
             federation_config=fed,
         )
-        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick, stopped=lambda: processes.was_stopped(home, logs / "run.log"))
+        rows = follow(out, run, cfg, logs / "run.log", quiet=quiet, tick=tick, stopped=lambda: processes.was_stopped(home, logs / "run.log"), on_row=watch.row)
+        ok = True
     finally:
+        if not ok:
+            watch.finish(ok=False)
         processes.stop(run)
         if front is not None:
             front.stop()
@@ -159,6 +192,7 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
 
         result["audit"] = run_audit(cfg, out, quiet=True)
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    watch.finish(ok=True)
     if not quiet:
         summarise(cfg, out, result, t0)
     return result | {"rows": rows}
