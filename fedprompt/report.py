@@ -91,7 +91,7 @@ def where(out: Path) -> list[tuple[str, str]]:
     if (out / "tensorboard").is_dir():
         lines.append(("tensorboard", f"tensorboard --logdir {out / 'tensorboard'}"))
     if (out / "mlruns").is_dir():
-        lines.append(("mlflow", f"mlflow ui --backend-store-uri {out / 'mlruns'}"))
+        lines.append(("mlflow", str(out / "mlruns")))
     return lines
 
 

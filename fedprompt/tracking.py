@@ -4,7 +4,8 @@ watch and compare runs. `output.trackers` picks any of TRACKERS:
 - `tensorboard`: event files in <run>/tensorboard (tensorboardX writes them: no torch, no
   TensorFlow); watch with `tensorboard --logdir <run>/tensorboard`.
 - `mlflow`: a run in experiment `output.experiment` of MLFLOW_TRACKING_URI when set, else of a
-  local store in <run>/mlruns (`mlflow ui --backend-store-uri <run>/mlruns`).
+  local file store in <run>/mlruns (fedprompt installs the MLflow client, mlflow-skinny; to
+  browse, `pip install mlflow` and `mlflow ui --backend-store-uri <run>/mlruns`).
 
 Each metrics row is logged at its step (a federated round's number, a training step) with its
 numeric fields; the resolved config as parameters; at the end, summary.json, metrics.jsonl,
