@@ -55,6 +55,7 @@ NAMESPACE = "fedprompt"
 SERVER_NAMES = ["fedprompt-server", f"fedprompt-server.{NAMESPACE}.svc", f"fedprompt-server.{NAMESPACE}.svc.cluster.local"]
 EXTERNAL_NAME = "fedprompt.example.org"  # the exposed server's name in the shipped silo overlay
 PORT = 9092  # the front's: the only port of the server pod that faces the network
+METRICS_PORT = 9100  # the server container's Prometheus endpoint: Prometheus pods only, never outside
 SUPERLINK_PORT = 9093  # the SuperLink's, on the pod's loopback
 
 
@@ -420,7 +421,9 @@ def test_server_runs_the_superlink_on_loopback_with_tls_and_resumable_output(ren
     assert "server.address" not in sets  # nothing of fedprompt's listens there with an external front
     container = _container(server, "server")
     assert "command" not in container  # the image's tini entrypoint stays PID 1
-    assert not container.get("ports"), "the server container must not expose a port: the front does"
+    # Its only port is the metrics endpoint; the Fleet API is the front's.
+    assert [(p["name"], p["containerPort"]) for p in container.get("ports", [])] == [("metrics", METRICS_PORT)]
+    assert sets["server.metrics_address"] == f"0.0.0.0:{METRICS_PORT}"
     assert not _pod_spec(server).get("hostNetwork") and not any(p.get("hostPort") for c in _pod_spec(server)["containers"] for p in c.get("ports", []))
 
     # --output lives on the PersistentVolumeClaim, in a subfolder (a fresh volume's root may
@@ -907,6 +910,30 @@ def _assert_client_egress(objects: list[dict], client_labels: dict, server_label
     assert all(r.get("ports") for r in egress), "an egress rule without ports opens every port"
 
 
+def _without_metrics(rules: list[dict]) -> list[dict]:
+    """The ingress rules but the metrics port's, after checking that one: TCP 9100 only, from
+    pods labelled as Prometheus (any namespace), never from an IP block."""
+    metrics = [r for r in rules if any(p["port"] == METRICS_PORT for p in r.get("ports", []))]
+    assert len(metrics) == 1, metrics
+    (rule,) = metrics
+    assert [(p.get("protocol", "TCP"), p["port"]) for p in rule["ports"]] == [("TCP", METRICS_PORT)]
+    assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
+    return [r for r in rules if r is not rule]
+
+
+@pytest.mark.parametrize("overlay", SERVER_OVERLAYS)
+def test_the_metrics_endpoint_is_annotated_and_stays_inside_the_cluster(rendered, overlay):
+    objects = rendered[overlay]
+    server = _one(objects, "Deployment", "fedprompt-server")
+    notes = server["spec"]["template"]["metadata"]["annotations"]
+    assert (notes["prometheus.io/scrape"], notes["prometheus.io/port"], notes["prometheus.io/path"]) == ("true", str(METRICS_PORT), "/metrics")
+    svc = _one(objects, "Service", "fedprompt-server-metrics")
+    assert svc["spec"]["type"] == "ClusterIP" and [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(METRICS_PORT, "metrics")]
+    assert _selects({"matchLabels": svc["spec"]["selector"]}, _pod_labels(server))
+    front = _one(objects, "Service", "fedprompt-server")
+    assert all(p["port"] != METRICS_PORT for p in front["spec"]["ports"])  # the LoadBalancer of expose never carries it
+
+
 @pytest.mark.parametrize("overlay", IN_CLUSTER)
 def test_only_client_pods_reach_the_server_port(rendered, overlay):
     objects = rendered[overlay]
@@ -917,6 +944,7 @@ def test_only_client_pods_reach_the_server_port(rendered, overlay):
     assert on_server
     rules = [r for p in on_server for r in p["spec"].get("ingress", [])]
     assert rules, "no ingress to the server at all: the clients could not connect"
+    rules = _without_metrics(rules)
     for rule in rules:
         assert rule.get("from"), f"an ingress rule without `from` admits everyone: {rule}"
         for peer in rule["from"]:
@@ -933,7 +961,7 @@ def test_exposed_server_admits_the_outside_on_the_front_port_only(rendered):
     rules = [r for p in _policies(objects, server_labels, "Ingress") for r in p["spec"].get("ingress", [])]
     outside = [r for r in rules if any("ipBlock" in peer for peer in r.get("from", []))]
     assert outside, "no rule admits the silos from outside the cluster"
-    for rule in rules:
+    for rule in _without_metrics(rules):
         assert rule.get("ports") and all(p.get("protocol", "TCP") == "TCP" and p["port"] == PORT for p in rule["ports"]), rule
     egress = [r for p in _policies(objects, server_labels, "Egress") for r in p["spec"].get("egress", [])]
     assert {p["port"] for r in egress for p in r["ports"]} == {53}  # the server dials nothing but DNS

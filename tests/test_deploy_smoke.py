@@ -53,11 +53,14 @@ def _quick_deploy(copy: Path) -> None:
 
 
 def _server_argv(spec: dict, link_port: int) -> list[str]:
-    """The server container's command with the SuperLink on a free loopback port (the front's
-    upstream is mapped to the same one)."""
+    """The server container's command with the SuperLink and the metrics endpoint on free
+    loopback ports (the front's upstream is mapped to the SuperLink's)."""
     argv = [a.replace(f"server.superlink_port={SUPERLINK_PORT}", f"server.superlink_port={link_port}") for a in spec["argv"]]
     assert argv != spec["argv"], "the server container no longer sets server.superlink_port"
-    return argv
+    # The metrics endpoint (0.0.0.0:9100 in the pod) on a free loopback port here.
+    metrics = [a.replace("server.metrics_address=0.0.0.0:9100", f"server.metrics_address=127.0.0.1:{free_port()}") for a in argv]
+    assert metrics != argv, "the server container no longer sets server.metrics_address"
+    return metrics
 
 
 def _client_argv(spec: dict, front_port: int) -> list[str]:
