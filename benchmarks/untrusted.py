@@ -70,12 +70,15 @@ def federate(out: Path, rounds: int, extra: list[str], lies: dict | None, *, ini
     try:
         serve(LocalGrid(nodes), cfg, out, centralized=True)
     except Exception as e:  # an undefended run may die: that is its figure
-        return [*rows(out), {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}], client
+        done = rows(out) if (out / "metrics.jsonl").is_file() else []
+        return [*done, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}], client
     return rows(out), client
 
 
 def final(hist: list[dict]) -> str:
     if "error" in hist[-1]:
+        if len(hist) == 1:  # not even round 0's evaluation: every client refused the global
+            return "run stopped at round 0: every honest client refuses its global"
         return f"run stopped in round {len(hist) - 1}"
     return f"{hist[-1]['accuracy']:.3f}"
 

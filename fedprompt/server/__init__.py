@@ -12,6 +12,7 @@
     robust.py      update norms, screening, bounding, Krum on numpy
     runner.py      start the SuperLink (and the front), submit the app, follow the run
     progress.py    the per-round table while a run goes, how it ended, the final summary
+    metrics.py     the Prometheus exporter of a running server (server.metrics_address)
     front.py       the only listener on server.address: the Fleet API allowlist
     localgrid.py   an in-process Grid: the round loop against LocalClients in one process
 Shared with the client: `fedprompt.wire` (records, bytes), `fedprompt.processes` (Flower's
