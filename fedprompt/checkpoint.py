@@ -33,8 +33,9 @@ class ServerState:
     tensors: dict[str, np.ndarray]  # the global payload (float32)
     strategy: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # slot -> tensors
     rows: list[dict] = field(default_factory=list)  # metrics rows of rounds 0..round
-    adapter_config: str = ""  # adapter_config.json text, from the client that made round 0
+    adapter_config: str = ""  # adapter_config.json text, agreed with round 0's payload
     config_yaml: str = ""  # the run's resolved config
+    labels: list[str] = field(default_factory=list)  # class index -> label name (classification)
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -58,6 +59,7 @@ def save(folder: Path, state: ServerState) -> Path:
         "rows": json.dumps(state.rows),
         "adapter_config": state.adapter_config,
         "config": state.config_yaml,
+        "labels": json.dumps(state.labels),
         "sha256": _checksum(arrays),
         "format": "fedprompt-checkpoint-1",
     }
@@ -90,7 +92,12 @@ def _read(path: Path) -> ServerState:
     if _checksum(arrays) != meta.get("sha256"):
         raise CheckpointError(f"{path}: checksum mismatch (the file is corrupted)")
     state = ServerState(
-        round=int(meta["round"]), tensors={}, rows=json.loads(meta["rows"]), adapter_config=meta.get("adapter_config", ""), config_yaml=meta.get("config", "")
+        round=int(meta["round"]),
+        tensors={},
+        rows=json.loads(meta["rows"]),
+        adapter_config=meta.get("adapter_config", ""),
+        config_yaml=meta.get("config", ""),
+        labels=json.loads(meta.get("labels", "[]")),
     )
     for k, v in arrays.items():
         kind, _, rest = k.partition("/")

@@ -117,8 +117,10 @@ class Request:
 @dataclass
 class Reply:
     """A client's answer: metrics always (with NUM_EXAMPLES), tensors for `init` and `fit`,
-    adapter_config (adapter_config.json text) for `init`."""
+    adapter_config (adapter_config.json text) and labels (class index -> name; empty for
+    generation) for `init`."""
 
     metrics: dict[str, float | int | str]
     tensors: dict[str, np.ndarray] | None = None
     adapter_config: str | None = None
+    labels: list[str] | None = None

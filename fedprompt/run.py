@@ -169,8 +169,11 @@ def _train(cfg: Config, out: Path, s: Setup, engine, trackers, *, manifest, dp, 
     bar.close()
     hooks.close()
 
+    from fedprompt.export import make_portable
+
     with full_params(s.model):
         s.model.save_adapter(out / "adapter", s.backbone.path)
+    make_portable(out / "adapter", cfg, s.data.labels, {**rows[-1], "kind": "train"})
     if cfg.output.plots:
         plot_curves(rows, out / "curves.png", x="step", title=f"{s.data.name}: {cfg.model.name} + {cfg.peft.method}")
     last = rows[-1]

@@ -33,6 +33,34 @@ def _flower_processes_of(port: int) -> list[str]:
     return found
 
 
+# A user elsewhere: transformers + peft and the adapter folder, nothing of fedprompt.
+PLAIN_PEFT = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+folder, data = sys.argv[1], json.load(open(sys.argv[2]))
+meta = json.load(open(folder + "/fedprompt.json"))
+base = json.load(open(folder + "/adapter_config.json"))["base_model_name_or_path"]
+path = meta["local_base_model"]  # offline here; elsewhere meta["base_model"], the hub id
+tok = AutoTokenizer.from_pretrained(path)
+id2label = {int(k): v for k, v in meta["id2label"].items()}
+model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(id2label), id2label=id2label)
+model = PeftModel.from_pretrained(model, folder).eval()
+right = 0
+with torch.no_grad():
+    for text, gold in data:
+        x = tok(text, truncation=True, max_length=meta["max_length"], return_tensors="pt")
+        right += model.config.id2label[int(model(**x).logits.argmax(-1))] == gold
+print(json.dumps({"accuracy": right / len(data), "fedprompt_imported": any(m.split(".")[0] == "fedprompt" for m in sys.modules), "base": base}))
+"""
+
+
+def _text_label(ds) -> tuple[list[str], list[int]]:
+    return list(ds["text"]), [int(y) for y in ds["label"]]
+
+
 def _scrape(url: str) -> str:
     import urllib.request
 
@@ -117,12 +145,31 @@ def test_server_and_two_clients_on_minilm(tmp_path):
     torch.manual_seed(999)  # another head init: the adapter must bring the trained one
     bb = load_backbone(cfg.model, num_labels=len(lc.state.data.labels), task=lc.state.data.task)
     pm = PeftForward(PeftModel.from_pretrained(bb.model, str(out / "adapter")))
-    correct = total = 0.0
+    per_client = []
     for i in range(2):
         test = lc.shard(i).test
         m = evaluate(pm, lc.state.task, test, cfg, pad_id=lc.state.pad_id, device=bb.device)
-        correct, total = correct + m["accuracy"] * len(test), total + len(test)
-    assert correct / total == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
+        per_client.append((m["accuracy"], len(test)))
+    # Each client's figure through peft is the one it reported for the last round.
+    nodes = rows[-1]["fed_nodes"].values()
+    assert sorted(a for a, _ in per_client) == pytest.approx(sorted(v["accuracy"] for v in nodes), abs=1e-6)
+    assert sorted(n for _, n in per_client) == sorted(v["examples"] for v in nodes)
+    pooled = sum(a * n for a, n in per_client) / sum(n for _, n in per_client)
+
+    # And with plain transformers + peft in a process without fedprompt: the folder names the
+    # base model (a hub id; its local copy here, offline) and the labels.
+    from fedprompt.data import partition
+
+    texts = [(t, lc.state.data.labels[y]) for i in range(2) for t, y in zip(*_text_label(partition(lc.state.data.test, cfg.data, 2, i)), strict=True)]
+    (tmp_path / "texts.json").write_text(json.dumps(texts))
+    r = subprocess.run(
+        [sys.executable, "-I", "-c", PLAIN_PEFT, str(out / "adapter"), str(tmp_path / "texts.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain = json.loads(r.stdout.strip().splitlines()[-1])
+    assert plain == {"accuracy": pytest.approx(pooled, abs=1e-6), "fedprompt_imported": False, "base": "sentence-transformers/all-MiniLM-L6-v2"}
+    card = (out / "adapter" / "README.md").read_text()
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and f"test accuracy: {rows[-1]['accuracy']:.4f}" in card
 
 
 def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):

@@ -219,6 +219,8 @@ def test_round_0_is_the_majoritys_seeded_payload_and_the_liar_is_named(tmp_path,
     out = capsys.readouterr().out
     assert rows[0]["digest"] == payload.digest(client.initial_payload())
     assert "node 103 answered a different initial payload" in out and "agreed by node(s) 101, 102" in out
+    meta = json.loads((tmp_path / "run" / "adapter" / "fedprompt.json").read_text())
+    assert meta["labels"] == list(client.state.data.labels) and meta["labels"]  # agreed with round 0, exported
     assert sum(m.metadata.message_type == "query" for m in grid.sent) == 3
 
 
@@ -245,6 +247,7 @@ def test_a_trusted_adapter_is_round_0_and_continues_an_earlier_run(tmp_path, cli
     assert rows[0]["digest"] == payload.digest(earlier.tensors)
     assert not any(m.metadata.message_type == "query" for m in grid.sent)
     assert "initial payload from federation.initial_adapter" in capsys.readouterr().out
+    assert load_latest(tmp_path / "second")[0].labels == list(client.state.data.labels)  # from the adapter's fedprompt.json
 
 
 def test_a_lying_evaluator_does_not_set_the_reported_accuracy(tmp_path, client):

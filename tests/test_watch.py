@@ -52,6 +52,15 @@ def test_train_logs_every_row_to_both_trackers_and_compare_puts_runs_side_by_sid
     assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")} == {r["step"]: pytest.approx(r["loss"]) for r in rows}
     assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.01"
 
+    # The adapter folder says what it needs elsewhere: base model, labels, input length.
+    meta = json.loads((runs[0] / "adapter" / "fedprompt.json").read_text())
+    labels = sorted({"business", "entertainment", "politics", "sport", "tech"})
+    assert meta["labels"] == labels and meta["id2label"] == {str(i): x for i, x in enumerate(labels)} and meta["max_length"] == 32
+    assert json.loads((runs[0] / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == cfg.model.name  # not built in: as given
+    card = (runs[0] / "adapter" / "README.md").read_text()
+    assert card.startswith("---\nbase_model: ") and "library_name: peft" in card and "- 3: sport" in card
+    assert f"test accuracy: {rows[-1]['accuracy']:.4f}" in card
+
     png = tmp_path / "cmp" / "compare.png"
     assert main(["compare", *map(str, runs), "--output", str(png)]) == 0
     out = capsys.readouterr().out
@@ -108,3 +117,15 @@ def test_the_prometheus_exporter_serves_what_the_rows_say():
             Exporter(f"127.0.0.1:{port}", rounds=5)
     finally:
         e.close()
+
+
+def test_settings_that_sample_a_single_client_are_named():
+    from fedprompt.config import load_config
+    from fedprompt.server.runner import sampling_warnings
+
+    shipped = load_config("configs/bbc-minilm-prompt.yaml")  # fraction_fit 0.5, fraction_evaluate 0.25
+    fit, ev = sampling_warnings(shipped, 2)
+    assert fit.startswith("federation.fraction_fit 0.5 with 2 clients trains a single client per round")
+    assert ev.startswith("federation.fraction_evaluate 0.25 with 2 clients evaluates on a single client's local test split")
+    assert sampling_warnings(shipped, 8) == []  # 4 train, 2 evaluate
+    assert sampling_warnings(load_config("configs/deploy-2-clients.yaml"), 2) == []  # the README's walk-through

@@ -8,6 +8,7 @@ nothing the server's run says (its run config, its app bundle) chooses what runs
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -62,7 +63,7 @@ def reply_message(msg: Message, reply: Reply) -> Message:
     if reply.tensors is not None:
         content["arrays"] = to_record(reply.tensors)
     if reply.adapter_config is not None:
-        content["adapter"] = ConfigRecord({"config": reply.adapter_config})
+        content["adapter"] = ConfigRecord({"config": reply.adapter_config, "labels": json.dumps(reply.labels or [])})
     return Message(content=content, reply_to=msg)
 
 

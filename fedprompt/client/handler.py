@@ -37,6 +37,7 @@ def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
     return Reply(
         tensors=_numpy(client.initial_payload()),
         adapter_config=client.adapter_config_json(),
+        labels=list(client.state.data.labels),
         metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker},
     )
 

@@ -161,8 +161,11 @@ def _patience(cfg: Config, rows: list[dict]) -> Patience:
 
 
 def _finish(cfg: Config, out: Path, state: checkpoint.ServerState, manifest: payload.Manifest) -> None:
+    from fedprompt.export import make_portable
+
     checkpoint.export_adapter(out / "adapter", state.tensors, state.adapter_config)
     rows = state.rows
+    make_portable(out / "adapter", cfg, state.labels, {**rows[-1], "kind": "federated"})
     if cfg.output.plots and all(r.get("accuracy") is not None for r in rows):
         plot_curves(
             rows,

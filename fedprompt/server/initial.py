@@ -28,6 +28,7 @@ from fedprompt.server.trust import NoAgreement, Patience, agree
 from fedprompt.wire import error_reason, from_record
 
 MAX_ADAPTER_CONFIG = 64 * 1024  # bytes of adapter_config.json text a client may send (peft's is ~1 KB)
+MAX_LABELS, MAX_LABEL = 100_000, 1000  # label names a client may send, characters in each
 LOCAL_KEYS = ("base_model_name_or_path", "revision")  # differ between honest clients' machines
 
 
@@ -35,11 +36,14 @@ def initial_state(grid: Grid, cfg: Config, patience: Patience) -> checkpoint.Ser
     """Round 0's state: from federation.initial_adapter, or agreed by a quorum of clients."""
     f = cfg.federation
     if f.initial_adapter:
+        from fedprompt.export import read_meta
+
         tensors, adapter_config = read_adapter(Path(f.initial_adapter))
+        labels = [str(x) for x in read_meta(Path(f.initial_adapter)).get("labels", [])]
         log(f"initial payload from federation.initial_adapter {f.initial_adapter}: {len(tensors)} tensors, digest {payload.digest(tensors)}")
     else:
-        tensors, adapter_config = _quorum(grid, cfg, patience)
-    return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=adapter_config, config_yaml=cfg.to_yaml())
+        tensors, adapter_config, labels = _quorum(grid, cfg, patience)
+    return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=adapter_config, config_yaml=cfg.to_yaml(), labels=labels)
 
 
 def read_adapter(folder: Path) -> tuple[dict, str]:
@@ -59,23 +63,23 @@ def read_adapter(folder: Path) -> tuple[dict, str]:
     return tensors, text
 
 
-def _quorum(grid: Grid, cfg: Config, patience: Patience) -> tuple[dict, str]:
+def _quorum(grid: Grid, cfg: Config, patience: Patience) -> tuple[dict, str, list[str]]:
     f = cfg.federation
     nodes = wait_for_nodes(grid, max(f.min_clients, 1))
     asked = sorted(random.SystemRandom().sample(nodes, min(f.init_quorum, len(nodes))))  # a liar cannot place itself first
     msgs = [message(n, Kind.INIT, RecordDict({"config": ConfigRecord({"server-round": 0})})) for n in asked]
     replies = exchange(grid, msgs, patience.timeout(Kind.INIT))
     answers: dict[int, str] = {}
-    got: dict[int, tuple[dict, str]] = {}
+    got: dict[int, tuple[dict, str, list[str]]] = {}
     for rep in replies:
         node = rep.metadata.src_node_id
         try:
-            tensors, text = _initial_of(rep)
+            tensors, text, labels = _initial_of(rep)
         except (payload.PayloadError, ValueError, KeyError, TypeError) as e:
             log(f"initial payload of node {node} not usable: {e}")
             continue
-        answers[node] = f"{payload.digest(tensors)}/{_config_fingerprint(text)}"
-        got[node] = (tensors, text)
+        answers[node] = f"{payload.digest(tensors)}/{_config_fingerprint(text, labels)}"
+        got[node] = (tensors, text, labels)
     try:
         agreed, ayes, others = agree(answers)
     except NoAgreement as e:
@@ -89,16 +93,16 @@ def _quorum(grid: Grid, cfg: Config, patience: Patience) -> tuple[dict, str]:
             f"node {node} answered a different initial payload ({answers[node]}, the majority's is {agreed}): not used; "
             "that client is not running this federation's seeded method"
         )
-    tensors, text = got[ayes[0]]
+    tensors, text, labels = got[ayes[0]]
     single = " (one client: set federation.init_quorum and min_clients >= 3, or federation.initial_adapter, not to rely on one)" if len(ayes) == 1 else ""
     log(
         f"initial payload {agreed.split('/')[0]} agreed by node(s) {', '.join(map(str, ayes))}{single}: "
         f"{len(tensors)} tensors, {sum(v.nbytes for v in tensors.values()):,} bytes"
     )
-    return tensors, text
+    return tensors, text, labels
 
 
-def _initial_of(rep) -> tuple[dict, str]:
+def _initial_of(rep) -> tuple[dict, str, list[str]]:
     if rep.has_error():
         raise ValueError(f"it failed the request: {error_reason(rep)}")
     tensors = from_record(rep.content["arrays"])
@@ -108,10 +112,14 @@ def _initial_of(rep) -> tuple[dict, str]:
         raise ValueError(f"its adapter config is {len(text.encode()):,} bytes, over {MAX_ADAPTER_CONFIG:,}")
     if not isinstance(json.loads(text), dict):
         raise ValueError("its adapter config is not a JSON object")
-    return tensors, text
+    labels = json.loads(str(rep.content["adapter"].get("labels", "[]")))
+    if not (isinstance(labels, list) and len(labels) <= MAX_LABELS and all(isinstance(x, str) and len(x) <= MAX_LABEL for x in labels)):
+        raise ValueError(f"its labels are not a list of at most {MAX_LABELS:,} names of at most {MAX_LABEL} characters")
+    return tensors, text, labels
 
 
-def _config_fingerprint(text: str) -> str:
-    """The adapter config's hash, without the keys that name paths on the client's machine."""
+def _config_fingerprint(text: str, labels: list[str]) -> str:
+    """The adapter config's and labels' hash, without the keys that name paths on the client's
+    machine."""
     d = {k: v for k, v in json.loads(text).items() if k not in LOCAL_KEYS}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+    return hashlib.sha256(json.dumps([d, labels], sort_keys=True).encode()).hexdigest()[:8]

@@ -96,6 +96,23 @@ def _preflight(cfg: Config) -> None:
     resolve(cfg.model.name)
 
 
+def sampling_warnings(cfg: Config, clients: int) -> list[str]:
+    """What the sampling fractions mean with `clients` connected, when that is one client per
+    round: Flower samples int(clients x fraction) clients, at least 1."""
+    f, out = cfg.federation, []
+    if clients > 1 and max(int(clients * f.fraction_fit), 1) == 1:
+        out.append(
+            f"federation.fraction_fit {f.fraction_fit:g} with {clients} clients trains a single client per round "
+            f"(Flower samples int({clients} x {f.fraction_fit:g}), at least 1); raise fraction_fit to train more"
+        )
+    if clients > 1 and f.fraction_evaluate > 0 and max(int(clients * f.fraction_evaluate), 1) == 1:
+        out.append(
+            f"federation.fraction_evaluate {f.fraction_evaluate:g} with {clients} clients evaluates on a single client's "
+            "local test split per round: the reported accuracy is that one client's; raise fraction_evaluate"
+        )
+    return out
+
+
 class _Watchers:
     """Who watches a run besides the table: the trackers (output.trackers) and, with
     server.metrics_address, the Prometheus exporter."""
@@ -211,6 +228,8 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
             f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
             f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}, {f.strategy}" + (f"; resuming after round {after}" if after else "")
         )
+    for line in sampling_warnings(cfg, f.num_clients):
+        print(f"fedprompt simulate: warning: {line}", file=sys.stderr, flush=True)
     return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
 
 
@@ -251,6 +270,8 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
             f"fedprompt server: {where}; waiting for {cfg.federation.min_clients} clients; "
             f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else "")
         )
+    for line in sampling_warnings(cfg, cfg.federation.min_clients):
+        print(f"fedprompt server: warning: {line}", file=sys.stderr, flush=True)
     result = _run(cfg, out, simulation=False, host=host, port=port, quiet=quiet, tls=tls)
     if keep_alive:
         print("fedprompt server: run finished; idle until stopped (--keep-alive)", flush=True)
