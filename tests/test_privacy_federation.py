@@ -98,6 +98,7 @@ def test_client_dp_with_flowers_wrappers_noises_accounts_and_resumes(tmp_path, p
     assert [r["client_epsilon"] for r in rows[1:]] == pytest.approx(want)
     assert [r["epsilon"] for r in rows[1:]] == pytest.approx(want)
     assert want[0] < want[1] and all(r["fed_accuracy"] is not None for r in rows[1:])
+    assert not any("fed_nodes" in r for r in rows)  # nothing published per client under client-level DP
     if clipping == "client":  # Flower's mod clipped every update before it left the client
         assert max(seen) <= clip * 1.001
     else:

@@ -1,9 +1,10 @@
 """The ServerApp: fedprompt's round loop around a Flower strategy.
 
-Each round: sample and message clients (the strategy), validate every reply against the
-payload manifest (ours), aggregate (the strategy), evaluate (federated, and centralized in
-simulation), checkpoint, then append the metrics row. The server never loads a backbone: the
-initial tensors come from one client (a "query" message) and it only ever holds the payload.
+Each round (server/rounds.py): sample and message clients (the strategy), check every reply
+(payload manifest, metrics), weigh, aggregate (the strategy), evaluate (server/evaluation.py:
+federated, and centralized in simulation); then checkpoint and append the metrics row. The
+server never loads a backbone: round 0's tensors are a quorum of clients' seeded initial
+payloads or a trusted adapter file (server/initial.py), and it only ever holds the payload.
 It reads everything from the run directory (`output` in the run config): config.yaml in,
 checkpoint, metrics.jsonl, adapter/, curves.png, summary.json and status.json out.
 """

@@ -17,6 +17,7 @@ from fedprompt.config import Config
 from fedprompt.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT, WORKER_KEYS, Kind, MetricError
 from fedprompt.server.aggregate import log
 from fedprompt.server.messages import ask, exchange, known_metrics
+from fedprompt.server.strategies import client_dp
 from fedprompt.server.trust import Patience, cap_weights, robust_figures
 from fedprompt.wire import error_reason, to_record
 
@@ -66,7 +67,8 @@ def _federated(cfg: Config, rnd: int, replies: list[Message]) -> dict:
     weights = {n: 1.0 for n in claims} if f.weighting == "uniform" else cap_weights(claims, f.max_weight_factor)[0]
     row = robust_figures(per_node, weights)
     row["fed_examples"] = int(sum(claims[n] if f.weighting == "uniform" else weights[n] for n in claims))
-    row["fed_nodes"] = {str(n): {**per_node[n], "examples": int(claims[n])} for n in sorted(per_node)}
+    if not client_dp(cfg):  # under client-level DP nothing is published per client
+        row["fed_nodes"] = {str(n): {**per_node[n], "examples": int(claims[n])} for n in sorted(per_node)}
     return row
 
 
