@@ -31,6 +31,7 @@ class Watch:
 
     patience: Patience
     claims: Claims = field(default_factory=Claims)
+    capped: set[tuple[int, float]] = field(default_factory=set)  # (node, claim) capped and logged
 
 
 def check_reply(rep: Message, manifest: payload.Manifest, rnd: int) -> dict:
@@ -56,9 +57,12 @@ def _weigh(cfg: Config, rnd: int, good: list[Message], watch: Watch) -> dict[str
         return {str(n): 1.0 for n in claims}
     weights, capped = cap_weights(claims, f.max_weight_factor)
     for node in capped:
+        if (node, claims[node]) in watch.capped:
+            continue  # said once per node and claim: an honest large client is capped every round
+        watch.capped.add((node, claims[node]))
         log(
-            f"round {rnd}: node {node} claims {claims[node]:g} training examples; weighed as {weights[node]:g} "
-            f"(federation.max_weight_factor {f.max_weight_factor:g} x the round's median claim)"
+            f"round {rnd}: node {node} claims {claims[node]:g} training examples; weighed as {weights[node]:g}, "
+            f"federation.max_weight_factor {f.max_weight_factor:g} x the round's median claim (said once per node and claim)"
         )
     for r in good:
         r.content["metrics"][NUM_EXAMPLES] = weights[r.metadata.src_node_id]
