@@ -40,6 +40,7 @@ def test_200_virtual_clients_10_percent_per_round_memory_flat(tmp_path):
         "federation.fraction_fit=0.1",
         "federation.fraction_evaluate=0",
         "federation.rounds=4",
+        "federation.local_steps=2",  # the config's 10 steps x 20 clients cost 30 s a round; memory is what is measured
         "federation.min_clients=20",
         "data.partition=iid",
     ]
