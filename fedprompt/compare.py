@@ -26,6 +26,13 @@ COLUMNS = [
 
 def describe(run: Path) -> dict:
     """One run's comparison figures, from its config.yaml and metrics.jsonl."""
+    try:
+        return _describe(run)
+    except (KeyError, TypeError, AttributeError) as e:  # files of another shape than fedprompt writes
+        raise RunError(f"{run}: its config.yaml or metrics.jsonl is not what fedprompt writes ({type(e).__name__}: {e}); pass run directories") from None
+
+
+def _describe(run: Path) -> dict:
     import yaml
 
     try:
@@ -35,6 +42,7 @@ def describe(run: Path) -> dict:
         raise RunError(f"{run}: not a readable fedprompt run directory ({type(e).__name__}: {str(e).splitlines()[0][:120]}); pass run directories") from None
     if not rows:
         raise RunError(f"{run}: no metrics rows yet; pass run directories of started runs")
+    cfg = cfg if isinstance(cfg, dict) else {}
     federated = "clients" in rows[-1]
     acc = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
     eps = [r["epsilon"] for r in rows if r.get("epsilon") is not None]

@@ -70,6 +70,12 @@ def test_train_logs_every_row_to_both_trackers_and_compare_puts_runs_side_by_sid
     assert [t["run"] for t in table] == ["lr-small", "lr-large"] and table[0]["final_accuracy"] == pytest.approx(rows[-1]["accuracy"])
     assert main(["compare", str(tmp_path / "nothing-here")]) == 2
     assert "not a readable fedprompt run directory" in capsys.readouterr().err
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.yaml").write_text("- a list\n")
+    (odd / "metrics.jsonl").write_text('{"no_round": 1}\n')
+    assert main(["compare", str(odd)]) == 2
+    assert "is not what fedprompt writes" in capsys.readouterr().err
 
 
 def test_an_unreachable_mlflow_costs_one_warning_line(tmp_path, capsys, monkeypatch):
