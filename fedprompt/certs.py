@@ -7,7 +7,7 @@ One folder holds everything a federation needs:
     clients/<name>[.pub]      a SuperNode's auth key pair (OpenSSH, ECDSA P-384)
     authorized/<name>.pub     public keys the server registers with its SuperLink
 
-Formats are the ones Flower 1.41 reads: PEM certificates and PKCS#8 keys for TLS
+Formats are the ones Flower 1.42 reads: PEM certificates and PKCS#8 keys for TLS
 (`flower-superlink --ssl-*`, `flower-supernode --root-certificates`), an OpenSSH private
 key ("BEGIN OPENSSH PRIVATE KEY") for `flower-supernode --auth-supernode-private-key` and
 an OpenSSH public key line ("ecdsa-sha2-nistp384 ...") for `flwr supernode register`.

@@ -4,7 +4,7 @@ Server: the SuperLink gets the certificate folder of `fedprompt certs` (`ca.crt`
 `server.crt`, `server.key`) and `--enable-supernode-auth`; the public keys in its
 `authorized/` folder are registered with the SuperLink at start and kept in sync while the
 server runs (a key added with `fedprompt certs register` joins, one removed with `revoke` is
-unregistered). Flower 1.41 keeps registrations in the SuperLink's memory, so a restarted
+unregistered). Flower 1.42 keeps registrations in the SuperLink's memory, so a restarted
 server registers them again.
 
 Client: before each SuperNode start it checks the server itself, with the same trust roots,

@@ -21,12 +21,12 @@ def set_args(items: list[str]) -> list[str]:
     return [a for s in items for a in ("--set", s)]
 
 
-def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_fedprompt(args: list[str], log: Path, *, threads: int | None = None, extra_env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen:
     env = dict(os.environ) | (extra_env or {})
     if threads:  # several torch processes share this machine's cores: do not oversubscribe
         env["OMP_NUM_THREADS"] = str(threads)
     with open(log, "ab") as f:
-        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=ROOT)
+        return subprocess.Popen([sys.executable, "-m", "fedprompt", *args], stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=cwd)
 
 
 def wait_for_round(out: Path, rnd: int, procs: list[subprocess.Popen], timeout: float) -> None:

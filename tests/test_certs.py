@@ -1,6 +1,6 @@
 """fedprompt.certs: the files a TLS federation with SuperNode authentication needs.
 
-Formats are checked against what Flower 1.41 reads (see the module docstring); a real TLS
+Formats are checked against what Flower 1.42 reads (see the module docstring); a real TLS
 handshake on loopback checks the server certificate the way the SuperNode's HTTP client
 does (CA trust + hostname/IP against the SANs).
 """

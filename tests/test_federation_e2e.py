@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from fedprompt.config import load_config
 from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
-from tests.helpers import TINY, client_tls, make_certs, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
+from tests.helpers import TINY, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,49 +72,46 @@ def _scrape(url: str) -> str:
         return ""  # not up yet, or gone
 
 
-def test_server_and_two_clients_on_minilm(tmp_path):
-    """A real server and two real clients on loopback complete 3 rounds on MiniLM; each client
-    loads its backbone once; the server's Prometheus endpoint says each round as it completes;
-    the final adapter loads with peft and gives the last row's accuracy."""
-    import torch
-    from peft import PeftModel
+def _walkthrough() -> list[list[str]]:
+    """The README's "A first deployment" commands, one argv each (continuations joined,
+    comments dropped), in the order a user types them."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("<!-- walk-through", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands, line = [], ""
+    for raw in block.splitlines():
+        part = raw.split(" #", 1)[0].strip() if not raw.lstrip().startswith("#") else ""
+        line += " " + part.removesuffix("\\")
+        if part and not part.endswith("\\"):
+            commands.append(shlex.split(line))
+            line = ""
+    assert all(c[0] == "fedprompt" for c in commands), commands
+    return commands
 
-    from fedprompt.backbone import load_backbone
-    from fedprompt.engine import evaluate
-    from fedprompt.local import LocalClient
-    from tests.test_e2e import PeftForward
 
-    port, out = free_port(), tmp_path / "run"
-    certs = make_certs(tmp_path / "certs", ["client-0", "client-1"])  # the default: TLS + registered clients
-    common = ["--config", str(ROOT / "configs/bbc-minilm-prompt.yaml")] + set_args(
-        [
-            "federation.rounds=3",
-            "federation.local_steps=5",
-            "data.partition=iid",
-            "federation.num_clients=2",
-            "federation.fraction_fit=1.0",
-            "federation.fraction_evaluate=1.0",
-            "train.max_eval_examples=0",
-        ]
-    )
+# What the test changes in the walk-through: fewer rounds and steps (the suite's budget).
+FEWER = set_args(["federation.rounds=1", "federation.local_steps=10"])
+
+
+def test_readme_walkthrough_matches_its_simulation(tmp_path):
+    """The README's first deployment, run as written (a free port instead of 9092, fewer
+    rounds): a real server and two real TLS clients complete their rounds; each client loads its
+    backbone once; the server's Prometheus endpoint says each round as it completes; the
+    accuracy is within 0.05 of `fedprompt simulate` on the same config; the final adapter loads
+    with peft (and with plain transformers + peft) and gives the last row's accuracy."""
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    commands = _walkthrough()
+    kinds = [c[1] for c in commands]
+    assert kinds == ["certs", "certs", "certs", "server", "client", "client"], kinds
+    port, out = free_port(), tmp_path / "runs/fed"
+    for c in commands[:3]:
+        r = subprocess.run([sys.executable, "-m", "fedprompt", *c[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
     scrape = f"http://127.0.0.1:{free_port()}/metrics"
-    server = start_fedprompt(
-        [
-            "server",
-            *common,
-            *set_args([f"server.address=127.0.0.1:{port}", f"server.certs_dir={certs}", f"server.metrics_address={scrape[7:-8]}"]),
-            "--output",
-            str(out),
-        ],
-        tmp_path / "server.log",
-    )
+    server_args = [*commands[3][1:], *FEWER, *set_args([f"server.address=127.0.0.1:{port}", f"server.metrics_address={scrape[7:-8]}"])]
+    server = start_fedprompt(server_args, tmp_path / "server.log", cwd=tmp_path)
     clients = [
-        start_fedprompt(
-            ["client", *common, *client_tls(certs, f"client-{i}"), "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
-            tmp_path / f"client{i}.log",
-            threads=1,
-        )
-        for i in range(2)
+        start_fedprompt([a.replace("localhost:9092", f"localhost:{port}") for a in c[1:]] + FEWER, tmp_path / f"client{i}.log", threads=1, cwd=tmp_path)
+        for i, c in enumerate(commands[4:])
     ]
     seen: dict[int, str] = {}  # rounds completed -> the scrape that said so, while the server runs
     try:
@@ -128,39 +126,43 @@ def test_server_and_two_clients_on_minilm(tmp_path):
         assert all(c.poll() is None for c in clients)  # clients are services: still up
     finally:
         stop_all(clients + [server])
-    assert {1, 2, 3} <= set(seen), sorted(seen)  # Prometheus saw each round as it completed
-    assert 'fedprompt_replies_rejected_total{reason="payload"} 0.0' in seen[3] and "fedprompt_clients_aggregated 2.0" in seen[3]
+    assert {0, 1} <= set(seen), sorted(seen)  # Prometheus saw each round as it completed
+    assert 'fedprompt_replies_rejected_total{reason="payload"} 0.0' in seen[1] and "fedprompt_clients_aggregated 2.0" in seen[1]
     assert not _flower_processes_of(port), "Flower processes left behind"
     rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [0, 1, 2, 3]
-    loads = [r["backbone_loads"] for r in rows[1:]]
-    assert len(loads[0]) == 2 and all(x == loads[0] for x in loads) and set(loads[0].values()) == {1}
+    assert [r["round"] for r in rows] == [0, 1]
+    loads = rows[1]["backbone_loads"]  # after the initial payload, round 0's evaluation and round 1
+    assert len(loads) == 2 and set(loads.values()) == {1}
     summary = json.loads((out / "summary.json").read_text())
     assert max(r["bytes_up"] for r in rows) <= 1.10 * summary["payload_bytes"]
     assert "Summary" in (tmp_path / "server.log").read_text()
 
-    # The adapter, through peft on a fresh backbone, over both clients' local test splits.
-    cfg = load_config(out / "config.yaml")
-    lc = LocalClient(cfg, num_partitions=2)
-    torch.manual_seed(999)  # another head init: the adapter must bring the trained one
-    bb = load_backbone(cfg.model, num_labels=len(lc.state.data.labels), task=lc.state.data.task)
-    pm = PeftForward(PeftModel.from_pretrained(bb.model, str(out / "adapter")))
-    per_client = []
-    for i in range(2):
-        test = lc.shard(i).test
-        m = evaluate(pm, lc.state.task, test, cfg, pad_id=lc.state.pad_id, device=bb.device)
-        per_client.append((m["accuracy"], len(test)))
-    # Each client's figure through peft is the one it reported for the last round.
+    # The same config simulated: where the walk-through ends is where the simulation ends.
+    sim = subprocess.run(
+        [sys.executable, "-m", "fedprompt", "simulate", "--config", "configs/deploy-2-clients.yaml", "--output", "runs/sim", *FEWER],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert sim.returncode == 0, sim.stdout[-3000:] + sim.stderr[-3000:]
+    sim_rows = read_jsonl(tmp_path / "runs/sim/metrics.jsonl")
+    assert [r["round"] for r in sim_rows] == [0, 1]
+    assert abs(rows[-1]["accuracy"] - sim_rows[-1]["accuracy"]) <= 0.05, (rows[-1]["accuracy"], sim_rows[-1]["accuracy"])
+    assert rows[-1]["accuracy"] > 0.5  # trained: 4 labels, 0.25 at round 0
+
+    # Each client's figure of the last round, pooled: what the adapter must reproduce.
     nodes = rows[-1]["fed_nodes"].values()
-    assert sorted(a for a, _ in per_client) == pytest.approx(sorted(v["accuracy"] for v in nodes), abs=1e-6)
-    assert sorted(n for _, n in per_client) == sorted(v["examples"] for v in nodes)
-    pooled = sum(a * n for a, n in per_client) / sum(n for _, n in per_client)
+    pooled = sum(v["accuracy"] * v["examples"] for v in nodes) / sum(v["examples"] for v in nodes)
+    assert pooled == pytest.approx(rows[-1]["accuracy"], abs=1e-6)
 
     # And with plain transformers + peft in a process without fedprompt: the folder names the
     # base model (a hub id; its local copy here, offline) and the labels.
-    from fedprompt.data import partition
+    from fedprompt.data import load_task_data, partition
 
-    texts = [(t, lc.state.data.labels[y]) for i in range(2) for t, y in zip(*_text_label(partition(lc.state.data.test, cfg.data, 2, i)), strict=True)]
+    cfg = load_config(out / "config.yaml")
+    data = load_task_data(cfg.data)
+    texts = [(t, data.labels[y]) for i in range(2) for t, y in zip(*_text_label(partition(data.test, cfg.data, 2, i)), strict=True)]
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     r = subprocess.run(
         [sys.executable, "-I", "-c", PLAIN_PEFT, str(out / "adapter"), str(tmp_path / "texts.json")], capture_output=True, text=True, timeout=600, cwd=tmp_path

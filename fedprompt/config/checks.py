@@ -168,7 +168,7 @@ def validate(c: Config) -> list[str]:
         )
         need(
             not pr.adaptive_clipping,
-            "privacy.adaptive_clipping: true is refused: Flower 1.41's adaptive-clipping wrappers update the clip norm before "
+            "privacy.adaptive_clipping: true is refused: Flower 1.42's adaptive-clipping wrappers update the clip norm before "
             "sizing the noise, so a shrinking norm adds less noise than accounted; use fixed clipping (privacy.client_clip_norm)",
         )
         need(

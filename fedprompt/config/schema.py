@@ -117,7 +117,7 @@ class PrivacyConfig:
     client_noise_multiplier: float = 1.0  # std of the noise on the summed clipped updates / clip norm
     client_clip_norm: float = 0.1  # L2 bound on one client's update (local - global)
     clipping: Literal["server", "client"] = "server"  # where updates are clipped
-    # Refused when true under client-level DP: Flower 1.41's adaptive wrappers under-noise
+    # Refused when true under client-level DP: Flower 1.42's adaptive wrappers under-noise
     # (config check below says why). Kept as a key so the reason is given, not "unknown key".
     adaptive_clipping: bool = False
 

@@ -1,6 +1,6 @@
 """The server's front: the only thing of `fedprompt server` that faces the network.
 
-Flower 1.41's SuperLink serves three APIs on one HTTP port: the Fleet API (`/v1/fleet/...`,
+Flower 1.42's SuperLink serves three APIs on one HTTP port: the Fleet API (`/v1/fleet/...`,
 what SuperNodes use), the Control API (`/v1/control/...`: submit a run with its code, register
 or unregister node keys, list and stop runs; no login in open-source Flower) and the runtime
 API (`/v1/runtime/...`, for the server's own app processes), plus `GET /health`. Whoever
