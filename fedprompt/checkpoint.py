@@ -36,6 +36,8 @@ class ServerState:
     adapter_config: str = ""  # adapter_config.json text, agreed with round 0's payload
     config_yaml: str = ""  # the run's resolved config
     labels: list[str] = field(default_factory=list)  # class index -> label name (classification)
+    # Adapter tensors never exchanged (FFA-LoRA's A), agreed with round 0's payload: the export needs them.
+    fixed: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _checksum(arrays: dict[str, np.ndarray]) -> str:
@@ -52,6 +54,7 @@ def save(folder: Path, state: ServerState) -> Path:
     from safetensors.numpy import save_file
 
     arrays = {f"global/{k}": np.ascontiguousarray(v) for k, v in state.tensors.items()}
+    arrays.update({f"fixed/{k}": np.ascontiguousarray(v) for k, v in state.fixed.items()})
     for slot, tensors in state.strategy.items():
         arrays.update({f"strategy/{slot}/{k}": np.ascontiguousarray(v) for k, v in tensors.items()})
     meta = {
@@ -103,6 +106,8 @@ def _read(path: Path) -> ServerState:
         kind, _, rest = k.partition("/")
         if kind == "global":
             state.tensors[rest] = v
+        elif kind == "fixed":
+            state.fixed[rest] = v
         else:
             slot, _, name = rest.partition("/")
             state.strategy.setdefault(slot, {})[name] = v

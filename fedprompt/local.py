@@ -58,6 +58,7 @@ class LocalClient:
         BACKBONE_LOADS += 1
         self.manifest = payload.manifest_of(self.state.model)
         self._initial = payload.extract(self.state.model)  # the seeded init, before any round
+        self._fixed = payload.extract_fixed(self.state.model)  # never trained (FFA-LoRA's A)
         self._shards: dict[int, Shard] = {}
 
     def shard(self, partition_id: int) -> Shard:
@@ -84,6 +85,10 @@ class LocalClient:
         """The method's seeded initial tensors (the global state of round 0), whatever rounds
         this client has served since."""
         return {k: t.clone() for k, t in self._initial.items()}
+
+    def fixed_payload(self) -> dict[str, torch.Tensor]:
+        """The adapter tensors this client never trains (sent once, with the initial payload)."""
+        return {k: t.clone() for k, t in self._fixed.items()}
 
     def adapter_config_json(self) -> str:
         """adapter_config.json of this method on this backbone, for the server's export."""

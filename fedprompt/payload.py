@@ -93,6 +93,13 @@ def extract(model: Adapted) -> dict:
     return {name: wire_tensor(p) for name, p in model.trainable().items()}
 
 
+def extract_fixed(model: Adapted) -> dict:
+    """Like `extract`, for the adapter tensors that are never trained (`Adapted.fixed`)."""
+    from fedprompt.methods.base import wire_tensor
+
+    return {name: wire_tensor(p) for name, p in model.fixed().items()}
+
+
 def _finite(t: Any) -> bool:
     if _is_torch(t):
         import torch

@@ -46,6 +46,7 @@ def setup(cfg: Config, *, data=None) -> Setup:
     from fedprompt import methods
     from fedprompt.backbone import load_backbone
     from fedprompt.data import load_task_data
+    from fedprompt.lora_aggregation import fixed_rule
     from fedprompt.tasks import make_task, task_kind
 
     data = data if data is not None else load_task_data(cfg.data)
@@ -61,6 +62,9 @@ def setup(cfg: Config, *, data=None) -> Setup:
             f"{positions} positions; lower model.max_length to at most {positions - extra}"
         )
     model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
+    frozen = fixed_rule(cfg.peft.method, cfg.federation.lora_aggregation)
+    if frozen is not None:  # FFA-LoRA: A stays at the seeded init every client shares
+        model.freeze(frozen)
     kind = task_kind(data.task, backbone.causal)
     task = make_task(kind, backbone.tokenizer, cfg, data.labels)
     if kind == "verbalizer" and "logits_to_keep" in inspect.signature(backbone.model.forward).parameters:

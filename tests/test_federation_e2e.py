@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -223,6 +224,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         "data.alpha=1.0",
         "train.lr=0.05",
         *(["output.trackers=tensorboard,mlflow"] if kind == "bert" else []),
+        *(["federation.lora_aggregation=ffa"] if method == "lora" else []),  # QLoRA with FFA: A sent once, kept in the export
     ]
     r = subprocess.run(
         [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT
@@ -239,6 +241,15 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
     if kind == "bert":
         _trackers_hold(out, rows)
+    if method == "lora":
+        from safetensors.numpy import load_file
+
+        keys = set(load_file(str(out / "adapter/adapter_model.safetensors")))
+        a = {k for k in keys if ".lora_A." in k}
+        assert a and {k.replace(".lora_A.", ".lora_B.") for k in a} <= keys
+        assert json.loads((out / "summary.json").read_text())["payload_bytes"] < sum(
+            np.prod(v.shape) * 4 for v in load_file(str(out / "adapter/adapter_model.safetensors")).values()
+        )  # what travels each round: B (and no A)
 
 
 def _trackers_hold(out: Path, rows: list[dict]) -> None:

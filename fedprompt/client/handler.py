@@ -35,7 +35,7 @@ def client_for(config_file: str | Path, num_partitions: int):
 
 def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
     return Reply(
-        tensors=_numpy(client.initial_payload()),
+        tensors=_numpy({**client.initial_payload(), **client.fixed_payload()}),  # the whole seeded adapter
         adapter_config=client.adapter_config_json(),
         labels=list(client.state.data.labels),
         metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker},

@@ -126,6 +126,25 @@ def validate(c: Config) -> list[str]:
             )
 
     pr = c.privacy
+    if f.lora_aggregation != "factors":
+        need(
+            c.peft.method == "lora",
+            f"federation.lora_aggregation: {f.lora_aggregation!r} applies to peft.method 'lora', not {c.peft.method!r}; remove it (or use 'factors')",
+        )
+    if f.lora_aggregation == "svd":
+        # The SVD replaces the strategy's mean of the factors with its own weighted mean of the
+        # products: a server optimizer, a per-coordinate robust aggregate or the DP wrapper's
+        # noised mean would be computed and then discarded.
+        need(
+            f.strategy in ("fedavg", "fedprox", "krum", "multikrum"),
+            f"federation.lora_aggregation: 'svd' with federation.strategy {f.strategy!r}: the SVD takes the weighted mean of "
+            "B @ A itself; use fedavg, fedprox, krum or multikrum (or lora_aggregation 'ffa', whose mean is exact under any strategy)",
+        )
+        need(
+            pr.mode not in ("client", "both"),
+            f"federation.lora_aggregation: 'svd' with privacy.mode {pr.mode!r}: client-level DP noises the mean of the factors, "
+            "which the SVD of the individual products would bypass; use lora_aggregation 'ffa' or 'factors'",
+        )
     need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
     need(pr.max_grad_norm > 0, f"privacy.max_grad_norm: {pr.max_grad_norm} must be > 0")
     need(pr.target_epsilon >= 0, f"privacy.target_epsilon: {pr.target_epsilon} must be >= 0 (0: use noise_multiplier)")

@@ -100,6 +100,10 @@ class FederationConfig:
     # ...or a trusted PEFT adapter folder (adapter_model.safetensors + adapter_config.json),
     # e.g. an earlier run's adapter/ to continue from it.
     initial_adapter: str = ""
+    # LoRA only: how factors are aggregated (fedprompt/lora_aggregation.py). factors: the mean
+    # of A and of B; ffa: A frozen at the shared seeded init, only B trained and exchanged (exact
+    # mean, half the bytes); svd: the best rank-r factors of the weighted mean of the B @ A.
+    lora_aggregation: Literal["factors", "ffa", "svd"] = "factors"
     workers: int = 1  # simulation: worker processes, each holding one backbone
 
 

@@ -38,20 +38,29 @@ class Adapted(nn.Module):
         """Payload name (the key in adapter_model.safetensors) -> the live parameter."""
         raise NotImplementedError
 
+    def fixed(self) -> dict[str, nn.Parameter]:
+        """Adapter tensors kept frozen at their seeded init (FFA-LoRA's A): part of the adapter
+        file, never of the payload. Empty unless `freeze` moved some there."""
+        return {}
+
+    def freeze(self, rule: Callable[[str], bool]) -> None:
+        """Stop training the payload tensors whose name satisfies `rule` (they move to `fixed`)."""
+        raise NotImplementedError(f"{self.method}: no adapter tensor can be frozen")
+
     def adapter_config(self, base_model_path: str):
         """The peft config object describing this adapter (written as adapter_config.json)."""
         raise NotImplementedError
 
     def save_adapter(self, folder: str | Path, base_model_path: str) -> None:
         """Write a standard PEFT adapter folder: adapter_config.json + adapter_model.safetensors
-        holding exactly the payload tensors, in float32 whatever the training precision (so a
+        holding exactly the payload (and fixed) tensors, in float32 whatever the training precision (so a
         bf16 run exports the same contract as an fp32 one)."""
         from safetensors.torch import save_file
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.adapter_config(base_model_path).save_pretrained(str(folder))
-        tensors = {k: wire_tensor(v) for k, v in self.trainable().items()}
+        tensors = {k: wire_tensor(v) for k, v in {**self.trainable(), **self.fixed()}.items()}
         save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
 
     @property

@@ -8,6 +8,7 @@ from flwr.app import Message
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
+from fedprompt.lora_aggregation import LORA_AGGREGATIONS
 from fedprompt.server import robust
 from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.wire import from_record, to_record
@@ -39,6 +40,9 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
     before = strategy_state(strategy)
     arrays, train = strategy.aggregate_train(rnd, good)
     tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
+    combine = LORA_AGGREGATIONS[f.lora_aggregation].combine if cfg.peft.method == "lora" else None
+    if combine is not None and good:  # FlexLoRA: the LoRA factors of the mean product, not the mean factors
+        tensors.update(combine([from_record(r.content["arrays"]) for r in good], [_weight(strategy, r) for r in good]))
     after = [v for slot in strategy_state(strategy).values() for v in slot.values()]
     if not all(robust.finite(v) for v in [*tensors.values(), *after]):
         # Finite updates can still sum past float32 (screening needs >= 3 replies and a sane
@@ -48,6 +52,13 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
         return state.tensors, train, False
     payload.validate(tensors, manifest, source=f"aggregate of round {rnd}")
     return tensors, train, True
+
+
+def _weight(strategy, rep: Message) -> float:
+    """The weight the strategy gave this reply in its mean (the capped claim, or 1 under
+    uniform weighting): the same key, read the same way as Flower's FedAvg reads it."""
+    key = getattr(strategy, "strategy", strategy).weighted_by_key
+    return float(next(iter(rep.content.metric_records.values()))[key])
 
 
 def screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good: list[Message], problems: list[str]) -> tuple[list[Message], dict]:

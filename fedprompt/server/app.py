@@ -164,7 +164,7 @@ def _patience(cfg: Config, rows: list[dict]) -> Patience:
 def _finish(cfg: Config, out: Path, state: checkpoint.ServerState, manifest: payload.Manifest) -> None:
     from fedprompt.export import make_portable
 
-    checkpoint.export_adapter(out / "adapter", state.tensors, state.adapter_config)
+    checkpoint.export_adapter(out / "adapter", {**state.tensors, **state.fixed}, state.adapter_config)
     rows = state.rows
     make_portable(out / "adapter", cfg, state.labels, {**rows[-1], "kind": "federated"})
     if cfg.output.plots and all(r.get("accuracy") is not None for r in rows):
