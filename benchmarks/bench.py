@@ -34,6 +34,7 @@ SECTIONS = [  # (name, script): the order of RESULTS.md
     ("wire", "wire.py"),
     ("memory", "memory.py"),
     ("learning", "learning.py"),
+    ("lora_aggregation", "lora_aggregation.py"),
     ("untrusted", "untrusted.py"),
     ("scaling", "scaling.py"),
     ("dp_overhead", "dp_overhead.py"),

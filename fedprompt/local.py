@@ -118,7 +118,7 @@ class LocalClient:
         # (Not under DP: its batches and noise come from the OS entropy pool.)
         round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
         torch.manual_seed(round_seed)
-        with self._dp(data) as account:
+        with self._dp(data) as account, s.task.adjusted(self._label_offset(data)):
             engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=account.plan)
             stream = account.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
             t0 = time.perf_counter()
@@ -138,6 +138,19 @@ class LocalClient:
         if private:  # the loss on the private examples is not noised: it stays on the client
             del metrics["train_loss"]
         return FitResult(payload.extract(s.model), len(data), metrics)
+
+    def _label_offset(self, data) -> torch.Tensor | None:
+        """(C,) tau x log(this partition's label frequencies) for train.logit_adjustment (None:
+        off). A class the partition lacks gets log(1e-12): out of its softmax."""
+        tau = self.cfg.train.logit_adjustment
+        if not tau:
+            return None
+        if not hasattr(self.state.task, "adjusted"):
+            from fedprompt.tasks import TaskError
+
+            raise TaskError(f"train.logit_adjustment: {tau} applies to classification, not to the {self.state.task.name} task; set it to 0")
+        counts = torch.bincount(torch.tensor(data.target), minlength=len(self.state.data.labels)).double()
+        return (tau * torch.log((counts / counts.sum()).clamp_min(1e-12))).float()
 
     def ledger_path(self, data) -> Path:
         """The privacy ledger of a client holding `data` (its training examples)."""

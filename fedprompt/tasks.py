@@ -8,9 +8,11 @@ Token ids are cached on disk, keyed by the tokenizer, the task settings and the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,14 +127,31 @@ class HeadClassification(Task):
         enc = _cached(self.tok, {"task": self.name, "max_length": self.max_length, "labels": labels}, texts, build)
         return enc
 
+    # (C,) added to the class logits by the losses while `adjusted` is active (a federated
+    # client's local training under train.logit_adjustment); evaluation never sees it.
+    offset: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def adjusted(self, offset: torch.Tensor | None) -> Iterator[None]:
+        """Train with logits + `offset` (C,) in the losses; predictions keep the plain logits."""
+        self.offset = offset
+        try:
+            yield
+        finally:
+            self.offset = None
+
     def class_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return logits.float()
 
+    def _loss_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
+        z = self.class_logits(logits, batch)
+        return z if self.offset is None else z + self.offset.to(z.device)
+
     def loss(self, logits, batch):
-        return F.cross_entropy(self.class_logits(logits, batch), batch["labels"])
+        return F.cross_entropy(self._loss_logits(logits, batch), batch["labels"])
 
     def example_losses(self, logits, batch):
-        return F.cross_entropy(self.class_logits(logits, batch), batch["labels"], reduction="none")
+        return F.cross_entropy(self._loss_logits(logits, batch), batch["labels"], reduction="none")
 
     def predict(self, logits, batch):
         return self.class_logits(logits, batch).argmax(-1)

@@ -112,3 +112,39 @@ def test_exact_match_stops_decoding_once_the_reference_is_out_of_reach():
     assert babble.calls == 1  # " sport" is no prefix of "business": stop at once
     longer = Scripted(tok(" business news")["input_ids"])
     assert exact_match(longer, Task, data, 1, torch.device("cpu")) == 0.0  # the reference, then more
+
+
+def test_logit_adjustment_shifts_the_training_loss_only_and_drops_absent_classes():
+    import torch.nn.functional as F
+
+    from fedprompt.config import load_config
+    from fedprompt.tasks import HeadClassification
+
+    task = HeadClassification(None, load_config(None, []), ["a", "b", "c"])
+    z = torch.tensor([[1.0, 2.0, 0.5], [0.2, 0.1, 3.0]], requires_grad=True)
+    batch = {"labels": torch.tensor([0, 1])}
+    prior = torch.tensor([0.75, 0.25, 0.0])  # the client never holds class c
+    offset = torch.log(prior.clamp_min(1e-12))
+    plain = task.loss(z, batch)
+    with task.adjusted(offset):
+        adjusted = task.loss(z, batch)
+        assert torch.equal(task.predict(z, batch), z.argmax(-1))  # predictions: the plain logits
+        (g,) = torch.autograd.grad(adjusted, z)
+    assert float(adjusted) == pytest.approx(float(F.cross_entropy(z + offset, batch["labels"])))
+    assert abs(float(g[:, 2].abs().max())) < 1e-9  # class c is no longer pushed down on this client
+    (g0,) = torch.autograd.grad(task.loss(z, batch), z)
+    assert float(g0[:, 2].abs().max()) > 0.1 and float(task.loss(z, batch)) == float(plain)  # off again outside the block
+
+
+@pytest.mark.parametrize(
+    "sets,words",
+    [
+        (["train.logit_adjustment=-1"], "must be >= 0"),
+        (["train.logit_adjustment=1", "privacy.mode=sample"], "each example's gradient would depend on the others'"),
+    ],
+)
+def test_logit_adjustment_refusals(sets, words):
+    from fedprompt.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=words):
+        load_config(None, sets)

@@ -126,6 +126,14 @@ def validate(c: Config) -> list[str]:
             )
 
     pr = c.privacy
+    need(c.train.logit_adjustment >= 0, f"train.logit_adjustment: {c.train.logit_adjustment} must be >= 0 (0: off)")
+    if pr.mode in ("sample", "both"):
+        need(
+            c.train.logit_adjustment == 0,
+            f"train.logit_adjustment: {c.train.logit_adjustment} with privacy.mode {pr.mode!r}: the adjustment is computed from "
+            "all of the client's labels, so each example's gradient would depend on the others' (DP-SGD's accounting "
+            "assumes it does not); set it to 0",
+        )
     if f.lora_aggregation != "factors":
         need(
             c.peft.method == "lora",

@@ -68,6 +68,11 @@ class TrainConfig:
     eval_batch_size: int = 64
     max_eval_examples: int = 0  # 0: the whole test split
     seed: int = 0
+    # Federated classification under label skew: a client's local loss sees the class logits
+    # plus tau x log(its own label frequencies), so it stops pushing down the classes it rarely
+    # or never holds (1: balanced softmax; absent classes leave its softmax: restricted
+    # softmax). Predictions use the plain logits; nothing extra travels. 0: off.
+    logit_adjustment: float = 0.0
 
 
 @dataclass
