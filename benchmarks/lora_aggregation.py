@@ -25,7 +25,11 @@ from benchmarks.learning import LR, federation_sets, run_federated  # noqa: E402
 from fedprompt.config import load_config  # noqa: E402
 from fedprompt.lora_aggregation import LORA_AGGREGATIONS  # noqa: E402
 
-SETTINGS = [("dirichlet 0.5", ["data.alpha=0.5"]), ("dirichlet 0.1", ["data.alpha=0.1"]), ("dirichlet 0.5, DP-SGD eps 8", ["data.alpha=0.5", "privacy.mode=sample", "privacy.target_epsilon=8"])]
+SETTINGS = [
+    ("dirichlet 0.5", ["data.alpha=0.5"]),
+    ("dirichlet 0.1", ["data.alpha=0.1"]),
+    ("dirichlet 0.5, DP-SGD eps 8", ["data.alpha=0.5", "privacy.mode=sample", "privacy.target_epsilon=8"]),
+]
 
 
 def main() -> int:

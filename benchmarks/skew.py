@@ -41,7 +41,8 @@ def main() -> int:
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for method in args.methods.split(","):
-            sets = federation_sets(args.long, "minilm-l6") + [f"peft.method={method}", f"train.lr={LR[method]}", "data.partition=dirichlet", f"data.alpha={args.alpha}"]
+            sets = federation_sets(args.long, "minilm-l6") + [f"peft.method={method}", f"train.lr={LR[method]}"]
+            sets += ["data.partition=dirichlet", f"data.alpha={args.alpha}"]
             results[method] = {}
             cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml", sets)
             f = cfg.federation
