@@ -93,6 +93,7 @@ def validate(c: Config) -> list[str]:
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
     need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
+    need(0 <= f.server_momentum < 1, f"federation.server_momentum: {f.server_momentum} is out of range; allowed [0, 1)")
     need(f.num_malicious >= 0, f"federation.num_malicious: {f.num_malicious} must be >= 0")
     need(f.norm_bound >= 0, f"federation.norm_bound: {f.norm_bound} must be >= 0 (0: off)")
     need(

@@ -84,9 +84,10 @@ class FederationConfig:
     fraction_evaluate: float = 1.0  # share sampled to evaluate on their local test split; 0: off
     centralized_eval: bool = True  # simulation: also evaluate on the whole held-out test split
     min_clients: int = 2  # the server waits for this many connected clients before a round
-    strategy: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum"] = "fedavg"
+    strategy: Literal["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedmedian", "trimmedmean", "krum", "multikrum"] = "fedavg"
     proximal_mu: float = 0.0  # fedprox: weight of the proximal term mu/2 ||w - w_global||^2
     server_lr: float = 1e-2  # fedadam / fedyogi: server learning rate (eta)
+    server_momentum: float = 0.5  # fedavgm: share of the previous server step carried into the next (server lr 1)
     trim_fraction: float = 0.2  # trimmedmean: share cut from each end, per coordinate
     num_malicious: int = 0  # krum / multikrum: f, attackers tolerated per round (needs > 2f + 2 sampled clients)
     norm_bound: float = 0.0  # L2 bound on each client's update (reply - global), scaled down to it; 0: off

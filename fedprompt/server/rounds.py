@@ -16,7 +16,7 @@ from fedprompt.protocol import NUM_EXAMPLES, WORKER_PID, Kind, MetricError
 from fedprompt.server.aggregate import aggregate, log, screen_and_bound
 from fedprompt.server.evaluation import evaluate
 from fedprompt.server.messages import FederationError, exchange, known_metrics
-from fedprompt.server.strategies import WEIGHT_KEY, client_dp, sampled_clients, weighted_mean
+from fedprompt.server.strategies import WEIGHT_KEY, begin_round, client_dp, sampled_clients, weighted_mean
 from fedprompt.server.trust import Claims, Patience, cap_weights
 from fedprompt.wire import error_reason, from_record, to_record, wire_bytes
 
@@ -75,6 +75,7 @@ def train_round(
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
     pr = cfg.privacy
+    begin_round(strategy, state.tensors)
     msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
     down = wire_bytes(msgs[0]) if msgs else 0
     timeout = watch.patience.timeout(Kind.FIT)

@@ -86,6 +86,9 @@ class StrategySpec:
 STRATEGIES: dict[str, StrategySpec] = {
     "fedavg": StrategySpec(lambda f, c: fl.FedAvg(**c)),
     "fedprox": StrategySpec(lambda f, c: fl.FedProx(**c, proximal_mu=f.proximal_mu)),
+    # Server momentum (Hsu et al. 2019) on the clients' mean update at server learning rate 1:
+    # the first round steps like FedAvg, later ones carry server_momentum of the previous step.
+    "fedavgm": StrategySpec(lambda f, c: fl.FedAvgM(**c, server_learning_rate=1.0, server_momentum=f.server_momentum)),
     "fedadam": StrategySpec(lambda f, c: fl.FedAdam(**c, eta=f.server_lr)),
     "fedyogi": StrategySpec(lambda f, c: fl.FedYogi(**c, eta=f.server_lr)),
     "fedmedian": StrategySpec(lambda f, c: fl.FedMedian(**c)),
@@ -103,11 +106,31 @@ def _inner(cfg: Config, common: dict) -> fl.FedAvg:
 _STATE_SLOTS = ("m_t", "v_t")
 
 
+def begin_round(strategy: fl.Strategy, tensors: dict[str, np.ndarray]) -> None:
+    """Before configure_train: FedAvgM steps from the global it is given here (fedprompt's
+    global is the truth, also after a rollback or a resume: Flower's FedAvgM would keep the one
+    it saw first and its own last aggregate), and takes a restored momentum in the global's order
+    (Flower keeps it as a list matching the arrays' order)."""
+    inner = getattr(strategy, "strategy", strategy)
+    if isinstance(inner, fl.FedAvgM):
+        inner.current_arrays = None  # configure_train sets it from the arrays it is passed
+        pending = getattr(inner, "fedprompt_momentum", None)
+        if pending is not None:
+            inner.momentum_vector = [np.array(pending[k]) for k in tensors]
+            inner.fedprompt_momentum = None
+
+
 def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
     """The strategy's state that a resumed server must restore to continue exactly (and, under
     client-level DP, the adaptive clip norm)."""
     inner = getattr(strategy, "strategy", strategy)
     state = {slot: dict(getattr(inner, slot)) for slot in _STATE_SLOTS if getattr(inner, slot, None)}
+    if isinstance(inner, fl.FedAvgM):
+        pending = getattr(inner, "fedprompt_momentum", None)
+        if pending is not None:  # restored, not yet used
+            state["momentum"] = dict(pending)
+        elif inner.momentum_vector is not None and inner.current_arrays is not None:
+            state["momentum"] = {k: np.array(v) for k, v in zip(inner.current_arrays.keys(), inner.momentum_vector, strict=True)}
     if inner is not strategy:
         state["dp"] = {"clipping_norm": np.array([strategy.clipping_norm], dtype=np.float64)}
     return state
@@ -119,5 +142,7 @@ def restore_strategy(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarra
     for slot in _STATE_SLOTS:
         if hasattr(inner, slot):
             setattr(inner, slot, {k: np.array(v) for k, v in state[slot].items()} if slot in state else None)
+    if isinstance(inner, fl.FedAvgM):  # put in the global's order by begin_round
+        inner.momentum_vector, inner.fedprompt_momentum = None, dict(state["momentum"]) if "momentum" in state else None
     if "dp" in state and inner is not strategy:
         strategy.clipping_norm = float(state["dp"]["clipping_norm"][0])
