@@ -65,18 +65,9 @@ def test_a_crashed_server_resumes_exactly(tmp_path, client, strategy):
     assert [r["round"] for r in resumed] == [0, 1, 2, 3]  # each round exactly once
     assert [r["digest"] for r in resumed[1:]] == [r["digest"] for r in full[1:]]
     assert resumed[3]["accuracy"] == full[3]["accuracy"]
-
-
-def test_fedavgm_carries_its_momentum_into_later_rounds(tmp_path, client):
-    from fedprompt.checkpoint import load_latest
-
-    runs = {}
-    for s in ("fedavg", "fedavgm"):
-        client.cfg = _cfg(federation__strategy=s, federation__rounds=2)
-        runs[s] = _run(client.cfg, tmp_path / s, _grid(client))
-    assert runs["fedavg"][2]["digest"] != runs["fedavgm"][2]["digest"]
-    state, _ = load_latest(tmp_path / "fedavgm")
-    assert set(state.strategy["momentum"]) == set(state.tensors)  # checkpointed by name, for a resume
+    if strategy == "fedavgm":  # its momentum was in play (and checkpointed by name) for the resume to match
+        state, _ = load_latest(tmp_path / "full")
+        assert set(state.strategy["momentum"]) == set(state.tensors) and any(np.abs(v).max() > 0 for v in state.strategy["momentum"].values())
 
 
 def test_bad_replies_are_rejected_and_the_round_goes_on(tmp_path, client, capsys):

@@ -20,6 +20,7 @@ from fedprompt.config import load_config
 from fedprompt.processes import free_port
 from fedprompt.report import read_jsonl
 from tests.helpers import TINY, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
+from tests.test_hygiene import assert_nothing_outlives, start_marked, watch_until_exit
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,9 +53,10 @@ model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(
 model = PeftModel.from_pretrained(model, folder).eval()
 right = 0
 with torch.no_grad():
-    for text, gold in data:
-        x = tok(text, truncation=True, max_length=meta["max_length"], return_tensors="pt")
-        right += model.config.id2label[int(model(**x).logits.argmax(-1))] == gold
+    for i in range(0, len(data), 64):
+        texts, golds = zip(*data[i : i + 64])
+        x = tok(list(texts), truncation=True, max_length=meta["max_length"], padding=True, return_tensors="pt")
+        right += sum(model.config.id2label[int(k)] == g for k, g in zip(model(**x).logits.argmax(-1), golds))
 print(json.dumps({"accuracy": right / len(data), "fedprompt_imported": any(m.split(".")[0] == "fedprompt" for m in sys.modules), "base": base}))
 """
 
@@ -226,10 +228,15 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         *(["output.trackers=tensorboard,mlflow"] if kind == "bert" else []),
         *(["federation.lora_aggregation=ffa"] if method == "lora" else []),  # QLoRA with FFA: A sent once, kept in the export
     ]
-    r = subprocess.run(
-        [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    p, mark = start_marked(["simulate", *set_args(sets), "--output", str(out)], tmp_path / "sim.log")
+    try:
+        ports = watch_until_exit(p, mark, 900)
+        rc = p.wait(timeout=5)
+    finally:
+        stop_all([p])
+    text = (tmp_path / "sim.log").read_text()
+    assert rc == 0, text[-4000:]
+    assert_nothing_outlives(mark, ports)  # a finished simulation leaves no process and no port behind
     rows = read_jsonl(out / "metrics.jsonl")
     assert [x["round"] for x in rows] == [0, 1, 2]
     assert all(x["clients"] == 3 for x in rows[1:])
@@ -238,7 +245,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     assert rows[1]["digest"] != rows[2]["digest"]
     for f in ("config.yaml", "summary.json", "curves.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoint.safetensors"):
         assert (out / f).is_file(), f
-    assert "Summary" in r.stdout and str(out) in r.stdout and "Traceback" not in r.stderr
+    assert "Summary" in text and str(out) in text and "Traceback" not in text
     if kind == "bert":
         _trackers_hold(out, rows)
     if method == "lora":

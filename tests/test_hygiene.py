@@ -1,10 +1,12 @@
 """After a simulation that finished, failed or was interrupted (Ctrl-C, SIGTERM), no
-fedprompt, Flower or Ray process is left and every port its processes listened on is free."""
+fedprompt, Flower or Ray process is left and every port its processes listened on is free
+(finished: test_federation_e2e's simulations, with the helpers here)."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -40,18 +42,46 @@ def _listening(procs: list[psutil.Process]) -> set[tuple[str, int]]:
     return ports
 
 
-@pytest.mark.parametrize("outcome", ["finished", "failed", "SIGINT", "SIGTERM"])
-def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
-    mark = f"{outcome}-{os.getpid()}-{time.monotonic_ns()}"
-    sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4", f"federation.rounds={2 if outcome == 'finished' else 50}"]
-    if outcome == "failed":  # fails once running: no client can answer in a millisecond
-        sets.append("federation.round_timeout=0.001")
+def start_marked(args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`fedprompt args` started with a fresh FEDPROMPT_TEST_MARK, which every descendant
+    inherits (so `_marked` finds them all, Ray's and Flower's included)."""
+    mark = f"{args[0]}-{os.getpid()}-{time.monotonic_ns()}"
     os.environ["FEDPROMPT_TEST_MARK"] = mark
     try:
-        out = tmp_path / "run"
-        p = start_fedprompt(["simulate", *set_args(sets), "--output", str(out)], tmp_path / "sim.log")
+        return start_fedprompt(args, log), mark
     finally:
         del os.environ["FEDPROMPT_TEST_MARK"]
+
+
+def watch_until_exit(p: subprocess.Popen, mark: str, timeout: float) -> set[tuple[str, int]]:
+    """The ports the marked processes listened on while `p` ran, polled until it exits."""
+    ports: set[tuple[str, int]] = set()
+    t0 = time.monotonic()
+    while p.poll() is None and time.monotonic() - t0 < timeout:
+        ports |= _listening(_marked(mark))
+        time.sleep(0.2)
+    return ports
+
+
+def assert_nothing_outlives(mark: str, ports: set[tuple[str, int]]) -> None:
+    """No marked process is left (15 s of grace) and every port they listened on is free."""
+    t0 = time.monotonic()
+    while _marked(mark) and time.monotonic() - t0 < 15:
+        time.sleep(0.5)
+    left = [" ".join(x.cmdline()) for x in _marked(mark)]
+    assert not left, left
+    assert ports, "no listening port seen: the check would prove nothing"
+    assert not [a for a in ports if port_in_use("127.0.0.1" if a[0] in ("0.0.0.0", "::") else a[0], a[1])]
+
+
+# "finished" is checked by test_federation_e2e's simulations (start_marked + assert_nothing_outlives).
+@pytest.mark.parametrize("outcome", ["failed", "SIGINT", "SIGTERM"])
+def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
+    sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4", "federation.rounds=50"]
+    if outcome == "failed":  # fails once running: no client can answer in a millisecond
+        sets.append("federation.round_timeout=0.001")
+    out = tmp_path / "run"
+    p, mark = start_marked(["simulate", *set_args(sets), "--output", str(out)], tmp_path / "sim.log")
     ports: set[tuple[str, int]] = set()
     try:
         if outcome.startswith("SIG"):
@@ -60,20 +90,11 @@ def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
             p.send_signal(getattr(signal, outcome))
             assert p.wait(timeout=60) == 130
         else:
-            t0 = time.monotonic()
-            while p.poll() is None and time.monotonic() - t0 < 600:  # the ports while it runs
-                ports |= _listening(_marked(mark))
-                time.sleep(0.2)
-            assert p.wait(timeout=5) == (0 if outcome == "finished" else 2), (tmp_path / "sim.log").read_text()[-2000:]
+            ports = watch_until_exit(p, mark, 600)
+            assert p.wait(timeout=5) == 2, (tmp_path / "sim.log").read_text()[-2000:]
     finally:
         stop_all([p])
-    t0 = time.monotonic()
-    while _marked(mark) and time.monotonic() - t0 < 15:
-        time.sleep(0.5)
-    left = [" ".join(x.cmdline()) for x in _marked(mark)]
-    assert not left, left
-    assert ports, "no listening port seen: the check would prove nothing"
-    assert not [a for a in ports if port_in_use("127.0.0.1" if a[0] in ("0.0.0.0", "::") else a[0], a[1])]
+    assert_nothing_outlives(mark, ports)
     log = Path(tmp_path / "sim.log").read_text()
     if outcome.startswith("SIG"):
         assert "fedprompt: interrupted" in log
