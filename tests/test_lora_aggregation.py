@@ -85,6 +85,7 @@ def test_ffa_mean_of_b_is_the_exact_mean_product_and_factors_is_not():
         (["peft.method=lora", "federation.lora_aggregation=svd", "federation.strategy=fedmedian"], "'svd' with federation.strategy 'fedmedian'"),
         (["peft.method=lora", "federation.lora_aggregation=svd", "privacy.mode=client"], "use lora_aggregation 'ffa' or 'factors'"),
         (["peft.method=lora", "federation.lora_aggregation=mean"], "federation.lora_aggregation"),
+        (["peft.method=lora", "federation.lora_aggregation=ffa", "federation.initial_adapter=x"], "never receive the adapter's"),
     ],
 )
 def test_settings_that_cannot_work_are_refused_with_the_way_out(sets, words):

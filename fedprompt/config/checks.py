@@ -140,6 +140,13 @@ def validate(c: Config) -> list[str]:
             c.peft.method == "lora",
             f"federation.lora_aggregation: {f.lora_aggregation!r} applies to peft.method 'lora', not {c.peft.method!r}; remove it (or use 'factors')",
         )
+    if f.lora_aggregation == "ffa" and c.peft.method == "lora":
+        need(
+            not f.initial_adapter,
+            "federation.initial_adapter with lora_aggregation 'ffa': the clients keep A at their own seeded initialisation and "
+            "never receive the adapter's, so the export would not hold the A they trained with; start from the seeded payload "
+            "(remove initial_adapter) or use lora_aggregation 'factors' or 'svd'",
+        )
     if f.lora_aggregation == "svd":
         # The SVD replaces the strategy's mean of the factors with its own weighted mean of the
         # products: a server optimizer, a per-coordinate robust aggregate or the DP wrapper's
