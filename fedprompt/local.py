@@ -145,7 +145,7 @@ class LocalClient:
         tau = self.cfg.train.logit_adjustment
         if not tau:
             return None
-        if not hasattr(self.state.task, "adjusted"):
+        if self.state.task.generative:
             from fedprompt.tasks import TaskError
 
             raise TaskError(f"train.logit_adjustment: {tau} applies to classification, not to the {self.state.task.name} task; set it to 0")

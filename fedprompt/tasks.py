@@ -91,6 +91,20 @@ class Task:
     # Evaluated by decoding (exact match) rather than by class predictions.
     generative = False
 
+    # (C,) added to the class logits by a classification task's losses while `adjusted` is
+    # active (a federated client's local training under train.logit_adjustment); evaluation
+    # never sees it. LocalClient refuses the setting for a generative task.
+    offset: torch.Tensor | None = None
+
+    @contextlib.contextmanager
+    def adjusted(self, offset: torch.Tensor | None) -> Iterator[None]:
+        """Train with logits + `offset` (C,) in the losses; predictions keep the plain logits."""
+        self.offset = offset
+        try:
+            yield
+        finally:
+            self.offset = None
+
     def encode(self, ds) -> Encoded:
         raise NotImplementedError
 
@@ -126,19 +140,6 @@ class HeadClassification(Task):
 
         enc = _cached(self.tok, {"task": self.name, "max_length": self.max_length, "labels": labels}, texts, build)
         return enc
-
-    # (C,) added to the class logits by the losses while `adjusted` is active (a federated
-    # client's local training under train.logit_adjustment); evaluation never sees it.
-    offset: torch.Tensor | None = None
-
-    @contextlib.contextmanager
-    def adjusted(self, offset: torch.Tensor | None) -> Iterator[None]:
-        """Train with logits + `offset` (C,) in the losses; predictions keep the plain logits."""
-        self.offset = offset
-        try:
-            yield
-        finally:
-            self.offset = None
 
     def class_logits(self, logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return logits.float()
