@@ -91,9 +91,10 @@ LORA_AGGREGATIONS: dict[str, LoraAggregation] = {
 }
 
 
-def fixed_rule(method: str, aggregation: str) -> Callable[[str], bool] | None:
-    """Which adapter tensors a run keeps frozen (None: every adapter tensor is trained)."""
-    return LORA_AGGREGATIONS[aggregation].fixed if method == "lora" else None
+def lora_aggregation(method: str, aggregation: str) -> LoraAggregation:
+    """The aggregation a run uses: `aggregation` for LoRA, plain `factors` (nothing fixed, the
+    strategy's mean) for any other method."""
+    return LORA_AGGREGATIONS[aggregation if method == "lora" else "factors"]
 
 
 def split_fixed(tensors: dict, rule: Callable[[str], bool] | None) -> tuple[dict, dict]:

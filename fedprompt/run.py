@@ -46,7 +46,7 @@ def setup(cfg: Config, *, data=None) -> Setup:
     from fedprompt import methods
     from fedprompt.backbone import load_backbone
     from fedprompt.data import load_task_data
-    from fedprompt.lora_aggregation import fixed_rule
+    from fedprompt.lora_aggregation import lora_aggregation
     from fedprompt.tasks import make_task, task_kind
 
     data = data if data is not None else load_task_data(cfg.data)
@@ -62,7 +62,7 @@ def setup(cfg: Config, *, data=None) -> Setup:
             f"{positions} positions; lower model.max_length to at most {positions - extra}"
         )
     model = methods.build(backbone, cfg.peft, num_labels=len(data.labels))
-    frozen = fixed_rule(cfg.peft.method, cfg.federation.lora_aggregation)
+    frozen = lora_aggregation(cfg.peft.method, cfg.federation.lora_aggregation).fixed
     if frozen is not None:  # FFA-LoRA: A stays at the seeded init every client shares
         model.freeze(frozen)
     kind = task_kind(data.task, backbone.causal)

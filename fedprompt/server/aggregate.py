@@ -8,7 +8,7 @@ from flwr.app import Message
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.lora_aggregation import LORA_AGGREGATIONS
+from fedprompt.lora_aggregation import lora_aggregation
 from fedprompt.server import robust
 from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.wire import from_record, to_record
@@ -40,7 +40,7 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
     before = strategy_state(strategy)
     arrays, train = strategy.aggregate_train(rnd, good)
     tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
-    combine = LORA_AGGREGATIONS[f.lora_aggregation].combine if cfg.peft.method == "lora" else None
+    combine = lora_aggregation(cfg.peft.method, f.lora_aggregation).combine
     if combine is not None and good:  # FlexLoRA: the LoRA factors of the mean product, not the mean factors
         tensors.update(combine([from_record(r.content["arrays"]) for r in good], [_weight(strategy, r) for r in good]))
     after = [v for slot in strategy_state(strategy).values() for v in slot.values()]
@@ -48,7 +48,7 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
         # Finite updates can still sum past float32 (screening needs >= 3 replies and a sane
         # majority), and FedAdam's second moment overflows first: keep the last good state.
         log(f"round {rnd}: the aggregate of {len(good)} updates (or the server optimizer's state) holds NaN or Inf; the global state is kept")
-        restore_strategy(strategy, before)
+        restore_strategy(strategy, before, list(state.tensors))
         return state.tensors, train, False
     payload.validate(tensors, manifest, source=f"aggregate of round {rnd}")
     return tensors, train, True

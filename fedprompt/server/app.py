@@ -131,7 +131,7 @@ def serve(grid: Grid, cfg: Config, out: Path, *, centralized: bool) -> None:
         state.rows = [row]
         checkpoint.save(out, state)
     else:
-        restore_strategy(strategy, state.strategy)
+        restore_strategy(strategy, state.strategy, list(state.tensors))
         log(f"resuming after round {state.round} of {f.rounds} (global payload {payload.digest(state.tensors)})")
     # metrics.jsonl is rewritten from the checkpoint: a row appended after the last checkpoint
     # by a server that then died is dropped here and produced again, so each round is there once.

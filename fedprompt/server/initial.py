@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.lora_aggregation import fixed_rule, split_fixed
+from fedprompt.lora_aggregation import lora_aggregation, split_fixed
 from fedprompt.protocol import Kind
 from fedprompt.server.aggregate import log
 from fedprompt.server.messages import FederationError, exchange, message, wait_for_nodes
@@ -44,7 +44,7 @@ def initial_state(grid: Grid, cfg: Config, patience: Patience) -> checkpoint.Ser
         log(f"initial payload from federation.initial_adapter {f.initial_adapter}: {len(tensors)} tensors, digest {payload.digest(tensors)}")
     else:
         tensors, adapter_config, labels = _quorum(grid, cfg, patience)
-    tensors, fixed = split_fixed(tensors, fixed_rule(cfg.peft.method, f.lora_aggregation))
+    tensors, fixed = split_fixed(tensors, lora_aggregation(cfg.peft.method, f.lora_aggregation).fixed)
     if fixed:
         log(f"federation.lora_aggregation {f.lora_aggregation}: {len(fixed)} tensors stay at their initial values, {len(tensors)} are exchanged")
     return checkpoint.ServerState(round=0, tensors=tensors, adapter_config=adapter_config, config_yaml=cfg.to_yaml(), labels=labels, fixed=fixed)

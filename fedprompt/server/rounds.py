@@ -75,7 +75,7 @@ def train_round(
     """One round: (new global tensors, metrics row)."""
     t0 = time.perf_counter()
     pr = cfg.privacy
-    begin_round(strategy, state.tensors)
+    begin_round(strategy)
     msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
     down = wire_bytes(msgs[0]) if msgs else 0
     timeout = watch.patience.timeout(Kind.FIT)

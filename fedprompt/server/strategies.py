@@ -106,18 +106,13 @@ def _inner(cfg: Config, common: dict) -> fl.FedAvg:
 _STATE_SLOTS = ("m_t", "v_t")
 
 
-def begin_round(strategy: fl.Strategy, tensors: dict[str, np.ndarray]) -> None:
-    """Before configure_train: FedAvgM steps from the global it is given here (fedprompt's
+def begin_round(strategy: fl.Strategy) -> None:
+    """Before configure_train: FedAvgM steps from the global it is given there (fedprompt's
     global is the truth, also after a rollback or a resume: Flower's FedAvgM would keep the one
-    it saw first and its own last aggregate), and takes a restored momentum in the global's order
-    (Flower keeps it as a list matching the arrays' order)."""
+    it saw first and then its own last aggregate)."""
     inner = getattr(strategy, "strategy", strategy)
     if isinstance(inner, fl.FedAvgM):
         inner.current_arrays = None  # configure_train sets it from the arrays it is passed
-        pending = getattr(inner, "fedprompt_momentum", None)
-        if pending is not None:
-            inner.momentum_vector = [np.array(pending[k]) for k in tensors]
-            inner.fedprompt_momentum = None
 
 
 def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
@@ -125,24 +120,21 @@ def strategy_state(strategy: fl.Strategy) -> dict[str, dict[str, np.ndarray]]:
     client-level DP, the adaptive clip norm)."""
     inner = getattr(strategy, "strategy", strategy)
     state = {slot: dict(getattr(inner, slot)) for slot in _STATE_SLOTS if getattr(inner, slot, None)}
-    if isinstance(inner, fl.FedAvgM):
-        pending = getattr(inner, "fedprompt_momentum", None)
-        if pending is not None:  # restored, not yet used
-            state["momentum"] = dict(pending)
-        elif inner.momentum_vector is not None and inner.current_arrays is not None:
-            state["momentum"] = {k: np.array(v) for k, v in zip(inner.current_arrays.keys(), inner.momentum_vector, strict=True)}
+    if isinstance(inner, fl.FedAvgM) and inner.momentum_vector is not None:
+        # A list in the order of the arrays it steps (the global's): kept by name.
+        state["momentum"] = {k: np.array(v) for k, v in zip(inner.current_arrays.keys(), inner.momentum_vector, strict=True)}
     if inner is not strategy:
         state["dp"] = {"clipping_norm": np.array([strategy.clipping_norm], dtype=np.float64)}
     return state
 
 
-def restore_strategy(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarray]]) -> None:
+def restore_strategy(strategy: fl.Strategy, state: dict[str, dict[str, np.ndarray]], order: list[str]) -> None:
     """Put back a `strategy_state` snapshot; a slot the snapshot lacks was unset (None) then."""
     inner = getattr(strategy, "strategy", strategy)
     for slot in _STATE_SLOTS:
         if hasattr(inner, slot):
             setattr(inner, slot, {k: np.array(v) for k, v in state[slot].items()} if slot in state else None)
-    if isinstance(inner, fl.FedAvgM):  # put in the global's order by begin_round
-        inner.momentum_vector, inner.fedprompt_momentum = None, dict(state["momentum"]) if "momentum" in state else None
+    if isinstance(inner, fl.FedAvgM):  # `order`: the global's keys, the order configure_train passes them in
+        inner.momentum_vector = [np.array(state["momentum"][k]) for k in order] if "momentum" in state else None
     if "dp" in state and inner is not strategy:
         strategy.clipping_norm = float(state["dp"]["clipping_norm"][0])
