@@ -206,6 +206,33 @@ PLAIN = {"validate": _validate, "certs": _certs, "audit": _audit, "compare": _co
 WITH_CONFIG = {"train": _train, "simulate": _federated, "server": _federated, "client": _client, "eval": _eval}
 
 
+# Settings a deployment refuses: (applies to this config, why, naming the command).
+SIMULATION_ONLY = [
+    # Poisoning measures robust aggregation in a simulation; a deployed client never sends it.
+    (
+        lambda c: c.attack.clients,
+        lambda c: (
+            f"attack.clients: {c.attack.clients} poisons updates, a simulation-only research setting; {{command}} refuses it; "
+            "set attack.clients=0 (or use `fedprompt simulate`)"
+        ),
+    ),
+    (
+        lambda c: c.client.reload_per_message,
+        lambda c: (
+            "client.reload_per_message: true is a benchmark of the reload-every-message pattern in `fedprompt simulate`; "
+            "{command} refuses it; set client.reload_per_message=false"
+        ),
+    ),
+    (
+        lambda c: c.federation.lora_ranks,
+        lambda c: (
+            f"federation.lora_ranks: {c.federation.lora_ranks} gives a simulation's virtual clients their ranks; {{command}} "
+            "refuses it: in a deployment each client sets its own peft.lora_r (the server's is the largest), with lora_aggregation 'svd'"
+        ),
+    ),
+]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -213,17 +240,10 @@ def main(argv: list[str] | None = None) -> int:
             PLAIN[args.command](args)
             return 0
         cfg = load_config(args.config, args.overrides)
-        if args.command in ("server", "client") and cfg.attack.clients:
-            # Poisoning measures robust aggregation in a simulation; a deployed client never sends it.
-            raise _run_error(
-                f"attack.clients: {cfg.attack.clients} poisons updates, a simulation-only research setting; "
-                f"`fedprompt {args.command}` refuses it; set attack.clients=0 (or use `fedprompt simulate`)"
-            )
-        if args.command in ("server", "client") and cfg.client.reload_per_message:
-            raise _run_error(
-                f"client.reload_per_message: true is a benchmark of the reload-every-message pattern in "
-                f"`fedprompt simulate`; `fedprompt {args.command}` refuses it; set client.reload_per_message=false"
-            )
+        if args.command in ("server", "client"):
+            for applies, why in SIMULATION_ONLY:
+                if applies(cfg):
+                    raise _run_error(why(cfg).format(command=f"`fedprompt {args.command}`"))
         WITH_CONFIG[args.command](args, cfg)
         return 0
     except ConfigError as e:

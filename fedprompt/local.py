@@ -59,7 +59,42 @@ class LocalClient:
         self.manifest = payload.manifest_of(self.state.model)
         self._initial = payload.extract(self.state.model)  # the seeded init, before any round
         self._fixed = payload.extract_fixed(self.state.model)  # never trained (FFA-LoRA's A)
+        self._initial_at: dict[int, dict[str, torch.Tensor]] = {}  # LoRA: the seeded init at other ranks
         self._shards: dict[int, Shard] = {}
+
+    def rank_for(self, partition_id: int) -> int | None:
+        """The LoRA rank partition `partition_id` trains at: federation.lora_ranks in turn (a
+        simulation's mixed ranks), else peft.lora_r; None for a method other than LoRA."""
+        if self.cfg.peft.method != "lora":
+            return None
+        ranks = self.cfg.federation.lora_ranks
+        return ranks[partition_id % len(ranks)] if ranks else self.cfg.peft.lora_r
+
+    def _at_rank(self, tensors: dict, rank: int | None) -> dict:
+        """The global payload as this client's adapter of `rank` takes it (the model switched
+        to that adapter): its top-`rank` components when the global's rank is larger."""
+        from fedprompt.lora_aggregation import rank_of, truncate
+
+        got = rank_of(tensors)
+        if rank is None or got is None or got == rank:
+            if got is not None:
+                self._use_rank(got)
+            return tensors
+        if got < rank:
+            raise payload.PayloadError(
+                f"payload from the server: the global adapter has LoRA rank {got}, below this client's {rank}; set peft.lora_r to at most {got}"
+            )
+        self._use_rank(rank)
+        return truncate(tensors, rank)
+
+    def _use_rank(self, rank: int) -> None:
+        model = self.state.model
+        if rank != model.rank and self._fixed:
+            raise payload.PayloadError(
+                f"payload from the server: LoRA rank {rank}; federation.lora_aggregation 'ffa' keeps every client at one rank, "
+                f"this client's peft.lora_r {model.default_rank}: set it to the federation's"
+            )
+        model.use_rank(rank)
 
     def shard(self, partition_id: int) -> Shard:
         """Partition `partition_id`: the same partitioner cuts the training and the test split,
@@ -81,17 +116,27 @@ class LocalClient:
                 self._shards[partition_id] = Shard(s.task.encode(train), s.task.encode(test), members)
         return self._shards[partition_id]
 
-    def initial_payload(self) -> dict[str, torch.Tensor]:
+    def initial_payload(self, rank: int | None = None) -> dict[str, torch.Tensor]:
         """The method's seeded initial tensors (the global state of round 0), whatever rounds
-        this client has served since."""
-        return {k: t.clone() for k, t in self._initial.items()}
+        this client has served since; for LoRA at `rank` (None: this client's own)."""
+        if rank is None or rank == self.cfg.peft.lora_r or self.cfg.peft.method != "lora":
+            return {k: t.clone() for k, t in self._initial.items()}
+        if rank not in self._initial_at:
+            current = self.state.model.rank
+            self._use_rank(rank)
+            self._initial_at[rank] = payload.extract(self.state.model)
+            self._use_rank(current)
+        return {k: t.clone() for k, t in self._initial_at[rank].items()}
 
     def fixed_payload(self) -> dict[str, torch.Tensor]:
         """The adapter tensors this client never trains (sent once, with the initial payload)."""
         return {k: t.clone() for k, t in self._fixed.items()}
 
-    def adapter_config_json(self) -> str:
-        """adapter_config.json of this method on this backbone, for the server's export."""
+    def adapter_config_json(self, rank: int | None = None) -> str:
+        """adapter_config.json of this method on this backbone (LoRA: at `rank`, None: this
+        client's own), for the server's export."""
+        if rank is not None and self.cfg.peft.method == "lora":
+            self._use_rank(rank)
         with tempfile.TemporaryDirectory() as d:
             self.state.model.adapter_config(self.state.backbone.path).save_pretrained(d)
             return (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
@@ -104,6 +149,7 @@ class LocalClient:
 
         s, cfg, steps = self.state, self.cfg, self.cfg.round_steps
         data = self.shard(partition_id).train
+        tensors = self._at_rank(tensors, self.rank_for(partition_id))
         # Load before building the engine: ZeRO/bf16 keep master copies in the optimizer.
         payload.load(s.model, tensors, source=source)
         private = cfg.privacy.mode in ("sample", "both")
@@ -185,6 +231,7 @@ class LocalClient:
 
         s, limit = self.state, self.cfg.train.max_eval_examples
         data = s.test if partition_id is None else self.shard(partition_id).test
+        tensors = self._at_rank(tensors, None)  # the global at its own rank: what the export holds
         payload.load(s.model, tensors, source=source)
         n = len(data) if not limit else min(len(data), limit)
         m = evaluate(s.model, s.task, data, self.cfg, pad_id=s.pad_id, device=s.backbone.device, limit=limit)

@@ -112,6 +112,7 @@ class Request:
     scope: str = "local"
     partition_id: int = 0
     run: int = 0  # the Flower run the request belongs to (a client's record of what it received)
+    lora_rank: int = 0  # `init` of a LoRA federation: the global's rank (0: the client's own)
 
 
 @dataclass

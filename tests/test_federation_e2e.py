@@ -281,8 +281,9 @@ def _trackers_hold(out: Path, rows: list[dict]) -> None:
     assert {"summary.json", "metrics.jsonl", "adapter"} <= arts
 
 
-def test_simulation_of_generation_on_a_user_file(tmp_path):
-    """Generation (prompt -> response, exact match) federated, from the user's own JSONL."""
+def test_simulation_of_generation_on_a_user_file_at_mixed_lora_ranks(tmp_path):
+    """Generation (prompt -> response, exact match) federated, from the user's own JSONL, by
+    virtual clients of LoRA ranks 2 and 4 (svd); the exported rank-4 adapter loads with peft."""
     f = tmp_path / "pairs.jsonl"
     words = ["red", "green", "blue"]
     with f.open("w") as fh:
@@ -292,6 +293,8 @@ def test_simulation_of_generation_on_a_user_file(tmp_path):
         f"model.name={tiny_folder('llama')}",
         *TINY,
         "peft.method=lora",
+        "federation.lora_aggregation=svd",
+        "federation.lora_ranks=[2, 4]",
         "data.dataset=file",
         f"data.path={f}",
         "data.task=generation",
@@ -309,6 +312,12 @@ def test_simulation_of_generation_on_a_user_file(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = read_jsonl(tmp_path / "run" / "metrics.jsonl")
     assert "exact_match" in rows[-1] and rows[-1]["round"] == 2
+    assert rows[1]["clients"] == 3 and not any(rows[1]["rejected"].values())  # ranks 2, 4, 2 all aggregated
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    pm = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_folder("llama")), str(tmp_path / "run" / "adapter"))
+    assert {tuple(p.shape)[0] for k, p in pm.named_parameters() if ".lora_A." in k} == {4}
 
 
 def test_bad_input_is_one_line_before_anything_starts(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fedprompt.config import ConfigError, load_config
-from fedprompt.lora_aggregation import LORA_AGGREGATIONS, product_factors
+from fedprompt.lora_aggregation import LORA_AGGREGATIONS, product_factors, reply_manifest, truncate
+from fedprompt.payload import PayloadError, manifest_from, validate
 from tests.test_robust import _aggregate, _reply
 
 A, B = "m.lora_A.weight", "m.lora_B.weight"
@@ -77,9 +78,59 @@ def test_ffa_mean_of_b_is_the_exact_mean_product_and_factors_is_not():
     assert np.linalg.norm(f[B] @ f[A] - exact) > 0.5 * np.linalg.norm(exact)
 
 
+def test_mixed_ranks_svd_is_the_best_rank_r_of_the_mean_at_the_global_scale():
+    """Replies of ranks 2, 4 and 8 under a rank-8 global: each product counts R / r times
+    (peft scales it by alpha / r, the global by alpha / R), then the best rank-8 factors."""
+    rng = np.random.default_rng(3)
+    reps = [{B: rng.normal(size=(12, r)), A: rng.normal(size=(r, 10)), "head": rng.normal(size=(3,))} for r in (2, 4, 8)]
+    reps = [{k: v.astype(np.float32) for k, v in t.items()} for t in reps]
+    weights = [10, 30, 60]
+    cfg = load_config(None, ["peft.method=lora", "federation.lora_aggregation=svd", "federation.num_clients=3"])
+    glob = {B: np.zeros((12, 8), np.float32), A: rng.normal(size=(8, 10)).astype(np.float32), "head": np.zeros(3, np.float32)}
+    new = _aggregate(cfg, glob, [_reply(i, t, w) for i, (t, w) in enumerate(zip(reps, weights, strict=True))])
+    exact = sum(w * (8 / t[A].shape[0]) * t[B].astype(np.float64) @ t[A] for t, w in zip(reps, weights, strict=True)) / sum(weights)
+    np.testing.assert_allclose(new[B].astype(np.float64) @ new[A], _best_rank(exact, 8), atol=1e-4)
+    np.testing.assert_allclose(new["head"], sum(w * t["head"] for t, w in zip(reps, weights, strict=True)) / 100, rtol=1e-5)
+    assert new[A].shape == (8, 10) and new[B].shape == (12, 8)
+
+
+def test_a_lower_rank_client_starts_from_the_globals_best_rank_r_update():
+    """truncate: at peft's alpha / r, the rank-r client's update is the global's best rank-r
+    approximation at alpha / R (the SVD orders the components)."""
+    rng = np.random.default_rng(4)
+    bs, as_ = [rng.normal(size=(12, 8)) for _ in range(3)], [rng.normal(size=(8, 10)) for _ in range(3)]
+    b, a = product_factors(bs, as_, [1.0, 1.0, 1.0], 8)
+    alpha = 16.0
+    for r in (2, 5, 8):
+        t = truncate({B: b, A: a, "head": np.ones(3)}, r)
+        assert t[A].shape == (r, 10) and t[B].shape == (12, r) and np.array_equal(t["head"], np.ones(3))
+        np.testing.assert_allclose(alpha / r * t[B].astype(np.float64) @ t[A], alpha / 8 * _best_rank(b.astype(np.float64) @ a, r), atol=1e-4)
+
+
+def test_replies_are_validated_at_their_own_rank_and_a_wrong_rank_is_named():
+    def at(r: int, r2: int | None = None) -> dict:
+        r2 = r if r2 is None else r2
+        shapes = {B: (12, r), A: (r, 10), "m2.lora_A.weight": (r2, 6), "m2.lora_B.weight": (5, r2)}
+        return {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+
+    manifest = manifest_from(at(8))
+
+    for r in (1, 4, 8):  # any rank up to the global's, under svd
+        validate(at(r), reply_manifest(at(r), manifest, mixed=True, source="node 7"), source="node 7")
+    with pytest.raises(PayloadError, match="node 7: LoRA rank 12 is above this federation's largest rank 8"):
+        reply_manifest(at(12), manifest, mixed=True, source="node 7")
+    with pytest.raises(PayloadError, match=r"tensor 'm2.lora_A.weight' has shape \(2, 6\), expected \(4, 6\)"):  # one rank per reply
+        validate(at(4, 2), reply_manifest(at(4, 2), manifest, mixed=True, source="node 7"), source="node 7")
+    with pytest.raises(PayloadError, match="node 7: LoRA rank 4 .*this federation's is 8; clients of other ranks need federation.lora_aggregation 'svd'"):
+        reply_manifest(at(4), manifest, mixed=False, source="node 7")
+
+
 @pytest.mark.parametrize(
     "sets,words",
     [
+        (["peft.method=lora", "federation.lora_ranks=[4, 8]"], "only peft.method 'lora' with federation.lora_aggregation 'svd'"),
+        (["peft.method=lora", "federation.lora_aggregation=svd", "federation.lora_ranks=[4, 16]"], "set peft.lora_r to 16"),
+        (["peft.method=lora", "federation.lora_aggregation=svd", "federation.lora_ranks=[4, 8]", "federation.strategy=krum"], "use fedavg or fedprox"),
         (["peft.method=prompt", "federation.lora_aggregation=ffa"], "applies to peft.method 'lora'"),
         (["peft.method=lora", "federation.lora_aggregation=svd", "federation.strategy=fedadam"], "use fedavg, fedprox, krum or multikrum"),
         (["peft.method=lora", "federation.lora_aggregation=svd", "federation.strategy=fedmedian"], "'svd' with federation.strategy 'fedmedian'"),
@@ -109,7 +160,7 @@ def lora_clients():
     from fedprompt.local import LocalClient
     from tests.tiny import federation_config
 
-    cfgs = {agg: federation_config(peft__method="lora", federation__lora_aggregation=agg, federation__rounds=2) for agg in LORA_AGGREGATIONS}
+    cfgs = {agg: federation_config(peft__method="lora", federation__lora_aggregation=agg, federation__rounds=2) for agg in ("ffa", "factors")}
     return {agg: LocalClient(cfg, num_partitions=3) for agg, cfg in cfgs.items()}
 
 
@@ -148,8 +199,71 @@ def test_ffa_trains_and_sends_b_only_and_exports_a_complete_adapter(tmp_path, lo
     assert len(live) == len(fixed) and all(torch.equal(p.detach(), torch.from_numpy(fixed[k.replace(".default.", ".")])) for k, p in live.items())
 
 
-def test_svd_round_loop_keeps_the_lora_shapes_and_learns(tmp_path, lora_clients):
-    rows = _serve(lora_clients["svd"], tmp_path / "svd")
+def test_clients_of_any_rank_agree_on_the_seeded_adapter_at_the_globals_rank():
+    """Round 0: a rank-2 client answers the rank-8 seeded adapter bit for bit as a rank-8 one
+    (each rank's A seeded from the run's seed and the rank alone), and goes back to its own."""
+    from fedprompt.local import LocalClient
+    from fedprompt.payload import digest
+    from tests.tiny import federation_config
+
+    small = LocalClient(federation_config(peft__method="lora", peft__lora_r=2))
+    big = LocalClient(federation_config(peft__method="lora", peft__lora_r=8))
+    assert digest(small.initial_payload(8)) == digest(big.initial_payload()) != digest(small.initial_payload())
+    assert '"r": 8' in small.adapter_config_json(8) and small.state.model.rank == 8
+    assert small.rank_for(0) == 2 and {s.shape for s in small.manifest if ".lora_A." in s.name} == {(2, 64)}
+
+
+def test_mixed_ranks_through_the_round_loop_export_the_global_at_the_largest_rank(tmp_path):
+    """A simulation's virtual clients at lora_ranks [2, 4] and a client of its own peft.lora_r
+    2 (as a deployment client sets it) in one svd federation: round 0 agreed across ranks, each
+    trains and replies at its own rank, the exported rank-4 adapter loads with peft."""
+    import json
+
+    from peft import PeftModel
+
+    from fedprompt.backbone import load_backbone
+    from fedprompt.local import LocalClient
+    from fedprompt.report import read_jsonl
+    from fedprompt.server.app import serve
+    from tests.fakegrid import FakeGrid, client_responder
+    from tests.tiny import federation_config
+
+    sets = {"peft__method": "lora", "federation__lora_aggregation": "svd", "federation__rounds": 2}
+    mixed = LocalClient(federation_config(**sets, federation__lora_ranks=[2, 4]), num_partitions=3)
+    own = LocalClient(federation_config(**sets, peft__lora_r=2), num_partitions=3)
+    sent: list[tuple[int, int]] = []
+
+    def recorded(client, pid):
+        answer = client_responder(client, pid)
+
+        def respond(msg):
+            rep = answer(msg)
+            if msg.metadata.message_type == "train" and not rep.has_error():
+                sent.append((pid, next(v.shape[0] for k, v in rep.content["arrays"].items() if ".lora_A." in k)))
+            return rep
+
+        return respond
+
+    out = tmp_path / "mixed"
+    out.mkdir()
+    (out / "config.yaml").write_text(mixed.cfg.to_yaml())
+    serve(FakeGrid({101: recorded(mixed, 0), 102: recorded(mixed, 1), 103: recorded(own, 2)}), mixed.cfg, out, centralized=False)
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["digest"] != rows[1]["digest"]
-    assert all(np.isfinite(r["accuracy"]) for r in rows)
-    assert rows[2]["train_loss"] < rows[1]["train_loss"] * 1.5  # no blow-up from the re-factoring
+    assert all(np.isfinite(r["accuracy"]) for r in rows) and rows[2]["train_loss"] < rows[1]["train_loss"] * 1.5  # no blow-up from the re-factoring
+    assert all(r.get("screened_out", 0) == 0 and not any(r.get("rejected", {}).values()) for r in rows[1:])
+    assert sorted(set(sent)) == [(0, 2), (1, 4), (2, 2)]  # partition 0: ranks[0], 1: ranks[1], the rank-2 client
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    bb = load_backbone(mixed.cfg.model, num_labels=len(mixed.state.data.labels), task=mixed.state.data.task)
+    pm = PeftModel.from_pretrained(bb.model, str(out / "adapter"))
+    assert {tuple(p.shape) for k, p in pm.named_parameters() if ".lora_A." in k} == {(4, 64)}
+
+
+@pytest.mark.parametrize("command", ["client", "server"])
+def test_deployment_refuses_lora_ranks_and_names_peft_lora_r(command, capsys):
+    from fedprompt.cli import main
+
+    sets = ["peft.method=lora", "peft.lora_r=8", "federation.lora_aggregation=svd", "federation.lora_ranks=[4, 8]"]
+    assert main([command, "--insecure", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert f"`fedprompt {command}` refuses it: in a deployment each client sets its own peft.lora_r" in err and err.count("\n") == 1

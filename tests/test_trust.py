@@ -101,7 +101,7 @@ def _guard(tmp_path, factor=10.0):
     from fedprompt.client.guard import Guard
 
     initial = {"a": np.ones((2, 3), np.float32), "b": np.full((4,), 0.5, np.float32)}
-    return Guard(payload.manifest_from(initial), initial, factor, tmp_path / "record.jsonl"), initial
+    return Guard(payload.manifest_from(initial), lambda rank: initial, factor, tmp_path / "record.jsonl"), initial
 
 
 def test_the_client_refuses_a_crafted_global_naming_round_and_tensor(tmp_path):

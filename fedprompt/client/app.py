@@ -42,6 +42,7 @@ def request_of(msg: Message, context: Context) -> Request:
         # simulation: Flower gives each virtual node its partition; a `fedprompt client` sets its own
         partition_id=int(context.node_config.get("partition-id", 0)),
         run=int(msg.metadata.run_id),
+        lora_rank=int(config.get("lora-rank", 0)),
     )
 
 

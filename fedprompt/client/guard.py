@@ -17,12 +17,14 @@ import json
 import math
 import time
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from fedprompt import payload
 from fedprompt.errors import UserError
+from fedprompt.lora_aggregation import MAX_LORA_RANK, manifest_at, rank_of
 from fedprompt.protocol import Kind, Reply, Request
 
 
@@ -37,10 +39,11 @@ def _norm(t: np.ndarray) -> float:
 class Guard:
     """The checks and the record of one partition served by one LocalClient."""
 
-    def __init__(self, manifest: payload.Manifest, initial: dict[str, np.ndarray], factor: float, record: Path):
-        self.manifest, self.factor, self.record_path = manifest, factor, record
-        self.initial = {k: _norm(v) for k, v in initial.items()}  # per-tensor L2 norms
-        self.initial_norm = math.sqrt(sum(n * n for n in self.initial.values()))
+    def __init__(self, manifest: payload.Manifest, initial: Callable[[int | None], dict], factor: float, record: Path, rank: int | None = None):
+        """`initial(rank)`: the seeded initial payload (LoRA: at `rank`, None: the client's
+        own); `rank`: the LoRA rank this partition trains at (None: not LoRA)."""
+        self.manifest, self.factor, self.record_path, self.rank = manifest, factor, record, rank
+        self._initial_of, self._norms = initial, {}
         self.last: dict[int, int] = {}  # run -> the highest round received
         for line in _lines(record):  # a restarted client still refuses rounds that go back
             if isinstance(line.get("run"), int) and isinstance(line.get("round"), int) and "refused" not in line:
@@ -51,22 +54,33 @@ class Guard:
         where = f"refuses the global of round {req.round} (run {req.run})"
         if req.round < self.last.get(req.run, 0):
             raise GlobalRefused(f"{where}: round {req.round} goes back, this client already received round {self.last[req.run]} of that run")
+        rank = req.lora_rank if req.kind == Kind.INIT else rank_of(req.tensors) if self.rank is not None else None
+        if rank and rank != self.rank and not (self.rank or 0) <= rank <= MAX_LORA_RANK:
+            raise GlobalRefused(f"{where}: its LoRA rank {rank} is not between this client's peft.lora_r {self.rank} and {MAX_LORA_RANK}")
         if req.kind == Kind.INIT:
             return
         try:
-            payload.validate(req.tensors, self.manifest, source="the server")
+            payload.validate(req.tensors, self.manifest if not rank or rank == self.rank else manifest_at(self.manifest, rank), source="the server")
         except payload.PayloadError as e:
             raise GlobalRefused(f"{where}: {e}") from None
         norms = {k: _norm(v) for k, v in req.tensors.items()}
         total = math.sqrt(sum(n * n for n in norms.values()))
-        if self.factor and self.initial_norm > 0 and total > self.factor * self.initial_norm:
-            worst = max(norms, key=lambda k: norms[k] / self.initial[k] if self.initial[k] > 0 else math.inf)
+        initial = self._initial_norms(rank)
+        initial_norm = math.sqrt(sum(n * n for n in initial.values()))
+        if self.factor and initial_norm > 0 and total > self.factor * initial_norm:
+            worst = max(norms, key=lambda k: norms[k] / initial[k] if initial[k] > 0 else math.inf)
             raise GlobalRefused(
-                f"{where}: its L2 norm {total:.4g} is {total / self.initial_norm:.1f} x the initial payload's {self.initial_norm:.4g} "
+                f"{where}: its L2 norm {total:.4g} is {total / initial_norm:.1f} x the initial payload's {initial_norm:.4g} "
                 f"(client.max_global_norm_factor {self.factor:g}); largest growth in tensor {worst!r} "
-                f"({norms[worst]:.4g}, initially {self.initial[worst]:.4g})"
+                f"({norms[worst]:.4g}, initially {initial[worst]:.4g})"
             )
         self.last[req.run] = max(self.last.get(req.run, 0), req.round)
+
+    def _initial_norms(self, rank: int | None) -> dict[str, float]:
+        """Per-tensor L2 norms of the seeded initial payload at `rank` (made once per rank)."""
+        if rank not in self._norms:
+            self._norms[rank] = {k: _norm(v) for k, v in self._initial_of(rank).items()}
+        return self._norms[rank]
 
     def record(self, req: Request, reply: Reply | None, refused: str = "") -> None:
         """Append what was received and sent (or refused) for `req` to the record."""
@@ -108,7 +122,11 @@ def guard_for(client, partition_id: int) -> Guard:
     """The Guard of partition `partition_id` of `client` (a LocalClient), made on first use."""
     per = _GUARDS.setdefault(client, {})
     if partition_id not in per:
-        initial = {k: v.detach().cpu().numpy() for k, v in client.initial_payload().items()}
+        ref = weakref.ref(client)  # a strong reference from the value would keep the key alive
+
+        def initial(rank: int | None) -> dict[str, np.ndarray]:
+            return {k: v.detach().cpu().numpy() for k, v in ref().initial_payload(rank).items()}
+
         record = Path(client.state_dir) / f"record-partition-{partition_id}.jsonl"
-        per[partition_id] = Guard(client.manifest, initial, client.cfg.client.max_global_norm_factor, record)
+        per[partition_id] = Guard(client.manifest, initial, client.cfg.client.max_global_norm_factor, record, client.rank_for(partition_id))
     return per[partition_id]

@@ -34,9 +34,10 @@ def client_for(config_file: str | Path, num_partitions: int):
 
 
 def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:
+    rank = req.lora_rank or None  # a LoRA federation's global rank, whatever this client's own
     return Reply(
-        tensors=_numpy({**client.initial_payload(), **client.fixed_payload()}),  # the whole seeded adapter
-        adapter_config=client.adapter_config_json(),
+        tensors=_numpy({**client.initial_payload(rank), **client.fixed_payload()}),  # the whole seeded adapter
+        adapter_config=client.adapter_config_json(rank),
         labels=list(client.state.data.labels),
         metrics={NUM_EXAMPLES: len(client.shard(req.partition_id).train), **worker},
     )
@@ -49,9 +50,10 @@ def _fit(client, req: Request, tensors: dict, worker: dict) -> Reply:
     ordered = {k: res.tensors[k] for k in tensors} if set(tensors) == set(res.tensors) else res.tensors
     reply = _numpy(ordered)
     if attacking(client.cfg, req.partition_id):
+        from fedprompt.lora_aggregation import rank_of, truncate
         from fedprompt.server.robust import scale_update
 
-        reply = scale_update(_numpy(tensors), reply, client.cfg.attack.scale)
+        reply = scale_update(_numpy(truncate(tensors, rank_of(reply) or 0)), reply, client.cfg.attack.scale)
     return Reply(tensors=reply, metrics=metrics)
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 from fedprompt.config.schema import Config
+from fedprompt.lora_aggregation import MAX_LORA_RANK
 
 
 def validate(c: Config) -> list[str]:
@@ -160,6 +161,22 @@ def validate(c: Config) -> list[str]:
             pr.mode not in ("client", "both"),
             f"federation.lora_aggregation: 'svd' with privacy.mode {pr.mode!r}: client-level DP noises the mean of the factors, "
             "which the SVD of the individual products would bypass; use lora_aggregation 'ffa' or 'factors'",
+        )
+    if f.lora_ranks:
+        need(
+            c.peft.method == "lora" and f.lora_aggregation == "svd",
+            f"federation.lora_ranks: {f.lora_ranks} mixes LoRA ranks, which only peft.method 'lora' with federation.lora_aggregation "
+            "'svd' aggregates (the mean of B @ A, re-factored at each rank); set both, or remove lora_ranks",
+        )
+        need(
+            all(1 <= r <= MAX_LORA_RANK for r in f.lora_ranks) and max(f.lora_ranks) == c.peft.lora_r,
+            f"federation.lora_ranks: {f.lora_ranks}: each rank must be in 1..{MAX_LORA_RANK}, and the global is kept at the largest, "
+            f"so peft.lora_r ({c.peft.lora_r}) must equal it: set peft.lora_r to {max(f.lora_ranks)}",
+        )
+        need(
+            f.strategy not in ("krum", "multikrum"),
+            f"federation.lora_ranks with federation.strategy {f.strategy!r}: Krum compares updates tensor by tensor, and "
+            "updates of different ranks have different shapes; use fedavg or fedprox (with federation.norm_bound against outliers)",
         )
     need(pr.noise_multiplier >= 0, f"privacy.noise_multiplier: {pr.noise_multiplier} must be >= 0")
     need(pr.max_grad_norm > 0, f"privacy.max_grad_norm: {pr.max_grad_norm} must be > 0")

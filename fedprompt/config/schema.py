@@ -110,6 +110,10 @@ class FederationConfig:
     # of A and of B; ffa: A frozen at the shared seeded init, only B trained and exchanged (exact
     # mean, half the bytes); svd: the best rank-r factors of the weighted mean of the B @ A.
     lora_aggregation: Literal["factors", "ffa", "svd"] = "factors"
+    # LoRA with svd, simulation only: virtual client i trains at rank lora_ranks[i % len] (e.g.
+    # [4, 8, 16]); the global is kept at the largest, which must be peft.lora_r. [] : every
+    # client at peft.lora_r. (A deployment client sets its own peft.lora_r instead.)
+    lora_ranks: list[int] = field(default_factory=list)
     workers: int = 1  # simulation: worker processes, each holding one backbone
 
 

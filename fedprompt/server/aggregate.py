@@ -8,7 +8,7 @@ from flwr.app import Message
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.lora_aggregation import lora_aggregation
+from fedprompt.lora_aggregation import B_MARK, is_lora_a, lora_aggregation, rank_of, truncate
 from fedprompt.server import robust
 from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.wire import from_record, to_record
@@ -37,12 +37,17 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
         good = [good[i] for i in chosen]
     for rep in good:  # Flower's DP clipping pairs a reply's arrays with the global ones by position
         order_like(rep, list(state.tensors))
+    combine = lora_aggregation(cfg.peft.method, f.lora_aggregation).combine
+    received = [from_record(r.content["arrays"]) for r in good] if combine is not None else []
+    rank = rank_of(state.tensors)
+    for rep, tensors in zip(good, received, strict=False):
+        if rank_of(tensors) != rank:  # a lower-rank client: Flower's mean needs equal shapes, the SVD below replaces it
+            rep.content["arrays"] = to_record({k: state.tensors[k] if is_lora_a(k) or B_MARK in k else v for k, v in tensors.items()})
     before = strategy_state(strategy)
     arrays, train = strategy.aggregate_train(rnd, good)
     tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
-    combine = lora_aggregation(cfg.peft.method, f.lora_aggregation).combine
     if combine is not None and good:  # FlexLoRA: the LoRA factors of the mean product, not the mean factors
-        tensors.update(combine([from_record(r.content["arrays"]) for r in good], [_weight(strategy, r) for r in good]))
+        tensors.update(combine(received, [_weight(strategy, r) for r in good], rank))
     after = [v for slot in strategy_state(strategy).values() for v in slot.values()]
     if not all(robust.finite(v) for v in [*tensors.values(), *after]):
         # Finite updates can still sum past float32 (screening needs >= 3 replies and a sane
@@ -67,19 +72,21 @@ def screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good
     (logged); and the row's figures: median update norm, replies screened out, bounded."""
     f = cfg.federation
     received = [from_record(r.content["arrays"]) for r in good]
-    norms = [robust.update_norm(global_, t) for t in received]
+    # A lower-rank client started from the global's top components (lora_aggregation.truncate).
+    references = [truncate(global_, rank_of(t)) if rank_of(t) != rank_of(global_) else global_ for t in received]
+    norms = [robust.update_norm(ref, t) for ref, t in zip(references, received, strict=True)]
     # Not under client-level DP: every update is already clipped to client_clip_norm there, and
     # a rejection, decided on the clients' data, would only turn the round into one releasing
     # nothing (the noise is sized for exactly m updates; see server/app.py, _round).
     verdicts = robust.screen(norms, 0.0 if client_dp(cfg) else f.reject_norm_factor)
     kept, bounded = [], 0
-    for rep, tensors, norm, why in zip(good, received, norms, verdicts, strict=True):
+    for rep, tensors, ref, norm, why in zip(good, received, references, norms, verdicts, strict=True):
         node = rep.metadata.src_node_id
         if why:
             problems.append(f"rejected: node {node}: {why}")
             continue
         if f.norm_bound and norm > f.norm_bound:
-            tensors, _ = robust.bound(global_, tensors, f.norm_bound)
+            tensors, _ = robust.bound(ref, tensors, f.norm_bound)
             # In the global payload's order: Flower's DP clipping pairs arrays by position.
             rep.content["arrays"] = to_record({k: tensors[k] for k in global_})
             log(f"round {rnd}: node {node}: update norm {norm:.4g} bounded to {f.norm_bound:g}")

@@ -71,7 +71,10 @@ def _quorum(grid: Grid, cfg: Config, patience: Patience) -> tuple[dict, str, lis
     f = cfg.federation
     nodes = wait_for_nodes(grid, max(f.min_clients, 1))
     asked = sorted(random.SystemRandom().sample(nodes, min(f.init_quorum, len(nodes))))  # a liar cannot place itself first
-    msgs = [message(n, Kind.INIT, RecordDict({"config": ConfigRecord({"server-round": 0})})) for n in asked]
+    ask = {"server-round": 0}
+    if cfg.peft.method == "lora":  # clients of any rank answer the seeded adapter at the global's rank
+        ask["lora-rank"] = cfg.peft.lora_r
+    msgs = [message(n, Kind.INIT, RecordDict({"config": ConfigRecord(ask)})) for n in asked]
     replies = exchange(grid, msgs, patience.timeout(Kind.INIT))
     answers: dict[int, str] = {}
     got: dict[int, tuple[dict, str, list[str]]] = {}

@@ -12,6 +12,7 @@ from flwr.serverapp import Grid
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
+from fedprompt.lora_aggregation import lora_aggregation, reply_manifest
 from fedprompt.protocol import NUM_EXAMPLES, WORKER_PID, Kind, MetricError
 from fedprompt.server.aggregate import aggregate, log, screen_and_bound
 from fedprompt.server.evaluation import evaluate
@@ -34,13 +35,15 @@ class Watch:
     capped: set[tuple[int, float]] = field(default_factory=set)  # (node, claim) capped and logged
 
 
-def check_reply(rep: Message, manifest: payload.Manifest, rnd: int) -> dict:
-    """The reply's known metrics once its payload matches the manifest exactly and its metrics
-    are what an honest client sends; else PayloadError / MetricError."""
+def check_reply(rep: Message, manifest: payload.Manifest, rnd: int, *, mixed: bool = False) -> dict:
+    """The reply's known metrics once its payload matches the manifest exactly (under `mixed`
+    LoRA ranks, the manifest at the reply's own rank) and its metrics are what an honest client
+    sends; else PayloadError / MetricError."""
     node = rep.metadata.src_node_id
     if "arrays" not in rep.content or "metrics" not in rep.content:
         raise payload.PayloadError(f"payload from node {node}: the reply has no tensors or no metrics")
-    payload.validate(from_record(rep.content["arrays"]), manifest, source=f"node {node}")
+    tensors = from_record(rep.content["arrays"])
+    payload.validate(tensors, reply_manifest(tensors, manifest, mixed=mixed, source=f"node {node}"), source=f"node {node}")
     metrics = known_metrics(rep, rnd)
     rep.content["metrics"] = MetricRecord(metrics)  # only known keys reach the strategy's means
     return metrics
@@ -93,7 +96,7 @@ def train_round(
             rejected["error"] += 1
             continue
         try:
-            metrics = check_reply(rep, manifest, rnd)
+            metrics = check_reply(rep, manifest, rnd, mixed=lora_aggregation(cfg.peft.method, cfg.federation.lora_aggregation).mixed)
         except (payload.PayloadError, MetricError) as e:
             problems.append(f"rejected: node {node}: {e}" if isinstance(e, MetricError) else f"rejected: {e}")
             rejected["metrics" if isinstance(e, MetricError) else "payload"] += 1
