@@ -148,6 +148,7 @@ def train_round(
             "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights used
             "weights": weights,
             "bytes_up": max(ups),
+            "bytes_up_min": min(ups),  # below bytes_up where clients' payloads differ (mixed LoRA ranks)
             "bytes_up_total": sum(ups),
             "bytes_down": down,
             "bytes_down_total": down * len(msgs),
