@@ -199,14 +199,18 @@ def train_steps(
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, pad_id: int, device: torch.device, limit: int = 0) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, pad_id: int, device: torch.device, limit: int = 0, prior: torch.Tensor | None = None
+) -> dict[str, float]:
     """Loss, accuracy and macro-F1 (classification) or loss and exact match (generation).
-    `model` is anything mapping (input_ids, attention_mask) to logits."""
+    `model` is anything mapping (input_ids, attention_mask) to logits. With `prior` (C,), a
+    client's log label frequencies, classification adds `personal_accuracy`: the argmax of
+    logits + prior, the same model's prediction under the client's own label distribution."""
     was_training = model.training
     model.eval()
     n = len(data) if not limit else min(limit, len(data))
     bs = cfg.train.eval_batch_size
-    loss_sum, preds, golds = 0.0, [], []
+    loss_sum, preds, golds, personal = 0.0, [], [], []
     for i in range(0, n, bs):
         index = list(range(i, min(i + bs, n)))
         batch = collate(data, index, pad_id, device)
@@ -215,6 +219,8 @@ def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, 
         if not task.generative:
             preds.append(task.predict(logits, batch).cpu())
             golds.append(batch["labels"].cpu())
+            if prior is not None:
+                personal.append((task.class_logits(logits, batch) + prior.to(logits.device)).argmax(-1).cpu())
     out = {"loss": loss_sum / max(n, 1)}
     if task.generative:
         em = exact_match(model, task, data, n, device)
@@ -222,6 +228,8 @@ def evaluate(model: torch.nn.Module, task: Task, data: Encoded, cfg: Config, *, 
     else:
         p, g = torch.cat(preds), torch.cat(golds)
         out.update(accuracy=int((p == g).sum()) / max(len(g), 1), macro_f1=macro_f1(p, g, len(task.labels)))
+        if personal:
+            out["personal_accuracy"] = int((torch.cat(personal) == g).sum()) / max(len(g), 1)
     model.train(was_training)
     return out
 

@@ -187,7 +187,7 @@ class LocalClient:
 
     def _label_offset(self, data) -> torch.Tensor | None:
         """(C,) tau x log(this partition's label frequencies) for train.logit_adjustment (None:
-        off). A class the partition lacks gets log(1e-12): out of its softmax."""
+        off)."""
         tau = self.cfg.train.logit_adjustment
         if not tau:
             return None
@@ -195,8 +195,13 @@ class LocalClient:
             from fedprompt.tasks import TaskError
 
             raise TaskError(f"train.logit_adjustment: {tau} applies to classification, not to the {self.state.task.name} task; set it to 0")
+        return tau * self._log_prior(data)
+
+    def _log_prior(self, data) -> torch.Tensor:
+        """(C,) log of the label frequencies in `data`; a class it lacks gets log(1e-12): out of
+        its softmax."""
         counts = torch.bincount(torch.tensor(data.target), minlength=len(self.state.data.labels)).double()
-        return (tau * torch.log((counts / counts.sum()).clamp_min(1e-12))).float()
+        return torch.log((counts / counts.sum()).clamp_min(1e-12)).float()
 
     def ledger_path(self, data) -> Path:
         """The privacy ledger of a client holding `data` (its training examples)."""
@@ -225,8 +230,9 @@ class LocalClient:
             yield _DP(plan, ledger, len(data), p.delta)
 
     def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None, source: str = "server") -> tuple[dict[str, float], int]:
-        """Metrics of the global payload on partition `partition_id`'s test split, or on the
-        whole held-out test split when None (centralized evaluation); (metrics, examples)."""
+        """Metrics of the global payload on partition `partition_id`'s test split (with
+        `personal_accuracy`, see engine.evaluate), or on the whole held-out test split when
+        None (centralized evaluation); (metrics, examples)."""
         from fedprompt.engine import evaluate
 
         s, limit = self.state, self.cfg.train.max_eval_examples
@@ -234,7 +240,11 @@ class LocalClient:
         tensors = self._at_rank(tensors, None)  # the global at its own rank: what the export holds
         payload.load(s.model, tensors, source=source)
         n = len(data) if not limit else min(len(data), limit)
-        m = evaluate(s.model, s.task, data, self.cfg, pad_id=s.pad_id, device=s.backbone.device, limit=limit)
+        # A client's own test split also gets the prediction under its own label prior (from its
+        # training labels). Not under DP-SGD: those labels are private, outside the accountant.
+        personal = partition_id is not None and not s.task.generative and self.cfg.privacy.mode not in ("sample", "both")
+        prior = self._log_prior(self.shard(partition_id).train) if personal else None
+        m = evaluate(s.model, s.task, data, self.cfg, pad_id=s.pad_id, device=s.backbone.device, limit=limit, prior=prior)
         return m, n
 
 

@@ -63,6 +63,7 @@ METRICS: dict[str, MetricSpec] = {
     "train_s": MetricSpec(lo=0),  # seconds of local training
     "loss": MetricSpec(lo=0),
     "accuracy": MetricSpec(lo=0, hi=1),
+    "personal_accuracy": MetricSpec(lo=0, hi=1),  # the global under the client's own label prior
     "macro_f1": MetricSpec(lo=0, hi=1),
     "exact_match": MetricSpec(lo=0, hi=1),
 }

@@ -62,3 +62,26 @@ def test_fedprox_term_pulls_towards_the_global_payload():
     free = client.fit(g, round_num=1).tensors
     prox = client.fit(g, round_num=1, proximal_mu=50.0).tensors
     assert _distance(prox, g) < _distance(free, g)
+
+
+def test_a_clients_own_test_split_also_gets_the_prediction_under_its_own_label_prior():
+    """personal_accuracy: the argmax of logits + log(the partition's training label
+    frequencies), on its own test split only; not on the whole test split, not under DP-SGD."""
+    from fedprompt.engine import collate
+
+    cfg = tiny_config("bert", "prompt", data__partition="dirichlet", data__alpha=0.1, federation__num_clients=2)
+    client = LocalClient(cfg, num_partitions=2)
+    g = payload.extract(client.state.model)
+    metrics, n = client.evaluate(g, partition_id=0)
+    shard, s = client.shard(0), client.state
+    counts = torch.bincount(torch.tensor(shard.train.target), minlength=len(s.data.labels)).double()
+    prior = torch.log((counts / counts.sum()).clamp_min(1e-12)).float()
+    batch = collate(shard.test, list(range(n)), s.pad_id, s.backbone.device)
+    with torch.no_grad():
+        logits = s.model(batch["input_ids"], batch["attention_mask"])
+    want = int(((logits.float() + prior).argmax(-1) == batch["labels"]).sum()) / n
+    assert metrics["personal_accuracy"] == want
+    assert want != metrics["accuracy"]  # a skewed prior changes the predictions of an untrained head
+    assert "personal_accuracy" not in client.evaluate(g)[0]
+    private = LocalClient(tiny_config("bert", "prompt", privacy__mode="sample", federation__num_clients=2), num_partitions=2)
+    assert "personal_accuracy" not in private.evaluate(payload.extract(private.state.model), partition_id=0)[0]
