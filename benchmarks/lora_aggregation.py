@@ -70,7 +70,8 @@ def main() -> int:
     lines = [
         f"MiniLM LoRA r 8 unless said (query/value), {f.num_clients} clients, {int(f.num_clients * f.fraction_fit)} sampled per round, "
         f"{f.rounds} rounds x {f.local_steps} local steps, FedAvg, lr {LR['lora']}; accuracy on the whole held-out test split "
-        f"after the last round. Bytes: a client's upload (smallest-largest, where ranks differ) and the largest download of a round (payload + Flower's framing). "
+        f"after the last round. Bytes: a client's upload (smallest-largest, where ranks differ) and the largest download of a round "
+        f"(payload + Flower's framing). "
         f"Measured in one run ({time.perf_counter() - t_all:.0f} s).",
         "",
         "| lora_aggregation | " + " | ".join(names) + " | up / down per client-round |",
