@@ -70,7 +70,12 @@ def _wire_dtype(p) -> str:
 def manifest_of(model: Adapted) -> Manifest:
     """The payload contract of a built model, sorted by name. Under ZeRO-3 read it inside
     `engine.full_params` (partitioned parameters have no shape of their own)."""
-    specs = [TensorSpec(name, tuple(p.shape), _wire_dtype(p)) for name, p in model.trainable().items()]
+    return manifest_of_params(model.trainable())
+
+
+def manifest_of_params(params: dict) -> Manifest:
+    """The contract of named parameters (name -> torch tensor), sorted by name."""
+    specs = [TensorSpec(name, tuple(p.shape), _wire_dtype(p)) for name, p in params.items()]
     return tuple(sorted(specs, key=lambda s: s.name))
 
 

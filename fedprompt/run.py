@@ -227,6 +227,18 @@ def load_adapter(model, folder: str | Path) -> None:
         tensors = load_file(str(f))
     except Exception as e:  # safetensors raises its own error type on a corrupt header
         raise RunError(f"{str(f)!r} is not a readable safetensors file ({e}); re-export the adapter") from None
+    from fedprompt.lora_aggregation import rank_of
+
+    rank = rank_of(tensors)
+    if rank is not None and getattr(model, "rank", rank) != rank:  # a mixed-rank federation's export: the global's rank
+        if model.fixed():
+            raise RunError(f"{str(f)!r} holds LoRA rank {rank}, the config's peft.lora_r is {model.rank}; set peft.lora_r={rank}")
+        model.use_rank(rank)
+    fixed = model.fixed()  # FFA-LoRA's A: in the adapter file, never part of the payload
+    payload.validate({k: tensors[k] for k in fixed if k in tensors}, payload.manifest_of_params(fixed), source=str(f))
+    with torch.no_grad():
+        for k, p in fixed.items():
+            p.copy_(tensors.pop(k).to(device=p.device, dtype=p.dtype))
     payload.load(model, tensors, source=str(f))
 
 
