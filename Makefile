@@ -13,7 +13,7 @@ export DS_ACCELERATOR := cpu
 export HF_HUB_OFFLINE := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: install demo test test-fast test-slow lint format bench bench-long results dp-results clean
+.PHONY: install demo test test-fast test-slow lint format bench bench-long results dp-results clean gpu-wheels gpu-check
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -65,3 +65,14 @@ results: install
 # DP utility and audit: the DP config without DP and at epsilon 8, 3, 1 (about 40 minutes).
 dp-results: install
 	$(BIN)/python benchmarks/dp_utility.py
+
+# GPU check: `make gpu-wheels` (here; needs PyPI) fills .gpu-wheels/ with what a bare GPU machine
+# lacks; `make gpu-check` (there) installs from it what its python lacks, then runs every CUDA path
+# and prints one table. Without a GPU it is a dry run that lists the paths. GPU_CHECK_ARGS: e.g. --json F.
+GPU_PY = $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-wheels: install
+	bash benchmarks/gpu_wheels.sh build
+
+gpu-check:
+	@if [ -d .gpu-wheels ]; then PY=$(GPU_PY) bash benchmarks/gpu_wheels.sh install || echo "gpu-check: some carried packages did not install; their rows say so"; fi
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
