@@ -197,6 +197,14 @@ def test_ffa_trains_and_sends_b_only_and_exports_a_complete_adapter(tmp_path, lo
     pm = PeftModel.from_pretrained(bb.model, str(tmp_path / "ffa" / "adapter"))
     live = {k: p for k, p in pm.named_parameters() if ".lora_A." in k}
     assert len(live) == len(fixed) and all(torch.equal(p.detach(), torch.from_numpy(fixed[k.replace(".default.", ".")])) for k, p in live.items())
+    # `fedprompt eval` (run_eval) of the export: with the run's own config (A from the file, not
+    # the payload), and with a rank-2 svd client's config (evaluated at the file's rank 4).
+    from fedprompt.run import run_eval
+    from tests.tiny import federation_config
+
+    assert 0 <= run_eval(ffa.cfg, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
+    rank2 = federation_config(peft__method="lora", federation__lora_aggregation="svd", peft__lora_r=2)
+    assert 0 <= run_eval(rank2, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
 
 
 def test_clients_of_any_rank_agree_on_the_seeded_adapter_at_the_globals_rank():
@@ -257,6 +265,16 @@ def test_mixed_ranks_through_the_round_loop_export_the_global_at_the_largest_ran
     bb = load_backbone(mixed.cfg.model, num_labels=len(mixed.state.data.labels), task=mixed.state.data.task)
     pm = PeftModel.from_pretrained(bb.model, str(out / "adapter"))
     assert {tuple(p.shape) for k, p in pm.named_parameters() if ".lora_A." in k} == {(4, 64)}
+
+
+@pytest.mark.parametrize("command", ["client", "server"])
+def test_deployment_refuses_lora_ranks_and_names_peft_lora_r(command, capsys):
+    from fedprompt.cli import main
+
+    sets = ["peft.method=lora", "peft.lora_r=8", "federation.lora_aggregation=svd", "federation.lora_ranks=[4, 8]"]
+    assert main([command, "--insecure", *[a for s in sets for a in ("--set", s)]]) == 2
+    err = capsys.readouterr().err
+    assert f"`fedprompt {command}` refuses it: in a deployment each client sets its own peft.lora_r" in err and err.count("\n") == 1
 
 
 @pytest.mark.parametrize("command", ["client", "server"])
