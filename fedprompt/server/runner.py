@@ -226,11 +226,17 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
         print(
             f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
             f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
-            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}, {f.strategy}" + (f"; resuming after round {after}" if after else "")
+            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}{_lora(cfg)}, {f.strategy}" + (f"; resuming after round {after}" if after else "")
         )
     for line in sampling_warnings(cfg, f.num_clients):
         print(f"fedprompt simulate: warning: {line}", file=sys.stderr, flush=True)
     return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
+
+
+def _lora(cfg: Config) -> str:
+    """ " r 4/8/16, svd": LoRA's rank(s) and aggregation, for the start line ("" for other methods)."""
+    f = cfg.federation
+    return f" r {'/'.join(map(str, f.lora_ranks or [cfg.peft.lora_r]))}, {f.lora_aggregation}" if cfg.peft.method == "lora" else ""
 
 
 def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False, insecure: bool = False, keep_alive: bool = False) -> dict:
