@@ -47,7 +47,7 @@ test-fast: install
 test-slow: install
 	$(BIN)/pytest -q -m slow
 
-# Every benchmark into benchmarks/RESULTS.md (+ plots): about two hours on 2 cores (`--only SECTION,...` runs some).
+# Every benchmark into benchmarks/RESULTS.md (+ plots): about three hours on 2 cores (`--only SECTION,...` runs some).
 bench: install
 	$(BIN)/python benchmarks/bench.py
 
