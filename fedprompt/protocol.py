@@ -23,6 +23,9 @@ class Kind(StrEnum):
     INIT = "init"  # the method's initial tensors (round 0's global state) and adapter config
     FIT = "fit"  # local training from the global tensors; the updated tensors back
     EVALUATE = "evaluate"  # the global tensors' metrics on the client's test split
+    # The partition's size, before training: a secure round's weight is fixed before anything is
+    # masked (client/secagg.py). Never a message of its own: it rides in a secure round's setup.
+    CLAIM = "claim"
 
 
 # The Flower message type that carries each kind (Flower's names for them).
@@ -34,6 +37,12 @@ NUM_EXAMPLES = "num-examples"  # the client's claimed example count (the FedAvg 
 UNIFORM_WEIGHT = "uniform-weight"  # 1 in every reply: the weight of a uniform mean (client-level DP)
 WORKER_PID = "pid"  # the serving process (one backbone per process: tests count them)
 BACKBONE_LOADS = "backbone_loads"  # backbone loads in that process so far
+# A secure round (server/secagg.py, client/secagg.py): the stage-2 request's config carries the
+# weight the server assigned to the node (its capped claim, scaled so the largest is Flower's
+# max_weight) and federation.client_norm_bound; the setup reply carries the claim.
+SECAGG_WEIGHT = "secagg-weight"
+SECAGG_NORM_BOUND = "secagg-norm-bound"
+SECAGG_CLAIM = "claim"
 # Reply metrics that describe the worker or its privacy account, not the update: never averaged.
 WORKER_KEYS = (WORKER_PID, BACKBONE_LOADS, "epsilon", "noise_multiplier", "sample_rate", "dp_steps")
 

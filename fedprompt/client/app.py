@@ -8,6 +8,7 @@ nothing the server's run says (its run config, its app bundle) chooses what runs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,7 +17,8 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from fedprompt.protocol import KIND_OF, Reply, Request
+from fedprompt.client import secagg
+from fedprompt.protocol import KIND_OF, NUM_EXAMPLES, Kind, Reply, Request
 from fedprompt.wire import from_record, to_record
 
 app = ClientApp()
@@ -85,8 +87,15 @@ def clipping_mod(msg: Message):
     return fixedclipping_mod if KEY_CLIPPING_NORM in config else None
 
 
+def claim_of(msg: Message, context: Context) -> float:
+    """This client's claimed example count (its partition's size), asked before training."""
+    return float(serve(dataclasses.replace(request_of(msg, context), kind=Kind.CLAIM), context).metrics[NUM_EXAMPLES])
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    if secagg.is_secure(msg):  # a secure round's four messages: Flower's SecAgg+ mod around ours
+        return secagg.secure_app(claim_of, answer)(msg, context)
     mod = clipping_mod(msg)
     return mod(msg, context, answer) if mod else answer(msg, context)
 

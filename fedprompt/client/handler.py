@@ -74,6 +74,8 @@ def handle(client, request: Request) -> Reply:
     from fedprompt import local
     from fedprompt.client.guard import GlobalRefused, guard_for
 
+    if request.kind == Kind.CLAIM:  # no global received, nothing to check or record
+        return Reply(metrics={NUM_EXAMPLES: len(client.shard(request.partition_id).train)})
     guard = guard_for(client, request.partition_id)
     try:
         guard.check(request)

@@ -127,6 +127,8 @@ def validate(c: Config) -> list[str]:
                 f"from each end, fewer than federation.num_malicious ({f.num_malicious}); raise it to at least {least:g}",
             )
 
+    _secure_aggregation(c, need, per_round)
+
     pr = c.privacy
     need(c.train.logit_adjustment >= 0, f"train.logit_adjustment: {c.train.logit_adjustment} must be >= 0 (0: off)")
     if pr.mode in ("sample", "both"):
@@ -253,3 +255,92 @@ def validate(c: Config) -> list[str]:
     need(d.gradient_accumulation_steps >= 1, f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} must be >= 1")
     need(d.gradient_clipping >= 0, f"deepspeed.gradient_clipping: {d.gradient_clipping} must be >= 0 (0: off)")
     return p
+
+
+SECAGG_MODULUS = 2**32  # Flower's SecAgg+ modulus_range: the masked sums live modulo this
+# Strategies that order, compare or rescale individual updates: nothing to work on when the
+# server only ever holds the sum.
+NEEDS_INDIVIDUAL_UPDATES = ("fedmedian", "trimmedmean", "krum", "multikrum")
+COMPATIBLE = "bound each update on its client with federation.client_norm_bound instead (applied before masking)"
+
+
+def secagg_shares(num_shares: int, threshold: int, sampled: int) -> tuple[int, int]:
+    """(num_shares, reconstruction_threshold) of a round with `sampled` clients: 0 means every
+    sampled client, and a strict majority of them."""
+    n = min(num_shares, sampled) if num_shares else sampled
+    return n, threshold or n // 2 + 1
+
+
+def secagg_problem(num_shares: int, threshold: int, sampled: int, q: int) -> str:
+    """Why SecAgg+ with these (resolved) parameters must not run a round of `sampled` clients;
+    "" when it may."""
+    if threshold < 3:
+        # With 2, a survivor whose other neighbours dropped keeps a single unknown pairwise mask,
+        # and Flower derives each mask from a seed folded to 32 bits: searchable.
+        return (
+            f"federation.reconstruction_threshold: {threshold} ({sampled} clients per round, num_shares {num_shares}) is below 3, "
+            "which can leave a client's update behind a single 32-bit mask seed; sample at least 4 clients per round "
+            "(threshold 0 then resolves to 3 or more)"
+        )
+    if threshold >= num_shares:
+        return f"federation.reconstruction_threshold: {threshold} must be below num_shares ({num_shares}) so that a lost client can be tolerated; lower it"
+    if 2 * threshold <= num_shares:
+        # Two disjoint groups of `threshold` holders: told "i is active" and "i is dead"
+        # respectively, they would hand out both of i's secrets, i.e. i's update.
+        return (
+            f"federation.reconstruction_threshold: {threshold} is at most half of num_shares ({num_shares}): a server could "
+            "split the holders and collect both secrets of one client; use more than half (0: a strict majority)"
+        )
+    if not 2 <= q < 2**31 or sampled * q >= SECAGG_MODULUS:
+        return (
+            f"federation.quantization_range: {q} with {sampled} clients per round: it must be in 2..2^31 - 1 and "
+            f"clients x quantization_range below 2^32 (the masked sum would wrap); lower it below {SECAGG_MODULUS // max(sampled, 1)}"
+        )
+    return ""
+
+
+def _secure_aggregation(c: Config, need, per_round: int) -> None:
+    """The checks of federation.secure_aggregation: what needs individual updates is refused
+    with the compatible way out, and the protocol's parameters must be safe."""
+    f, pr = c.federation, c.privacy
+    need(f.client_norm_bound >= 0, f"federation.client_norm_bound: {f.client_norm_bound} must be >= 0 (0: off)")
+    need(f.clipping_range >= 0, f"federation.clipping_range: {f.clipping_range} must be >= 0 (0: federation.client_norm_bound)")
+    if not f.secure_aggregation:
+        need(
+            f.client_norm_bound == 0,
+            f"federation.client_norm_bound: {f.client_norm_bound} applies under federation.secure_aggregation only; "
+            "without it use federation.norm_bound (the server bounds each update it sees)",
+        )
+        return
+    why = "with federation.secure_aggregation the server only ever holds the sum of the updates"
+    need(
+        f.strategy not in NEEDS_INDIVIDUAL_UPDATES,
+        f"federation.strategy: {f.strategy!r} {why}, and {f.strategy} needs each update; use fedavg, fedprox, fedavgm, fedadam or fedyogi, and {COMPATIBLE}",
+    )
+    need(f.norm_bound == 0, f"federation.norm_bound: {f.norm_bound} {why}, so it cannot bound one; set it to 0 and {COMPATIBLE}")
+    need(
+        f.reject_norm_factor == 0,
+        f"federation.reject_norm_factor: {f.reject_norm_factor} {why}, so it cannot screen one by its norm; set it to 0 and {COMPATIBLE}",
+    )
+    need(
+        f.lora_aggregation != "svd",
+        f"federation.lora_aggregation: 'svd' {why}, and the SVD combines each client's factors; use 'factors' or 'ffa' (plain means)",
+    )
+    need(
+        pr.mode not in ("client", "both"),
+        f"privacy.mode: {pr.mode!r} with federation.secure_aggregation: client-level DP on the unmasked mean is not supported yet; "
+        "use privacy.mode 'sample' (DP-SGD on each client) or turn secure aggregation off",
+    )
+    need(
+        f.clipping_range > 0 or f.client_norm_bound > 0,
+        "federation.clipping_range: required with federation.secure_aggregation (the largest |coordinate| of an update that is "
+        "kept exactly); take it from a plain run's updates, or set federation.client_norm_bound (then it defaults to that)",
+    )
+    if f.num_shares:
+        need(
+            3 <= f.num_shares <= per_round,
+            f"federation.num_shares: {f.num_shares} is out of range; allowed 3..{per_round} (the clients sampled per round), or 0 for all",
+        )
+    need(f.reconstruction_threshold >= 0, f"federation.reconstruction_threshold: {f.reconstruction_threshold} must be >= 0 (0: a strict majority)")
+    problem = secagg_problem(*secagg_shares(f.num_shares, f.reconstruction_threshold, per_round), per_round, f.quantization_range)
+    need(not problem, problem)

@@ -115,6 +115,19 @@ class FederationConfig:
     # client at peft.lora_r. (A deployment client sets its own peft.lora_r instead.)
     lora_ranks: list[int] = field(default_factory=list)
     workers: int = 1  # simulation: worker processes, each holding one backbone
+    # Secure aggregation (Flower's SecAgg+, server/secagg.py): the server unmasks only the
+    # weighted mean of a round's updates, never one client's. Each client masks its update
+    # (local - global), each coordinate quantized to quantization_range levels over
+    # [-clipping_range, clipping_range]; a larger coordinate is clipped silently, so pick
+    # clipping_range from a plain run's updates, or bound the updates with client_norm_bound.
+    secure_aggregation: bool = False
+    num_shares: int = 0  # holders of each client's secret shares, itself included; 0: every sampled client
+    reconstruction_threshold: int = 0  # shares that rebuild a secret; 0: a strict majority of num_shares
+    clipping_range: float = 0.0  # c: the largest |coordinate| of an update kept exactly; 0: client_norm_bound
+    quantization_range: int = 4194304  # Q (2^22): levels over [-c, c]; sampled clients x Q must stay below 2^32
+    # Each client scales its own update down to this L2 norm before masking (the defence that
+    # works under secure aggregation, where the server sees no single update); 0: off.
+    client_norm_bound: float = 0.0
 
 
 @dataclass

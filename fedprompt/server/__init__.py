@@ -15,6 +15,8 @@
     metrics.py     the Prometheus exporter of a running server (server.metrics_address)
     front.py       the only listener on server.address: the Fleet API allowlist
     localgrid.py   an in-process Grid: the round loop against LocalClients in one process
+    secagg.py      a secure round: Flower's SecAgg+ stages driven over our Grid, weights
+                   capped before masking; the server holds only the mean update
 Shared with the client: `fedprompt.wire` (records, bytes), `fedprompt.processes` (Flower's
 binaries), `fedprompt.security` (TLS and keys), `fedprompt.protocol` (the vocabulary).
 """

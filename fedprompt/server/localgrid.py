@@ -15,11 +15,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
-from flwr.app import Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedprompt.client import secagg
 from fedprompt.client.app import clipping_mod, reply_message, request_of
 from fedprompt.client.handler import handle
+from fedprompt.protocol import NUM_EXAMPLES, Kind, Request
 
 Responder = Callable[[Message], "Message | None"]
 
@@ -39,20 +41,41 @@ class LocalContext:
 
 def client_responder(client, partition_id: int) -> Responder:
     """A node served by `client` (a LocalClient) as partition `partition_id`, through the same
-    request/reply code as the real ClientApp."""
+    request/reply code as the real ClientApp (a secure round's messages through the same mods,
+    each crossing a protobuf round trip as on the wire)."""
     context = LocalContext({"partition-id": partition_id})
+    # Flower's SecAgg+ mod keeps its keys and shares in the node's Context between the four
+    # messages of a secure round, as a SuperNode does: one real Context per node.
+    node = Context(run_id=0, node_id=0, node_config={"partition-id": partition_id}, state=RecordDict(), run_config={})
 
-    def serve(msg: Message, ctx: LocalContext) -> Message:
+    def serve(msg: Message, ctx) -> Message:
         return reply_message(msg, handle(client, request_of(msg, ctx)))
+
+    def claim(msg: Message, ctx) -> float:
+        return float(handle(client, Request(kind=Kind.CLAIM, partition_id=partition_id)).metrics[NUM_EXAMPLES])
+
+    secure = secagg.secure_app(claim, serve)
 
     def respond(msg: Message) -> Message:
         mod = clipping_mod(msg) if msg.metadata.message_type == "train" else None
         try:
+            if secagg.is_secure(msg):
+                return through_wire(secure(through_wire(msg), node))
             return mod(msg, context, serve) if mod else serve(msg, context)
         except Exception as e:  # what Flower does with an exception in a ClientApp
             return Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
     return respond
+
+
+def through_wire(msg: Message) -> Message:
+    """The message as the other end gets it: through protobuf bytes (no shared objects)."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+    from flwr.proto.message_pb2 import Message as ProtoMessage
+
+    proto = ProtoMessage()
+    proto.ParseFromString(message_to_proto(msg).SerializeToString())
+    return message_from_proto(proto)
 
 
 class LocalGrid:

@@ -59,12 +59,20 @@ def _kb(n) -> str:
     return "-" if not n else f"{n / 1024:.1f}"
 
 
+def _secure(row: dict) -> str:
+    """A secure round in the table: clients in the unmasked mean / sampled, or "none" released."""
+    if "secagg_sampled" not in row:
+        return "-"  # round 0
+    return f"{row['secagg_in_sum']}/{row['secagg_sampled']}" if row.get("released") else "none"
+
+
 def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path, *, quiet: bool = False, tick=None, stopped=None, on_row=None) -> list[dict]:
     """Print each metrics row as the ServerApp appends it (and pass it to `on_row`: trackers,
     the Prometheus exporter); return all rows once the run ended well, or raise RunError with
     the reason it did not. `tick()` is called every ~2 s; `stopped()` says whether a run that
     ended without a result was stopped by `flwr stop`."""
     private = cfg.privacy.mode != "none"
+    secure = cfg.federation.secure_aggregation
     table = Table(
         [
             ("round", 5),
@@ -77,6 +85,7 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
             ("down_KiB", 8),
             ("round_s", 8),
             *([("epsilon", 8)] if private else []),
+            *([("secure", 7)] if secure else []),
         ]
     )
     printed: set[int] = set()
@@ -112,6 +121,7 @@ def follow(out: Path, run: "processes.subprocess.Popen", cfg: Config, log: Path,
                         _kb(row["bytes_down"]),
                         f"{row['round_s']:.1f}",
                         *([row.get("epsilon")] if private else []),
+                        *([_secure(row)] if secure else []),
                     ]
                 )
         if done:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from flwr.app import ConfigRecord, Message, MetricRecord
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
 from fedprompt.lora_aggregation import lora_aggregation, reply_manifest
-from fedprompt.protocol import NUM_EXAMPLES, WORKER_PID, Kind, MetricError
+from fedprompt.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT, WORKER_PID, Kind, MetricError
 from fedprompt.server.aggregate import aggregate, log, screen_and_bound
 from fedprompt.server.evaluation import evaluate
 from fedprompt.server.messages import FederationError, exchange, known_metrics
@@ -58,6 +58,22 @@ def _weigh(cfg: Config, rnd: int, good: list[Message], watch: Watch) -> dict[str
         log(f"round {rnd}: {line}")
     if f.weighting == "uniform" or client_dp(cfg):  # the strategy weighs by protocol.UNIFORM_WEIGHT
         return {str(n): 1.0 for n in claims}
+    weights = _cap(cfg, rnd, claims, watch)
+    for r in good:
+        r.content["metrics"][NUM_EXAMPLES] = weights[r.metadata.src_node_id]
+    return {str(n): w for n, w in weights.items()}
+
+
+def _claimed(cfg: Config, rnd: int, claims: dict[int, float], watch: Watch) -> dict[int, float]:
+    """A secure round's weights from the claims of its setup replies (before anything is masked)."""
+    for line in watch.claims.note(rnd, claims):
+        log(f"round {rnd}: {line}")
+    return dict.fromkeys(claims, 1.0) if cfg.federation.weighting == "uniform" else _cap(cfg, rnd, claims, watch)
+
+
+def _cap(cfg: Config, rnd: int, claims: dict[int, float], watch: Watch) -> dict[int, float]:
+    """Each node's claim capped (trust.cap_weights), each capped claim logged once per node."""
+    f = cfg.federation
     weights, capped = cap_weights(claims, f.max_weight_factor)
     for node in capped:
         if (node, claims[node]) in watch.capped:
@@ -67,9 +83,7 @@ def _weigh(cfg: Config, rnd: int, good: list[Message], watch: Watch) -> dict[str
             f"round {rnd}: node {node} claims {claims[node]:g} training examples; weighed as {weights[node]:g}, "
             f"federation.max_weight_factor {f.max_weight_factor:g} x the round's median claim (said once per node and claim)"
         )
-    for r in good:
-        r.content["metrics"][NUM_EXAMPLES] = weights[r.metadata.src_node_id]
-    return {str(n): w for n, w in weights.items()}
+    return weights
 
 
 def train_round(
@@ -82,6 +96,9 @@ def train_round(
     msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
     down = wire_bytes(msgs[0]) if msgs else 0
     timeout = watch.patience.timeout(Kind.FIT)
+    if cfg.federation.secure_aggregation:  # the server only ever holds the mean: server/secagg.py
+        tensors, fields, busy = _secure_train(grid, cfg, strategy, state, rnd, manifest, msgs, watch, timeout)
+        return tensors, _row(grid, cfg, strategy, rnd, tensors, fields, t0=t0, busy=busy, watch=watch, centralized=centralized)
     # Replies arrive in any order; aggregating in node order makes a round's result a function
     # of who took part, not of who answered first (so a resumed run repeats it bit for bit).
     replies = sorted(exchange(grid, msgs, timeout), key=lambda m: m.metadata.src_node_id)
@@ -133,36 +150,93 @@ def train_round(
         privacy_row["clip_norm"] = float(strategy.clipping_norm)
         if pr.mode == "client":
             privacy_row["epsilon"] = privacy_row["client_epsilon"]
+    fields = {
+        "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
+        "clients": len(good),
+        "connected": len(list(grid.get_node_ids())),
+        "failures": len(msgs) - len(good),
+        "rejected": rejected,
+        "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights used
+        "weights": weights,
+        "bytes_up": max(ups),
+        "bytes_up_min": min(ups),  # below bytes_up where clients' payloads differ (mixed LoRA ranks)
+        "bytes_up_total": sum(ups),
+        "bytes_down": down,
+        "bytes_down_total": down * len(msgs),
+        "client_train_s": float(train["train_s"]) if train and "train_s" in train else None,
+        "backbone_loads": workers,
+        "released": released,
+        **robust_row,
+        **privacy_row,
+    }
+    return tensors, _row(grid, cfg, strategy, rnd, tensors, fields, t0=t0, busy=busy, watch=watch, centralized=centralized)
+
+
+def _row(grid: Grid, cfg: Config, strategy, rnd: int, tensors: dict, fields: dict, *, t0: float, busy, watch: Watch, centralized: bool) -> dict:
+    """The round's metrics row: the new global evaluated (not by the `busy` nodes, which did not
+    answer), then `fields` and the timings (seconds)."""
     t_train = time.perf_counter() - t0
     row = {"round": rnd, "step": rnd * cfg.round_steps}
     t1 = time.perf_counter()
     row.update(evaluate(grid, cfg, strategy, rnd, tensors, centralized=centralized, patience=watch.patience, busy=busy))
     t_eval = time.perf_counter() - t1
-    row.update(
-        {
-            "train_loss": float(train["train_loss"]) if train and "train_loss" in train else None,
-            "clients": len(good),
-            "connected": len(list(grid.get_node_ids())),
-            "failures": len(msgs) - len(good),
-            "rejected": rejected,
-            "examples": int(train[WEIGHT_KEY]),  # our aggregator sums the weights used
-            "weights": weights,
-            "bytes_up": max(ups),
-            "bytes_up_min": min(ups),  # below bytes_up where clients' payloads differ (mixed LoRA ranks)
-            "bytes_up_total": sum(ups),
-            "bytes_down": down,
-            "bytes_down_total": down * len(msgs),
-            "train_s": round(t_train, 3),
-            "eval_s": round(t_eval, 3),
-            "round_s": round(time.perf_counter() - t0, 3),
-            "client_train_s": float(train["train_s"]) if train and "train_s" in train else None,
-            "backbone_loads": workers,
-            "released": released,
-            **robust_row,
-            **privacy_row,
-        }
-    )
-    return tensors, row
+    row.update(fields)
+    row.update(train_s=round(t_train, 3), eval_s=round(t_eval, 3), round_s=round(time.perf_counter() - t0, 3))
+    return row
+
+
+def _secure_train(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerState, rnd: int, manifest, msgs: list[Message], watch: Watch, timeout: float):
+    """A secure round's training (server/secagg.py): (new global, row fields, nodes that did not
+    train). The unmasked weighted mean update, added to the global, becomes one reply for the
+    strategy, so FedAvg keeps it and FedAvgM/FedAdam/FedYogi step from it. Nothing to check per
+    update here: the server never holds one (the clients' metrics are still checked)."""
+    from fedprompt.server import secagg
+
+    res = secagg.secure_round(grid, cfg, rnd, msgs, state.tensors, watch.patience, timeout, lambda claims: _claimed(cfg, rnd, claims, watch))
+    if res.collect_s is not None:
+        watch.patience.took(Kind.FIT, res.collect_s)
+    records, workers, checked = [], {}, []
+    for rep in res.replies:
+        try:
+            metrics = known_metrics(rep, rnd)
+        except MetricError as e:
+            log(f"round {rnd}: node {rep.metadata.src_node_id}: metrics ignored: {e}")
+            continue
+        checked.append(rep)
+        rep.content["metrics"] = MetricRecord(metrics)
+        if WORKER_PID in metrics:
+            workers[str(metrics[WORKER_PID])] = int(metrics.get("backbone_loads", 0))
+        weight = res.weights.get(rep.metadata.src_node_id, 1.0)
+        records.append(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: weight})}))
+    train = weighted_mean(records, WEIGHT_KEY) if records else MetricRecord({})
+    if res.released:
+        mean = {**train, NUM_EXAMPLES: max(int(sum(res.weights.values())), 1), UNIFORM_WEIGHT: 1}
+        new = {k: v + res.update[k].astype(v.dtype) for k, v in state.tensors.items()}
+        reply = Message(RecordDict({"arrays": to_record(new), "metrics": MetricRecord(mean)}), dst_node_id=0, message_type="train")
+        tensors, _, released = aggregate(cfg, strategy, rnd, state, [reply], manifest)
+    else:
+        log(f"round {rnd}: secure aggregation released nothing ({res.why}); the global state stays")
+        tensors, released = state.tensors, False
+    trained = {r.metadata.src_node_id for r in res.replies}
+    c = secagg.clipping_range(cfg)
+    fields = {
+        "train_loss": float(train["train_loss"]) if "train_loss" in train else None,
+        "clients": len(res.in_sum),
+        "connected": len(list(grid.get_node_ids())),
+        "failures": len(msgs) - len(res.in_sum),
+        "rejected": dict.fromkeys(REJECTIONS, 0) | {"error": res.collect_errors, "no_reply": len(msgs) - len(trained) - res.collect_errors},
+        "examples": int(sum(res.weights.values())) if released else 0,
+        "weights": {str(n): w for n, w in res.weights.items()},
+        **secagg.describe(res, c, cfg.federation.quantization_range),
+        "client_train_s": float(train["train_s"]) if "train_s" in train else None,
+        "backbone_loads": workers,
+        "released": released,
+        "update_norm_median": None,  # not computable: the server never holds an update
+        "screened_out": 0,
+        "bounded": 0,
+        **_privacy_row(cfg, state.rows[-1], checked),
+    }
+    return tensors, fields, frozenset(m.metadata.dst_node_id for m in msgs) - trained
 
 
 def _privacy_row(cfg: Config, prev: dict, replies: list[Message]) -> dict:

@@ -226,7 +226,8 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
         print(
             f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
             f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
-            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}{_lora(cfg)}, {f.strategy}" + (f"; resuming after round {after}" if after else "")
+            f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}{_lora(cfg)}, {f.strategy}{_secure(cfg)}"
+            + (f"; resuming after round {after}" if after else "")
         )
     for line in sampling_warnings(cfg, f.num_clients):
         print(f"fedprompt simulate: warning: {line}", file=sys.stderr, flush=True)
@@ -237,6 +238,11 @@ def _lora(cfg: Config) -> str:
     """ " r 4/8/16, svd": LoRA's rank(s) and aggregation, for the start line ("" for other methods)."""
     f = cfg.federation
     return f" r {'/'.join(map(str, f.lora_ranks or [cfg.peft.lora_r]))}, {f.lora_aggregation}" if cfg.peft.method == "lora" else ""
+
+
+def _secure(cfg: Config) -> str:
+    """ " with secure aggregation" for the start line when it is on."""
+    return " with secure aggregation (the server unmasks only each round's mean)" if cfg.federation.secure_aggregation else ""
 
 
 def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quiet: bool = False, insecure: bool = False, keep_alive: bool = False) -> dict:
@@ -274,7 +280,7 @@ def run_server(cfg: Config, output: str | Path, *, overwrite: bool = False, quie
         )
         print(
             f"fedprompt server: {where}; waiting for {cfg.federation.min_clients} clients; "
-            f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}" + (f"; resuming after round {after}" if after else "")
+            f"{cfg.federation.rounds} rounds, {cfg.federation.strategy}{_secure(cfg)}" + (f"; resuming after round {after}" if after else "")
         )
     for line in sampling_warnings(cfg, cfg.federation.min_clients):
         print(f"fedprompt server: warning: {line}", file=sys.stderr, flush=True)
