@@ -127,14 +127,14 @@ def _flat(t: dict) -> np.ndarray:
     return np.concatenate([np.asarray(t[k], dtype=np.float64).ravel() for k in SHAPES])
 
 
-def _check_mean(res, updates) -> tuple[float, float]:
+def _check_mean(res, updates, c: float = C) -> tuple[float, float]:
     """(max error, max bound) of the released mean against plain FedAvg with the capped weights."""
     ups = np.stack([_flat(updates[n]) for n in res.in_sum])
     w = np.array([res.weights[n] for n in res.in_sum])
     plain = (w[:, None] * ups).sum(0) / w.sum()
     top = w.max()
     ratios = [round(x / top * Q) / Q for x in w]
-    bound = np.array([secagg.error_bound(C, Q, ratios, s) for s in ups.max(0) - ups.min(0)])
+    bound = np.array([secagg.error_bound(c, Q, ratios, s) for s in ups.max(0) - ups.min(0)])
     err = np.abs(_flat(res.update) - plain)
     assert np.all(err < bound), f"max error {err.max():.3e} vs bound {bound.max():.3e}"
     return float(err.max()), float(bound.max())
@@ -191,10 +191,26 @@ def test_a_client_lost_after_share_keys_leaves_the_others_mean_and_three_lost_re
     assert not res.released and res.update is None
     assert "stopped at collect_masked_vectors: 2 of 5 clients answered" in res.why
     print(f"3 of 5 lost: released nothing ({res.why})")
+    # Lost after its masked update went out: its mask seed is rebuilt from the others' shares.
+    res = _secure(LocalGrid({n: _node(n, updates, Stage.UNMASK if n == 22 else None) for n in NODES}), glob)
+    assert res.released and res.in_sum == NODES
+    _check_mean(res, updates)
     # Lost before its key shares went out: setup again with the four survivors.
     res = _secure(LocalGrid({n: _node(n, updates, Stage.SHARE_KEYS if n == 22 else None) for n in NODES}), glob)
     assert res.released and res.restarts == 1 and res.in_sum == [11, 33, 44, 55]
     _check_mean(res, updates)
+
+
+def test_client_norm_bound_scales_each_update_before_masking():
+    """The defence that works under secure aggregation: each client bounds its own update's
+    L2 norm (here 0.05, about 1/6 of the updates' ~0.32), and clipping_range defaults to it."""
+    glob, updates = _world(9)
+    cfg = _cfg("federation.clipping_range=0", "federation.client_norm_bound=0.05")
+    res = _secure(LocalGrid({n: _node(n, updates) for n in NODES}), glob, cfg)
+    bounded = {n: {k: v * np.float32(0.05 / np.linalg.norm(_flat(u))) for k, v in u.items()} for n, u in updates.items()}
+    assert res.released
+    err, bound = _check_mean(res, bounded, c=0.05)
+    print(f"\nclient_norm_bound 0.05: max error {err:.2e} < bound {bound:.2e}")
 
 
 def test_an_unmask_request_naming_a_node_both_active_and_dead_is_refused():
