@@ -74,8 +74,9 @@ def assert_nothing_outlives(mark: str, ports: set[tuple[str, int]]) -> None:
     assert not [a for a in ports if port_in_use("127.0.0.1" if a[0] in ("0.0.0.0", "::") else a[0], a[1])]
 
 
-# "finished" is checked by test_federation_e2e's simulations (start_marked + assert_nothing_outlives).
-@pytest.mark.parametrize("outcome", ["failed", "SIGINT", "SIGTERM"])
+# "finished" is checked by test_federation_e2e's simulations (start_marked + assert_nothing_outlives);
+# SIGTERM reaches the same handler as SIGINT (test_sigterm_and_sigint_reach_one_handler).
+@pytest.mark.parametrize("outcome", ["failed", "SIGINT"])
 def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
     sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4", "federation.rounds=50"]
     if outcome == "failed":  # fails once running: no client can answer in a millisecond
@@ -100,3 +101,25 @@ def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
         assert "fedprompt: interrupted" in log
     if outcome == "failed":
         assert "Traceback" not in log and not (out / "summary.json").exists()
+
+
+def test_sigterm_and_sigint_reach_one_handler(monkeypatch):
+    """What Kubernetes and systemd send (SIGTERM) stops a federated run exactly as Ctrl-C does,
+    which the simulation above interrupts end to end."""
+    import argparse
+
+    from fedprompt import cli
+    from fedprompt.config import load_config
+    from fedprompt.server import runner
+
+    seen = {}
+    monkeypatch.setattr(runner, "run_simulate", lambda *a, **k: seen.update(term=signal.getsignal(signal.SIGTERM), int=signal.getsignal(signal.SIGINT)))
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        cli._federated(argparse.Namespace(command="simulate", output="unused", overwrite=False), load_config(None))
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert seen["term"] is seen["int"] is cli._interrupt
+    with pytest.raises(KeyboardInterrupt):
+        cli._interrupt(signal.SIGTERM, None)
