@@ -203,12 +203,12 @@ def write_connection(flwr_home: Path, address: str, *, root_certificates: Path |
     (flwr_home / "config.toml").write_text(f'[superlink]\ndefault = "fedprompt"\n\n[superlink.fedprompt]\naddress = "{address}"\n{trust}\n', encoding="utf-8")
 
 
-def _toml(v: int | bool | str) -> str:
-    return str(v).lower() if isinstance(v, bool) else (str(v) if isinstance(v, int) else f'"{v}"')
+def _toml(v: int | float | bool | str) -> str:
+    return str(v).lower() if isinstance(v, bool) else (str(v) if isinstance(v, int | float) else f'"{v}"')
 
 
 def submit(
-    flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Path, federation_config: dict[str, int | bool | str] | None = None
+    flwr_home: Path, run_config: dict[str, int | bool | str], *, log: Path, federation_config: dict[str, int | float | bool | str] | None = None
 ) -> subprocess.Popen:
     """`flwr run` of the fedprompt Flower App; it streams the run's log to `log` and exits
     when the run ends."""

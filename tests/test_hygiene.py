@@ -123,3 +123,20 @@ def test_sigterm_and_sigint_reach_one_handler(monkeypatch):
     assert seen["term"] is seen["int"] is cli._interrupt
     with pytest.raises(KeyboardInterrupt):
         cli._interrupt(signal.SIGTERM, None)
+
+
+def test_simulation_workers_share_the_machine(monkeypatch):
+    """One worker per visible GPU (a share of one when there are more workers), the cores
+    divided; GPUs counted without torch (CUDA_VISIBLE_DEVICES first)."""
+    from fedprompt.config import load_config
+    from fedprompt.server.runner import placement, visible_gpus
+
+    two = load_config(None, ["federation.workers=2"])
+    assert (placement(two, cpus=16, gpus=2).cpus, placement(two, cpus=16, gpus=2).gpus) == (8, 1.0)
+    assert placement(two, cpus=16, gpus=1).gpus == 0.5 and placement(two, cpus=1, gpus=0).cpus == 1
+    assert str(placement(two, cpus=16, gpus=2)) == "2 worker(s), each 1 GPU + 8 CPU core(s)"
+    assert str(placement(two, cpus=2, gpus=0)) == "2 worker(s), each 1 CPU core(s)"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    assert visible_gpus() == 3 and placement(load_config(None, ["model.device=cpu"]), cpus=4).gpus == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert visible_gpus() == 0

@@ -85,3 +85,19 @@ def test_a_clients_own_test_split_also_gets_the_prediction_under_its_own_label_p
     assert "personal_accuracy" not in client.evaluate(g)[0]
     client.cfg.privacy.mode = "sample"  # read at each evaluation
     assert "personal_accuracy" not in client.evaluate(g, partition_id=0)[0]
+
+
+def test_a_new_run_in_a_reused_worker_frees_the_previous_backbone(tmp_path):
+    """A simulation worker that serves a second run drops the first run's LocalClient (and
+    its backbone) before loading the next one: nothing keeps it alive."""
+    import weakref
+
+    from fedprompt.client import handler
+
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text(tiny_config("bert", "prompt").to_yaml())
+    second.write_text(tiny_config("bert", "prompt", train__seed=7).to_yaml())
+    gone = weakref.ref(handler.client_for(first, 1).state.backbone.model)
+    handler.client_for(second, 1)
+    assert gone() is None
+    handler._CLIENTS.clear()

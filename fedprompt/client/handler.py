@@ -25,12 +25,27 @@ def client_for(config_file: str | Path, num_partitions: int):
     text = Path(config_file).read_text(encoding="utf-8")
     key = (text, num_partitions)
     if key not in _CLIENTS or _CLIENTS[key].cfg.client.reload_per_message:
-        _CLIENTS.clear()  # a new run in a reused worker: drop the previous backbone first
+        if _CLIENTS:  # a new run in a reused worker: free the previous backbone first
+            _CLIENTS.clear()
+            _free_accelerator_memory()
         cfg = load_config(config_file)
         # A simulation keeps its virtual clients' privacy ledgers in the run directory.
         state_dir = cfg.client.state_dir or Path(config_file).parent / "clients"
         _CLIENTS[key] = LocalClient(cfg, num_partitions=num_partitions, state_dir=state_dir)
     return _CLIENTS[key]
+
+
+def _free_accelerator_memory() -> None:
+    """Return a dropped backbone's GPU memory to the device: PyTorch's caching allocator keeps
+    freed blocks for reuse by this process, so the next run's backbone (or another process on
+    the GPU) would otherwise find the memory still taken."""
+    import gc
+
+    import torch
+
+    gc.collect()  # the LocalClient's tensors are freed once nothing refers to them
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _init(client, req: Request, tensors: dict, worker: dict) -> Reply:

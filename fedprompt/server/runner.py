@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -145,6 +146,39 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def visible_gpus() -> int:
+    """NVIDIA GPUs this process may use, without torch (the server never imports it):
+    CUDA_VISIBLE_DEVICES when set, else the driver's /proc entries."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and not d.strip().startswith("-")])
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return len(list(gpus.iterdir())) if gpus.is_dir() else 0
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Each simulation worker's share of the machine (Ray resources): `cpus` cores (its torch
+    threads), `gpus` GPUs (1: one GPU per worker; a fraction when workers share them)."""
+
+    workers: int
+    cpus: int
+    gpus: float
+
+    def __str__(self) -> str:
+        gpu = "" if not self.gpus else f"{self.gpus:g} GPU + " if self.gpus >= 1 else f"{self.gpus:.2g} of a GPU + "
+        return f"{self.workers} worker(s), each {gpu}{self.cpus} CPU core(s)"
+
+
+def placement(cfg: Config, cpus: int | None = None, gpus: int | None = None) -> Placement:
+    """One worker per GPU where GPUs are visible (and the model may use them), sharing them
+    when there are more workers than GPUs; the cores divided between the workers."""
+    w = cfg.federation.workers
+    cpus = _cpus() if cpus is None else cpus
+    gpus = (0 if cfg.model.device == "cpu" else visible_gpus()) if gpus is None else gpus
+    return Placement(w, max(1, cpus // w), min(1.0, gpus / w) if gpus else 0.0)
+
+
 def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quiet: bool, tls: dict[str, Path] | None = None) -> dict:
     """Start the SuperLink (on loopback), the front (a deployment's only listener on
     `host:port`, unless server.front is external), submit the app and follow the run."""
@@ -183,8 +217,10 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
             tick = lambda: registry.sync(say)  # noqa: E731
         fed = None
         if simulation:
-            per_worker = max(1, _cpus() // cfg.federation.workers)
-            fed = {"num-supernodes": cfg.federation.num_clients, "client-resources-num-cpus": per_worker, "init-args-logging-level": "ERROR", "verbose": False}
+            place = placement(cfg)
+            fed = {"num-supernodes": cfg.federation.num_clients, "client-resources-num-cpus": place.cpus, "init-args-logging-level": "ERROR", "verbose": False}
+            if place.gpus:
+                fed["client-resources-num-gpus"] = place.gpus
         run = processes.submit(
             home,
             {"output": str(out.resolve()), "mode": "simulation" if simulation else "deployment", "superlink-pid": link.pid},
@@ -225,7 +261,7 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
         per_round = max(int(f.num_clients * f.fraction_fit), 1)
         print(
             f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
-            f"{f.workers} worker(s), {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
+            f"{placement(cfg)}, {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
             f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}{_lora(cfg)}, {f.strategy}{_secure(cfg)}"
             + (f"; resuming after round {after}" if after else "")
         )
