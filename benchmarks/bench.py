@@ -38,6 +38,7 @@ SECTIONS = [  # (name, script and its arguments): the order of RESULTS.md
     ("skew", "skew.py"),
     ("skew_converged", "skew.py --rounds 20 --remedies logit,both"),
     ("untrusted", "untrusted.py"),
+    ("secagg", "secagg_cost.py"),
     ("scaling", "scaling.py"),
     ("dp_overhead", "dp_overhead.py"),
 ]
