@@ -221,7 +221,7 @@ def test_clients_of_any_rank_agree_on_the_seeded_adapter_at_the_globals_rank():
     assert small.rank_for(0) == 2 and {s.shape for s in small.manifest if ".lora_A." in s.name} == {(2, 64)}
 
 
-def test_mixed_ranks_through_the_round_loop_export_the_global_at_the_largest_rank(tmp_path):
+def test_mixed_ranks_through_the_round_loop_export_the_global_at_the_largest_rank(tmp_path, capsys):
     """A simulation's virtual clients at lora_ranks [2, 4] and a client of its own peft.lora_r
     2 (as a deployment client sets it) in one svd federation: round 0 agreed across ranks, each
     trains and replies at its own rank, the exported rank-4 adapter loads with peft."""
@@ -260,7 +260,10 @@ def test_mixed_ranks_through_the_round_loop_export_the_global_at_the_largest_ran
     assert [r["round"] for r in rows] == [0, 1, 2] and rows[2]["digest"] != rows[1]["digest"]
     assert all(np.isfinite(r["accuracy"]) for r in rows) and rows[2]["train_loss"] < rows[1]["train_loss"] * 1.5  # no blow-up from the re-factoring
     assert all(r.get("screened_out", 0) == 0 and not any(r.get("rejected", {}).values()) for r in rows[1:])
+    assert "answered a different initial payload" not in capsys.readouterr().out  # round 0 agreed across ranks
     assert sorted(set(sent)) == [(0, 2), (1, 4), (2, 2)]  # partition 0: ranks[0], 1: ranks[1], the rank-2 client
+    # Round 1 sends everyone the rank-4 global; from round 2 a rank-2 client gets it at its rank.
+    assert rows[1]["bytes_down_min"] == rows[1]["bytes_down"] and rows[2]["bytes_down_min"] < 0.8 * rows[2]["bytes_down"]
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
     bb = load_backbone(mixed.cfg.model, num_labels=len(mixed.state.data.labels), task=mixed.state.data.task)
     pm = PeftModel.from_pretrained(bb.model, str(out / "adapter"))

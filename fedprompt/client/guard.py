@@ -60,7 +60,7 @@ class Guard:
         if req.kind == Kind.INIT:
             return
         try:
-            payload.validate(req.tensors, self.manifest if not rank or rank == self.rank else manifest_at(self.manifest, rank), source="the server")
+            payload.validate(req.tensors, manifest_at(self.manifest, rank) if rank else self.manifest, source="the server")
         except payload.PayloadError as e:
             raise GlobalRefused(f"{where}: {e}") from None
         norms = {k: _norm(v) for k, v in req.tensors.items()}

@@ -49,6 +49,9 @@ class LoraAdapted(PeftAdapted):
             config.r = rank
             self._adapters[rank] = f"rank{rank}"
             self.peft_model.add_adapter(self._adapters[rank], config)
+            added = self.peft_model.peft_config[self._adapters[rank]]
+            if added.modules_to_save:  # peft appends the task's head again to the copied list
+                added.modules_to_save = list(dict.fromkeys(added.modules_to_save))
             self._seed_adapter(self._adapters[rank], rank)
         name = self._adapters[rank]
         self.peft_model.set_adapter(name)  # the active adapter alone requires grad

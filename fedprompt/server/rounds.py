@@ -12,7 +12,7 @@ from flwr.serverapp import Grid
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.lora_aggregation import lora_aggregation, reply_manifest
+from fedprompt.lora_aggregation import lora_aggregation, rank_of, reply_manifest, truncate
 from fedprompt.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT, WORKER_PID, Kind, MetricError
 from fedprompt.server.aggregate import aggregate, log, screen_and_bound
 from fedprompt.server.evaluation import evaluate
@@ -33,6 +33,7 @@ class Watch:
     patience: Patience
     claims: Claims = field(default_factory=Claims)
     capped: set[tuple[int, float]] = field(default_factory=set)  # (node, claim) capped and logged
+    ranks: dict[int, int] = field(default_factory=dict)  # mixed LoRA ranks: node -> the rank of its last valid reply
 
 
 def check_reply(rep: Message, manifest: payload.Manifest, rnd: int, *, mixed: bool = False) -> dict:
@@ -94,7 +95,14 @@ def train_round(
     pr = cfg.privacy
     begin_round(strategy)
     msgs = list(strategy.configure_train(rnd, to_record(state.tensors), ConfigRecord({}), grid))
-    down = wire_bytes(msgs[0]) if msgs else 0
+    mixed = lora_aggregation(cfg.peft.method, cfg.federation.lora_aggregation).mixed
+    if mixed:
+        _at_known_ranks(msgs, state.tensors, watch.ranks)
+    sizes: dict[int, int] = {}  # one serialization per distinct content (the strategy shares one)
+    for m in msgs:
+        if id(m.content) not in sizes:
+            sizes[id(m.content)] = wire_bytes(m)
+    downs = [sizes[id(m.content)] for m in msgs] or [0]
     timeout = watch.patience.timeout(Kind.FIT)
     if cfg.federation.secure_aggregation:  # the server only ever holds the mean: server/secagg.py
         tensors, fields, busy = _secure_train(grid, cfg, strategy, state, rnd, manifest, msgs, watch, timeout)
@@ -108,16 +116,19 @@ def train_round(
     rejected = dict.fromkeys(REJECTIONS, 0)  # replies not aggregated, by reason (Prometheus labels)
     for rep in replies:
         node = rep.metadata.src_node_id
+        watch.ranks.pop(node, None)  # learnt again from this reply, if it is valid
         if rep.has_error():
             problems.append(f"node {node} failed: {error_reason(rep)}")
             rejected["error"] += 1
             continue
         try:
-            metrics = check_reply(rep, manifest, rnd, mixed=lora_aggregation(cfg.peft.method, cfg.federation.lora_aggregation).mixed)
+            metrics = check_reply(rep, manifest, rnd, mixed=mixed)
         except (payload.PayloadError, MetricError) as e:
             problems.append(f"rejected: node {node}: {e}" if isinstance(e, MetricError) else f"rejected: {e}")
             rejected["metrics" if isinstance(e, MetricError) else "payload"] += 1
             continue
+        if mixed:
+            watch.ranks[node] = rank_of(from_record(rep.content["arrays"]))
         good.append(rep)
         ups.append(wire_bytes(rep))
         if WORKER_PID in metrics:
@@ -161,8 +172,9 @@ def train_round(
         "bytes_up": max(ups),
         "bytes_up_min": min(ups),  # below bytes_up where clients' payloads differ (mixed LoRA ranks)
         "bytes_up_total": sum(ups),
-        "bytes_down": down,
-        "bytes_down_total": down * len(msgs),
+        "bytes_down": max(downs),
+        "bytes_down_min": min(downs),  # below bytes_down where clients of a lower LoRA rank get the global at theirs
+        "bytes_down_total": sum(downs),
         "client_train_s": float(train["train_s"]) if train and "train_s" in train else None,
         "backbone_loads": workers,
         "released": released,
@@ -170,6 +182,18 @@ def train_round(
         **privacy_row,
     }
     return tensors, _row(grid, cfg, strategy, rnd, tensors, fields, t0=t0, busy=busy, watch=watch, centralized=centralized)
+
+
+def _at_known_ranks(msgs: list[Message], global_: dict, ranks: dict[int, int]) -> None:
+    """Send a client whose LoRA rank is known from its last reply the global at that rank (its
+    top components, lora_aggregation.truncate: exactly what it would cut itself), not the whole
+    global: a rank-4 client of a rank-16 federation downloads a quarter of the LoRA bytes."""
+    full = rank_of(global_)
+    for m in msgs:
+        r = ranks.get(m.metadata.dst_node_id)
+        if full is not None and r is not None and r < full:
+            # A content of its own: Flower's strategies give every message the same RecordDict.
+            m.content = RecordDict({**dict(m.content.items()), "arrays": to_record(truncate(global_, r))})
 
 
 def _row(grid: Grid, cfg: Config, strategy, rnd: int, tensors: dict, fields: dict, *, t0: float, busy, watch: Watch, centralized: bool) -> dict:
