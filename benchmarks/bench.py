@@ -73,6 +73,9 @@ NOTES = {
     "method below 0.85x at 8 rounds, with the two remedies that led there; centralized is again `fedprompt train` for "
     "the same total steps. The personal figure is each client's own test split under its own label prior (no "
     "training, nothing sent).",
+    "secagg": "Bytes are exact (the serialized messages). Seconds are in-process, with no network latency, and depend "
+    "on what else the machine runs (the 2026-12-07 16:11 run shared its 2 cores with another benchmark): compare the "
+    "ratios within one run.",
     "lora_aggregation": "The DP-SGD column uses the non-private runs' optimizer (AdamW, lr 0.003); DP-SGD needs the DP "
     "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations.",
 }
