@@ -30,10 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from fedprompt.config.checks import MAX_LORA_RANK  # noqa: F401  (the rank range, re-exported for the client's guard)
 from fedprompt.payload import Manifest, PayloadError, TensorSpec
 
 A_MARK, B_MARK = ".lora_A.", ".lora_B."  # peft's key infixes in adapter_model.safetensors
-MAX_LORA_RANK = 1024  # peft.lora_r's range; a global of a higher rank is refused, not allocated
 
 
 def is_lora_a(name: str) -> bool:

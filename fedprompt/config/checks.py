@@ -6,7 +6,8 @@ import math
 from pathlib import Path
 
 from fedprompt.config.schema import Config
-from fedprompt.lora_aggregation import MAX_LORA_RANK
+
+MAX_LORA_RANK = 1024  # peft.lora_r's range; a global of a higher rank is refused, not allocated
 
 
 def validate(c: Config) -> list[str]:
@@ -27,7 +28,7 @@ def validate(c: Config) -> list[str]:
     need(1 <= c.peft.num_virtual_tokens <= 512, f"peft.num_virtual_tokens: {c.peft.num_virtual_tokens} is out of range; allowed 1..512")
     if c.peft.method == "prompt" and c.peft.prompt_init == "text":
         need(c.peft.prompt_init_text.strip() != "", "peft.prompt_init_text: required (non-empty) when peft.prompt_init is 'text'")
-    need(1 <= c.peft.lora_r <= 1024, f"peft.lora_r: {c.peft.lora_r} is out of range; allowed 1..1024")
+    need(1 <= c.peft.lora_r <= MAX_LORA_RANK, f"peft.lora_r: {c.peft.lora_r} is out of range; allowed 1..{MAX_LORA_RANK}")
     need(c.peft.lora_alpha > 0, f"peft.lora_alpha: {c.peft.lora_alpha} must be > 0")
     need(0.0 <= c.peft.lora_dropout < 1.0, f"peft.lora_dropout: {c.peft.lora_dropout} is out of range; allowed [0, 1)")
     need(len(c.peft.lora_target_modules) > 0, "peft.lora_target_modules: must list at least one module name, or 'auto'")
