@@ -278,27 +278,3 @@ def test_deployment_refuses_lora_ranks_and_names_peft_lora_r(command, capsys):
     assert main([command, "--insecure", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err
     assert f"`fedprompt {command}` refuses it: in a deployment each client sets its own peft.lora_r" in err and err.count("\n") == 1
-
-
-@pytest.mark.parametrize("command", ["client", "server"])
-def test_deployment_refuses_lora_ranks_and_names_peft_lora_r(command, capsys):
-    from fedprompt.cli import main
-
-    sets = ["peft.method=lora", "peft.lora_r=8", "federation.lora_aggregation=svd", "federation.lora_ranks=[4, 8]"]
-    assert main([command, "--insecure", *[a for s in sets for a in ("--set", s)]]) == 2
-    err = capsys.readouterr().err
-    assert f"`fedprompt {command}` refuses it: in a deployment each client sets its own peft.lora_r" in err and err.count("\n") == 1
-
-
-def test_fedprompt_eval_loads_an_ffa_export_and_a_mixed_rank_export_at_another_clients_rank(tmp_path, lora_clients):
-    """`fedprompt eval` (run.run_eval) of an FFA export (A in the file, not in the payload) with
-    the run's own config, and of a rank-4 export with a rank-2 client's config."""
-    from fedprompt.run import run_eval
-    from tests.tiny import federation_config
-
-    ffa = lora_clients["ffa"]
-    _serve(ffa, tmp_path / "ffa")
-    assert 0 <= run_eval(ffa.cfg, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
-    # The same rank-4 file (A and B) with a rank-2 svd client's config: evaluated at rank 4.
-    rank2 = federation_config(peft__method="lora", federation__lora_aggregation="svd", peft__lora_r=2)
-    assert 0 <= run_eval(rank2, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
