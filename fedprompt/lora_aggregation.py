@@ -40,6 +40,11 @@ def is_lora_a(name: str) -> bool:
     return A_MARK in name
 
 
+def is_lora(name: str) -> bool:
+    """A LoRA factor, A or B (the tensors whose shape carries the rank)."""
+    return A_MARK in name or B_MARK in name
+
+
 def _modules(names: list[str]) -> list[tuple[str, str]]:
     """(A key, B key) of every LoRA module among payload keys, sorted."""
     pairs = []
@@ -67,7 +72,7 @@ def truncate(tensors: dict, rank: int) -> dict:
     if full is None or full == rank:
         return dict(tensors)
     c = float(np.sqrt(rank / full))
-    return {k: (t[:rank] * c if is_lora_a(k) else t[:, :rank] * c if B_MARK in k else t) for k, t in tensors.items()}
+    return {k: (t[:rank] * c if is_lora_a(k) else t[:, :rank] * c if is_lora(k) else t) for k, t in tensors.items()}
 
 
 def manifest_at(manifest: Manifest, rank: int) -> Manifest:
@@ -76,7 +81,7 @@ def manifest_at(manifest: Manifest, rank: int) -> Manifest:
     def at(s: TensorSpec) -> TensorSpec:
         if is_lora_a(s.name):
             return replace(s, shape=(rank, *s.shape[1:]))
-        return replace(s, shape=(*s.shape[:-1], rank)) if B_MARK in s.name else s
+        return replace(s, shape=(*s.shape[:-1], rank)) if is_lora(s.name) else s
 
     return tuple(at(s) for s in manifest)
 

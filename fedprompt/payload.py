@@ -145,10 +145,15 @@ def load(model: Adapted, tensors: dict, *, source: str) -> None:
     """Validate against the model's own manifest, then copy every tensor in (all or nothing),
     cast to each parameter's own dtype. Load before building a DeepSpeed engine: ZeRO and bf16
     keep fp32 master copies in the optimizer that a later step would write back."""
+    load_into(model.trainable(), tensors, source=source)
+
+
+def load_into(live: dict, tensors: dict, *, source: str) -> None:
+    """`load` into any named parameters (name -> torch parameter): validated against their
+    manifest, then copied in, all or nothing."""
     import torch
 
-    validate(tensors, manifest_of(model), source=source)
-    live = model.trainable()
+    validate(tensors, manifest_of_params(live), source=source)
     with torch.no_grad():
         for name, t in tensors.items():
             t = t if _is_torch(t) else torch.from_numpy(np.array(t))

@@ -235,10 +235,7 @@ def load_adapter(model, folder: str | Path) -> None:
             raise RunError(f"{str(f)!r} holds LoRA rank {rank}, the config's peft.lora_r is {model.rank}; set peft.lora_r={rank}")
         model.use_rank(rank)
     fixed = model.fixed()  # FFA-LoRA's A: in the adapter file, never part of the payload
-    payload.validate({k: tensors[k] for k in fixed if k in tensors}, payload.manifest_of_params(fixed), source=str(f))
-    with torch.no_grad():
-        for k, p in fixed.items():
-            p.copy_(tensors.pop(k).to(device=p.device, dtype=p.dtype))
+    payload.load_into(fixed, {k: tensors.pop(k) for k in fixed if k in tensors}, source=str(f))
     payload.load(model, tensors, source=str(f))
 
 

@@ -8,7 +8,7 @@ from flwr.app import Message
 
 from fedprompt import checkpoint, payload
 from fedprompt.config import Config
-from fedprompt.lora_aggregation import B_MARK, is_lora_a, lora_aggregation, rank_of, truncate
+from fedprompt.lora_aggregation import is_lora, lora_aggregation, rank_of, truncate
 from fedprompt.server import robust
 from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.wire import from_record, to_record
@@ -42,7 +42,7 @@ def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, go
     rank = rank_of(state.tensors)
     for rep, tensors in zip(good, received, strict=False):
         if rank_of(tensors) != rank:  # a lower-rank client: Flower's mean needs equal shapes, the SVD below replaces it
-            rep.content["arrays"] = to_record({k: state.tensors[k] if is_lora_a(k) or B_MARK in k else v for k, v in tensors.items()})
+            rep.content["arrays"] = to_record({k: state.tensors[k] if is_lora(k) else v for k, v in tensors.items()})
     before = strategy_state(strategy)
     arrays, train = strategy.aggregate_train(rnd, good)
     tensors = {k: np.asarray(v, dtype=state.tensors[k].dtype) for k, v in from_record(arrays).items()}
@@ -73,7 +73,7 @@ def screen_and_bound(cfg: Config, rnd: int, global_: dict[str, np.ndarray], good
     f = cfg.federation
     received = [from_record(r.content["arrays"]) for r in good]
     # A lower-rank client started from the global's top components (lora_aggregation.truncate).
-    references = [truncate(global_, rank_of(t)) if rank_of(t) != rank_of(global_) else global_ for t in received]
+    references = [truncate(global_, rank_of(t)) for t in received]
     norms = [robust.update_norm(ref, t) for ref, t in zip(references, received, strict=True)]
     # Not under client-level DP: every update is already clipped to client_clip_norm there, and
     # a rejection, decided on the clients' data, would only turn the round into one releasing
