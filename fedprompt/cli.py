@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
-    p = sub.add_parser("audit", help="privacy audit of a finished run: membership inference AUC and canary exposure")
+    p = sub.add_parser("audit", help="privacy audit of a finished run: membership inference, canary exposure, the server's label inference")
     p.add_argument("--run", required=True, metavar="DIR", help="a run directory (its config.yaml and adapter/ are used)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a key of the run's config (e.g. audit.client=2)")
     p = sub.add_parser("compare", help="runs side by side: one table and one PNG of their accuracy curves")

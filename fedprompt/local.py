@@ -109,7 +109,7 @@ class LocalClient:
             if a.canaries and partition_id == a.client:  # secrets for the audit to look for
                 from fedprompt.canaries import plant
 
-                train = plant(train, self.cfg, s.data.labels)
+                train = plant(train, self.cfg, s.data.labels, s.task.generative)
             if n == 1 and len(train) == members:  # all the data, already tokenized by setup
                 self._shards[partition_id] = Shard(s.train, s.test, members)
             else:

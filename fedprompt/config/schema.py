@@ -154,9 +154,12 @@ class AuditConfig:
     """Empirical privacy audit (fedprompt audit; after every simulation with privacy on)."""
 
     client: int = 0  # the audited client (partition id): its training examples are the members
-    canaries: int = 0  # random secrets planted in that client's training data (classification)
+    canaries: int = 0  # random secrets planted in that client's training data
     canary_repeats: int = 4  # copies of each canary in the training data
     references: int = 255  # unplanted candidate secrets each canary is ranked against
+    # The server's label-inference attack on one replayed round, plain vs secure aggregation
+    # (classification; costs one round of local training for every client).
+    server_view: bool = True
 
 
 @dataclass

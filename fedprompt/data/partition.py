@@ -72,8 +72,9 @@ def partition(ds: "datasets.Dataset", cfg: DataConfig, num_partitions: int, part
         ) from None
 
 
-def with_rows(ds: "datasets.Dataset", texts: list[str], labels: list[int]) -> "datasets.Dataset":
-    """`ds` (a classification split) with the rows (text, label) appended at the end."""
+def with_rows(ds: "datasets.Dataset", columns: dict[str, list]) -> "datasets.Dataset":
+    """`ds` with rows appended at the end, given column by column (`columns` must name every
+    column of `ds`: text + label for classification, prompt + response for generation)."""
     mod = _datasets()
-    extra = mod.Dataset.from_dict({"text": list(texts), "label": list(labels)}, features=ds.features)
+    extra = mod.Dataset.from_dict({k: list(v) for k, v in columns.items()}, features=ds.features)
     return mod.concatenate_datasets([ds, extra])
