@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fedprompt.errors import UserError
+
 ROUND = 2  # the schedule's round the replay trains at: past a one-round warmup, near full LR
 
 
@@ -77,12 +79,18 @@ def server_view(client, global_tensors: dict[str, torch.Tensor], *, probes: int 
     num_classes = len(s.data.labels)
     n = min(probes, len(s.test))
     probe = Encoded(s.test.ids[:n], s.test.target[:n])
-    fits, truths = [], []
+    fits, truths, refused = [], [], []
     for k in range(client.num_partitions):
         shard = client.shard(k)
-        truths.append(label_distribution(shard.train.target[: shard.members], num_classes))
         start = {name: t.clone() for name, t in global_tensors.items()}
-        fits.append(client.fit(start, partition_id=k, round_num=min(ROUND, f.rounds), source="the audit"))
+        try:
+            fits.append(client.fit(start, partition_id=k, round_num=min(ROUND, f.rounds), source="the audit"))
+        except UserError:  # e.g. too few examples for DP-SGD: the real client refuses that round too
+            refused.append(k)
+            continue
+        truths.append(label_distribution(shard.train.target[: shard.members], num_classes))
+    if not fits:
+        raise UserError(f"audit.server_view: no client could train a round of {client.cfg.federation.local_steps} steps; set audit.server_view=false")
     uniform = f.weighting != "examples"
     claims = {k: 1.0 if uniform else float(r.num_examples) for k, r in enumerate(fits)}
     weights, _ = cap_weights(claims, 0 if uniform else f.max_weight_factor)
@@ -94,6 +102,7 @@ def server_view(client, global_tensors: dict[str, torch.Tensor], *, probes: int 
     return {
         "attack": "label distribution from the update's prediction shift",
         "clients": len(fits),
+        "refused": refused,  # partitions whose replayed round was refused (they send nothing)
         "probes": n,
         "plain": score(plain, truth),
         "secure": score(secure, truth),

@@ -17,11 +17,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedprompt import checkpoint, payload
 from fedprompt.client import secagg as client_secagg
+from fedprompt.client.app import clipping_mod
 from fedprompt.config import ConfigError, load_config
-from fedprompt.protocol import NUM_EXAMPLES
+from fedprompt.protocol import NUM_EXAMPLES, UNIFORM_WEIGHT
 from fedprompt.server import secagg
 from fedprompt.server import strategies as fs
-from fedprompt.server.localgrid import LocalGrid, through_wire
+from fedprompt.server.localgrid import LocalGrid, set_task_identity, through_wire
 from fedprompt.server.messages import exchange
 from fedprompt.server.rounds import Watch, train_round
 from fedprompt.server.trust import Patience, cap_weights
@@ -62,7 +63,8 @@ def _node(node: int, updates: dict, silent_from: str | None = None):
     def train(msg: Message, _ctx) -> Message:
         g = from_record(msg.content["arrays"])
         local = {k: g[k] + updates[node][k] for k in g}
-        return Message(RecordDict({"arrays": to_record(local), "metrics": MetricRecord({NUM_EXAMPLES: CLAIMS[node], "train_loss": 0.5})}), reply_to=msg)
+        metrics = MetricRecord({NUM_EXAMPLES: CLAIMS[node], UNIFORM_WEIGHT: 1, "train_loss": 0.5})
+        return Message(RecordDict({"arrays": to_record(local), "metrics": metrics}), reply_to=msg)
 
     app = client_secagg.secure_app(lambda m, c: CLAIMS[node], train)
 
@@ -72,7 +74,10 @@ def _node(node: int, updates: dict, silent_from: str | None = None):
             return None
         msg = through_wire(msg)
         try:
-            return through_wire(app(msg, ctx) if client_secagg.is_secure(msg) else train(msg, ctx))
+            if client_secagg.is_secure(msg):
+                return through_wire(app(msg, ctx))
+            mod = clipping_mod(msg)  # client-level DP, client-side clipping: as the real ClientApp
+            return through_wire(mod(msg, ctx, train) if mod else train(msg, ctx))
         except Exception as e:  # what Flower does with an exception in a ClientApp
             return Message(Error(code=1, reason=f"{type(e).__name__}: {e}"), reply_to=msg)
 
@@ -214,6 +219,7 @@ def test_client_norm_bound_scales_each_update_before_masking():
 
 
 def test_an_unmask_request_naming_a_node_both_active_and_dead_is_refused():
+    set_task_identity()  # a Message needs Flower's task identity, which a LocalGrid sets (this test may run alone)
     cfg = ConfigRecord({Key.STAGE: Stage.UNMASK, Key.ACTIVE_NODE_ID_LIST: [11, 22, 33], Key.DEAD_NODE_ID_LIST: [33]})
     msg = Message(RecordDict({RECORD_KEY_CONFIGS: cfg}), dst_node_id=11, message_type="train")
     with pytest.raises(ValueError, match=r"node\(s\) \[33\] both active and dead"):
@@ -259,7 +265,7 @@ def test_strategies_step_from_the_unmasked_mean_as_from_the_plain_one(strategy):
         (["federation.norm_bound=1.0"], "federation.norm_bound: 1.0 with federation.secure_aggregation"),
         (["federation.reject_norm_factor=10"], "federation.reject_norm_factor: 10.0 with federation.secure_aggregation"),
         (["peft.method=lora", "federation.lora_aggregation=svd"], "federation.lora_aggregation: 'svd'"),
-        (["privacy.mode=client"], "privacy.mode: 'client' with federation.secure_aggregation"),
+        (["privacy.mode=client"], "privacy.clipping: 'server' with federation.secure_aggregation"),
         (["federation.clipping_range=0"], "federation.clipping_range: required"),
         (["federation.num_clients=3", "federation.min_clients=3"], "federation.reconstruction_threshold: 2 (3 clients per round"),
         (["federation.reconstruction_threshold=2"], "is below 3"),
@@ -283,6 +289,46 @@ def test_client_norm_bound_needs_secure_aggregation_and_clipping_range_defaults_
         load_config(None, ["federation.client_norm_bound=0.5"])
     cfg = _cfg("federation.clipping_range=0", "federation.client_norm_bound=0.2")
     assert secagg.clipping_range(cfg) == 0.2
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_client_level_dp_noises_the_secure_mean_as_flowers_wrapper_noises_the_plain_one(secure):
+    """privacy.mode client with client-side clipping: each client clips its update to
+    client_clip_norm before masking (uniform weights: the liar's claim of 10**6 counts 1), the
+    server adds N(0, (sigma C / m)^2) per coordinate to the unmasked mean and counts a release.
+    Brute force: the residual of the released global against the exact mean of the clipped
+    updates has the std Flower's wrapper gives a plain round (1000 coordinates: within 10%), and
+    the round's epsilon is the plain round's. A round with a client lost releases nothing."""
+    from fedprompt.privacy import gaussian_epsilon
+
+    clip, sigma = 0.05, 1.0
+    sets = [
+        "privacy.mode=client",
+        "privacy.clipping=client",
+        f"privacy.client_clip_norm={clip}",
+        f"privacy.client_noise_multiplier={sigma}",
+        "federation.clipping_range=0",
+        f"federation.secure_aggregation={str(secure).lower()}",
+    ]
+    cfg = _cfg(*sets)
+    glob, updates = _world(23)
+    clipped = np.stack([_flat(u) * min(1.0, clip / np.linalg.norm(_flat(u))) for u in updates.values()])
+    strategy = fs.make_strategy(cfg)
+    state = _state(glob)
+    tensors, row = train_round(
+        LocalGrid({n: _node(n, updates) for n in NODES}), cfg, strategy, state, 1, payload.manifest_from(glob), centralized=False, watch=Watch(Patience(0.3))
+    )
+    residual = _flat(tensors) - _flat(glob) - clipped.mean(0)
+    want = sigma * clip / len(NODES)
+    print(f"\nclient-level DP, {'secure' if secure else 'plain'}: residual std {residual.std():.4e}, want {want:.4e}")
+    assert row["released"] and row["dp_releases"] == 1 and row.get("secure", False) == secure
+    assert abs(residual.std() / want - 1) < 0.1 and abs(residual.mean()) < 4 * want / np.sqrt(residual.size)
+    assert row["client_epsilon"] == row["epsilon"] == gaussian_epsilon(sigma, 1, cfg.privacy.delta)
+    if secure:
+        assert set(row["weights"].values()) == {1.0} and row["clip_norm"] == clip
+        lost = {n: _node(n, updates, Stage.COLLECT_MASKED_VECTORS if n == 22 else None) for n in NODES}
+        same, row2 = train_round(LocalGrid(lost), cfg, strategy, state, 1, payload.manifest_from(glob), centralized=False, watch=Watch(Patience(0.3)))
+        assert not row2["released"] and row2["dp_releases"] == 0 and all(np.array_equal(same[k], glob[k]) for k in glob)
 
 
 def _silent_in(respond, rnd: int):

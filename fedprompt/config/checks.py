@@ -327,13 +327,14 @@ def _secure_aggregation(c: Config, need, per_round: int) -> None:
         f.lora_aggregation != "svd",
         f"federation.lora_aggregation: 'svd' {why}, and the SVD combines each client's factors; use 'factors' or 'ffa' (plain means)",
     )
+    client_level = pr.mode in ("client", "both")
     need(
-        pr.mode not in ("client", "both"),
-        f"privacy.mode: {pr.mode!r} with federation.secure_aggregation: client-level DP on the unmasked mean is not supported yet; "
-        "use privacy.mode 'sample' (DP-SGD on each client) or turn secure aggregation off",
+        not client_level or pr.clipping == "client",
+        f"privacy.clipping: 'server' with federation.secure_aggregation {why}, so it cannot clip one; set privacy.clipping: client "
+        "(each client clips its update to privacy.client_clip_norm before masking, and the server noises the unmasked mean)",
     )
     need(
-        f.clipping_range > 0 or f.client_norm_bound > 0,
+        f.clipping_range > 0 or f.client_norm_bound > 0 or client_level,
         "federation.clipping_range: required with federation.secure_aggregation (the largest |coordinate| of an update that is "
         "kept exactly); take it from a plain run's updates, or set federation.client_norm_bound (then it defaults to that)",
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
@@ -69,7 +70,8 @@ def _claimed(cfg: Config, rnd: int, claims: dict[int, float], watch: Watch) -> d
     """A secure round's weights from the claims of its setup replies (before anything is masked)."""
     for line in watch.claims.note(rnd, claims):
         log(f"round {rnd}: {line}")
-    return dict.fromkeys(claims, 1.0) if cfg.federation.weighting == "uniform" else _cap(cfg, rnd, claims, watch)
+    uniform = cfg.federation.weighting == "uniform" or client_dp(cfg)  # client-level DP: a uniform mean (share <= clip/m)
+    return dict.fromkeys(claims, 1.0) if uniform else _cap(cfg, rnd, claims, watch)
 
 
 def _cap(cfg: Config, rnd: int, claims: dict[int, float], watch: Watch) -> dict[int, float]:
@@ -233,14 +235,30 @@ def _secure_train(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerSta
         weight = res.weights.get(rep.metadata.src_node_id, 1.0)
         records.append(RecordDict({"metrics": MetricRecord({**metrics, NUM_EXAMPLES: weight})}))
     train = weighted_mean(records, WEIGHT_KEY) if records else MetricRecord({})
-    if res.released:
+    privacy_row = _privacy_row(cfg, state.rows[-1], checked)
+    release, why = res.released, res.why
+    if release and client_dp(cfg) and len(res.in_sum) != sampled_clients(cfg):
+        # The noise is sized for a mean of sampled_clients updates: a mean of fewer would leak more.
+        release, why = False, f"client-level DP needs exactly {sampled_clients(cfg)} updates in the sum, {len(res.in_sum)} survived"
+    if release:
+        update = res.update
+        if client_dp(cfg):  # the noise of Flower's DP wrapper, on the only thing the server holds
+            update = secure_noise(strategy, update)
+            releases = privacy_row["dp_releases"] + 1
+            privacy_row.update(_client_epsilon(cfg, releases), dp_releases=releases)
         mean = {**train, NUM_EXAMPLES: max(int(sum(res.weights.values())), 1), UNIFORM_WEIGHT: 1}
-        new = {k: v + res.update[k].astype(v.dtype) for k, v in state.tensors.items()}
+        new = {k: v + update[k].astype(v.dtype) for k, v in state.tensors.items()}
         reply = Message(RecordDict({"arrays": to_record(new), "metrics": MetricRecord(mean)}), dst_node_id=0, message_type="train")
-        tensors, _, released = aggregate(cfg, strategy, rnd, state, [reply], manifest)
+        # Under client-level DP the wrapped strategy steps from the noised mean (the wrapper's own
+        # aggregate would noise it again, sized for a mean of sampled_clients replies).
+        tensors, _, released = aggregate(cfg, getattr(strategy, "strategy", strategy), rnd, state, [reply], manifest)
     else:
-        log(f"round {rnd}: secure aggregation released nothing ({res.why}); the global state stays")
+        log(f"round {rnd}: secure aggregation released nothing ({why}); the global state stays")
         tensors, released = state.tensors, False
+    if client_dp(cfg):
+        privacy_row["clip_norm"] = secagg.norm_bound(cfg)
+        if cfg.privacy.mode == "client":
+            privacy_row["epsilon"] = privacy_row["client_epsilon"]
     trained = {r.metadata.src_node_id for r in res.replies}
     c = secagg.clipping_range(cfg)
     fields = {
@@ -258,7 +276,7 @@ def _secure_train(grid: Grid, cfg: Config, strategy, state: checkpoint.ServerSta
         "update_norm_median": None,  # not computable: the server never holds an update
         "screened_out": 0,
         "bounded": 0,
-        **_privacy_row(cfg, state.rows[-1], checked),
+        **privacy_row,
     }
     return tensors, fields, frozenset(m.metadata.dst_node_id for m in msgs) - trained
 
@@ -275,6 +293,19 @@ def _privacy_row(cfg: Config, prev: dict, replies: list[Message]) -> dict:
         releases = int(prev.get("dp_releases", 0))
         out.update(_client_epsilon(cfg, releases), dp_releases=releases)
     return out
+
+
+def secure_noise(strategy, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The unmasked mean update of a secure round plus the Gaussian noise Flower's client-side
+    fixed-clipping DP wrapper (`strategy`) adds to a mean of its sampled clients' clipped
+    updates: std noise_multiplier x clip / sampled clients per coordinate (Flower's
+    compute_stdv), drawn from a generator seeded by the OS (Flower's own draw uses numpy's global
+    generator, which a seeded library in the same process would make predictable)."""
+    from flwr.supercore.differential_privacy import compute_stdv
+
+    std = compute_stdv(strategy.noise_multiplier, strategy.clipping_norm, strategy.num_sampled_clients)
+    rng = np.random.default_rng()  # OS entropy
+    return {k: (np.asarray(v, dtype=np.float64) + rng.normal(0.0, std, np.shape(v))).astype(np.float32) for k, v in update.items()}
 
 
 def _client_epsilon(cfg: Config, releases: int) -> dict:

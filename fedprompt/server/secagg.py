@@ -41,6 +41,7 @@ from fedprompt.protocol import SECAGG_CLAIM as CLAIM
 from fedprompt.protocol import SECAGG_NORM_BOUND as NORM_BOUND
 from fedprompt.protocol import SECAGG_WEIGHT as WEIGHT
 from fedprompt.server.messages import exchange
+from fedprompt.server.strategies import client_dp
 from fedprompt.server.trust import Patience
 from fedprompt.wire import error_reason, wire_bytes
 
@@ -138,9 +139,18 @@ class _Capture(Strategy):
         return None
 
 
+def norm_bound(cfg: Config) -> float:
+    """The L2 bound each client applies to its update before masking (0: none):
+    federation.client_norm_bound, and under client-level DP privacy.client_clip_norm (the
+    noise is sized for it), the smaller where both are set."""
+    bounds = [b for b in (cfg.federation.client_norm_bound, cfg.privacy.client_clip_norm if client_dp(cfg) else 0.0) if b > 0]
+    return min(bounds, default=0.0)
+
+
 def clipping_range(cfg: Config) -> float:
-    f = cfg.federation
-    return f.clipping_range or f.client_norm_bound
+    """The largest |coordinate| of an update kept exactly (an update of L2 norm <= b has every
+    coordinate within b)."""
+    return cfg.federation.clipping_range or norm_bound(cfg)
 
 
 def error_bound(c: float, q: int, ratios: list[float], spread: float) -> float:
@@ -220,7 +230,7 @@ def _secure_round(
             top = max(out.weights.values())
             # The stage-2 request is fedprompt's usual train request plus the node's weight
             # (a node lost in setup has none: it is never asked to train).
-            st.nid_to_fitins = {n: _request(want[n], w / top * MAX_WEIGHT, f.client_norm_bound) for n, w in out.weights.items()}
+            st.nid_to_fitins = {n: _request(want[n], w / top * MAX_WEIGHT, norm_bound(cfg)) for n, w in out.weights.items()}
             ok = _stage(wf.share_keys_stage, sg, ctx, st, out)
         if ok and st.active_node_ids == st.sampled_node_ids:
             patience.took(KEYS, time.perf_counter() - t0)
