@@ -1,11 +1,11 @@
 """Audits that can fail: both attack surfaces, each in a setting where the undefended federation
 leaks, beside the defended one, measured in one run.
 
-    python benchmarks/audit_strength.py [--out runs/bench/audit_strength] [--rounds 6] [--steps 20]
+    python benchmarks/audit_strength.py [--out runs/bench/audit_strength] [--rounds 3] [--steps 25] [--canaries 4] [--repeats 8]
 
 1. What the released model leaks. SmolLM2-135M (4-bit) LoRA r 8 learns BBC News topics as
    generation (prompt: the article's tail then "Topic:", response: the topic word; exact match
-   is the accuracy). 4 clients, all in every round. Client 0's training text also holds
+   is the accuracy), 800 articles. 4 clients, all in every round. Client 0's training text also holds
    `--canaries` secrets ("Note for the record: my secret access code is" -> " 381204."), each
    repeated `--repeats` times; the audit ranks each code by the final adapter's likelihood of its
    digits against 255 unplanted codes (exposure, bits of 8). Without DP and with DP-SGD at
@@ -63,6 +63,7 @@ def released(out: Path, rounds: int, steps: int, canaries: int, repeats: int) ->
         f"data.path={data}",
         "data.task=generation",
         "data.partition=iid",
+        "data.max_examples=800",  # 160 training texts per client: the canaries are a visible share of client 0's
         "train.batch_size=8",
         "train.lr=0.003",
         "train.warmup_steps=5",
@@ -125,11 +126,11 @@ def server_seen(out: Path, rounds: int) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench" / "audit_strength"))
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=20, help="local steps per round of the released-model runs")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=25, help="local steps per round of the released-model runs")
     ap.add_argument("--server-rounds", type=int, default=8, help="rounds of the server-view runs")
     ap.add_argument("--canaries", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--only", default="released,server", help="released, server or both")
     args = ap.parse_args()
     quiet_env()

@@ -208,10 +208,11 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert "resuming after round" in (tmp_path / "server2.log").read_text()
 
 
-@pytest.mark.parametrize("kind,method,quant", [("bert", "prompt", "none"), ("llama", "prefix", "8bit"), ("llama", "lora", "4bit")])
+@pytest.mark.parametrize("kind,method,quant", [("bert", "prompt", "none"), ("llama", "lora", "4bit")])
 def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
-    """6 virtual clients on one worker: one backbone load in all; every method and
-    quantization trains federated; the run directory is complete."""
+    """6 virtual clients on one worker: one backbone load in all; prompt and QLoRA train
+    federated (prefix on 8-bit: test_hygiene's interrupted simulation, past its round 1); the
+    run directory is complete."""
     out = tmp_path / "run"
     sets = [
         f"model.name={tiny_folder(kind)}",

@@ -79,6 +79,8 @@ def assert_nothing_outlives(mark: str, ports: set[tuple[str, int]]) -> None:
 @pytest.mark.parametrize("outcome", ["failed", "SIGINT"])
 def test_no_process_or_port_outlives_a_simulation(tmp_path, outcome):
     sets = [f"model.name={tiny_folder('bert')}", *TINY, "federation.num_clients=4", "federation.rounds=50"]
+    if outcome == "SIGINT":  # also the suite's federated run of prefix tuning on an 8-bit backbone
+        sets += [f"model.name={tiny_folder('llama')}", "peft.method=prefix", "model.quantization=8bit"]
     if outcome == "failed":  # fails once running: no client can answer in a millisecond
         sets.append("federation.round_timeout=0.001")
     out = tmp_path / "run"

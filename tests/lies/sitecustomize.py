@@ -1,8 +1,9 @@
-"""A participant changed by a test to lie (tests/test_untrusted_e2e.py): with this folder on
-PYTHONPATH and FEDPROMPT_TEST_LIE=client (a `fedprompt client` process) or =server (the
-ServerApp process a `fedprompt server` starts), the real fedprompt code is patched as it is
-imported. The lies are what an attacker who edits their own installation would send over the
-real wire; nothing here ships with fedprompt."""
+"""A participant changed by a test to lie (tests/test_untrusted_e2e.py) or to die
+(tests/test_secagg_e2e.py): with this folder on PYTHONPATH and FEDPROMPT_TEST_LIE=client (a
+`fedprompt client` process), =server (the ServerApp process a `fedprompt server` starts) or
+=die-after-keys (a client), the real fedprompt code is patched as it is imported. The lies are
+what an attacker who edits their own installation would send over the real wire; nothing here
+ships with fedprompt."""
 
 from __future__ import annotations
 
@@ -69,7 +70,28 @@ def lie_as_server(evaluation) -> None:
     evaluation.exchange = exchange
 
 
-TARGETS = {"client": ("fedprompt.client.handler", lie_as_client), "server": ("fedprompt.server.evaluation", lie_as_server)}
+def die_after_keys(secagg) -> None:
+    """SIGKILL this client's whole process group (the machine dies) when round 2's masked
+    update is asked for: its key shares went out in share-keys, its masked update never does."""
+    import signal
+
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    guard = secagg.unmask_guard_mod
+
+    def dying_guard(msg, ctxt, call_next):
+        if secagg.stage_of(msg) == Stage.COLLECT_MASKED_VECTORS and int(msg.content["config"]["server-round"]) == 2:
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        return guard(msg, ctxt, call_next)
+
+    secagg.unmask_guard_mod = dying_guard
+
+
+TARGETS = {
+    "client": ("fedprompt.client.handler", lie_as_client),
+    "server": ("fedprompt.server.evaluation", lie_as_server),
+    "die-after-keys": ("fedprompt.client.secagg", die_after_keys),
+}
 
 
 class _Patch(importlib.abc.MetaPathFinder):
