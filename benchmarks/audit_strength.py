@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,13 @@ from fedprompt.audit import run_audit  # noqa: E402
 from fedprompt.config import load_config  # noqa: E402
 
 DP = ["privacy.mode=sample", "privacy.target_epsilon=8", "privacy.delta=1e-5"]
+
+
+def fresh(d: Path) -> Path:
+    """An empty run directory (the round loop would resume an earlier run's checkpoint)."""
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    return d
 
 
 def topic_file(path: Path) -> Path:
@@ -84,7 +92,7 @@ def released(out: Path, rounds: int, steps: int, canaries: int, repeats: int) ->
     rows = []
     for name, sets in (("no DP", []), ("DP-SGD eps 8", DP)):
         cfg = load_config(ROOT / "configs" / "bbc-smollm2-lora.yaml", base + sets)
-        d = out / ("released-" + ("dp" if sets else "plain"))
+        d = fresh(out / ("released-" + ("dp" if sets else "plain")))
         t0 = time.perf_counter()
         hist = run_federated(cfg, d)
         a = run_audit(cfg, d, quiet=True)
@@ -113,7 +121,7 @@ def server_seen(out: Path, rounds: int) -> list[dict]:
     rows = []
     for name, sets in (("no DP", []), ("DP-SGD eps 8", dp)):
         cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml", base + sets)
-        d = out / ("server-" + ("dp" if sets else "plain"))
+        d = fresh(out / ("server-" + ("dp" if sets else "plain")))
         t0 = time.perf_counter()
         hist = run_federated(cfg, d)
         a = run_audit(cfg, d, quiet=True)

@@ -114,7 +114,7 @@ def run_audit(cfg: Config, run_dir: str | Path, *, quiet: bool = False) -> dict:
             exps = canary_exposures(client, cfg)
             result.update(canary_exposure=float(np.mean(exps)), canary_exposure_max=float(np.max(exps)), exposure_ceiling=math.log2(a.references + 1))
         if a.server_view and not client.state.task.generative and not cfg.federation.lora_ranks:
-            result["server_view"] = label_leak.server_view(client, final)
+            result["server_view"] = {**label_leak.server_view(client, final), "run_secure": cfg.federation.secure_aggregation}
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     if not quiet:
         _print(result, run_dir)
@@ -134,11 +134,13 @@ def _print(result: dict, run_dir: Path) -> None:
         )
     v = result["server_view"]
     if v:
+        mine = "secure" if v["run_secure"] else "plain"
         for name, what in (("plain", "each update"), ("secure", "the mean only"), ("no_update", "no update")):
             lines.append(
                 (
                     f"server's label inference, {name.replace('_', ' ')}",
-                    f"majority label of {v[name]['majority_hit']:.0%} of {v['clients']} clients, TV {v[name]['tv']:.2f} ({what})",
+                    f"majority label of {v[name]['majority_hit']:.0%} of {v['clients']} clients, TV {v[name]['tv']:.2f} ({what})"
+                    + (" <- what this run's server held" if name == mine else ""),
                 )
             )
     lines.append(("written", str(run_dir / "audit.json")))

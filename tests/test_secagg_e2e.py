@@ -25,7 +25,7 @@ SETS = [
     "federation.fraction_evaluate=1.0",
     "federation.reject_norm_factor=0",
     "federation.clipping_range=1.0",
-    "federation.round_timeout=15",  # the dead client costs the round this, not the run
+    "federation.round_timeout=10",  # the dead client costs the round this, not the run
     "train.lr=0.05",
 ]
 
