@@ -39,6 +39,7 @@ SECTIONS = [  # (name, script and its arguments): the order of RESULTS.md
     ("skew_converged", "skew.py --rounds 20 --remedies logit,both --methods prefix"),
     ("untrusted", "untrusted.py"),
     ("secagg", "secagg_cost.py"),
+    ("audit_strength", "audit_strength.py"),
     ("scaling", "scaling.py"),
     ("dp_overhead", "dp_overhead.py"),
 ]
@@ -56,6 +57,8 @@ TARGETS = [
     ("skew", "min_ratio_best", ">=", 0.85, "Dirichlet 0.1 / centralized accuracy, best remedy (worst method)"),
     ("skew_converged", "min_ratio_best", ">=", 0.85, "Dirichlet 0.1 / centralized accuracy, best remedy, 20 rounds (prefix, the worst at 8)"),
     ("dp_overhead", "max_ratio", "<=", 2.0, "DP-SGD step / non-DP step (worst method)"),
+    ("audit_strength", "exposure_plain", ">=", 4.0, "canary exposure without DP, bits of 8 (the audit can fail)"),
+    ("audit_strength", "exposure_dp", "<=", 2.0, "canary exposure under DP-SGD at epsilon 8, bits of 8"),
 ]
 # What a reader needs to read a section's figures right (prose, not figures: those are measured).
 NOTES = {
@@ -76,6 +79,11 @@ NOTES = {
     "secagg": "Bytes are exact (the serialized messages). Seconds are in-process, with no network latency, and depend "
     "on what else the machine runs (the 2026-12-07 16:11 run shared its 2 cores with another benchmark): compare the "
     "ratios within one run.",
+    "audit_strength": "Two attacks, each where the undefended federation leaks. The released adapter: a generation task, "
+    "so a canary's code is the model's own next tokens, ranked by their likelihood (random ~1.4 bits). The server: the "
+    "audit replays one round from the final adapter and estimates each client's label distribution from the payload it "
+    "would hold; DP-SGD bounds what one example changes, not a client's label mix, so only the secure round's mean "
+    "hides it.",
     "lora_aggregation": "The DP-SGD column uses the non-private runs' optimizer (AdamW, lr 0.003); DP-SGD needs the DP "
     "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations.",
 }
