@@ -212,8 +212,10 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
 def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     """6 virtual clients on one worker: one backbone load in all; prompt and QLoRA train
     federated (prefix on 8-bit: test_hygiene's interrupted simulation, past its round 1); the
-    run directory is complete."""
+    run directory is complete. The prompt run is securely aggregated (all 6 clients, SecAgg+)
+    and ends where the same federation aggregated in the clear ends."""
     out = tmp_path / "run"
+    secure = kind == "bert"
     sets = [
         f"model.name={tiny_folder(kind)}",
         *TINY,
@@ -221,7 +223,6 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         f"model.quantization={quant}",
         "federation.num_clients=6",
         "federation.rounds=2",
-        "federation.fraction_fit=0.5",
         "federation.fraction_evaluate=0.5",
         "data.partition=dirichlet",
         "data.alpha=1.0",
@@ -229,6 +230,8 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         *(["output.trackers=tensorboard,mlflow"] if kind == "bert" else []),
         *(["federation.lora_aggregation=ffa"] if method == "lora" else []),  # QLoRA with FFA: A sent once, kept in the export
     ]
+    secure_sets = ["federation.secure_aggregation=true", "federation.reject_norm_factor=0", "federation.clipping_range=1.0"]
+    sets += ["federation.fraction_fit=1.0", *secure_sets] if secure else ["federation.fraction_fit=0.5"]
     p, mark = start_marked(["simulate", *set_args(sets), "--output", str(out)], tmp_path / "sim.log")
     try:
         ports = watch_until_exit(p, mark, 900)
@@ -240,7 +243,7 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     assert_nothing_outlives(mark, ports)  # a finished simulation leaves no process and no port behind
     rows = read_jsonl(out / "metrics.jsonl")
     assert [x["round"] for x in rows] == [0, 1, 2]
-    assert all(x["clients"] == 3 for x in rows[1:])
+    assert all(x["clients"] == (6 if secure else 3) and x.get("secure", False) == secure for x in rows[1:])
     pids = {pid for x in rows[1:] for pid in x["backbone_loads"]}
     assert len(pids) == 1 and all(list(x["backbone_loads"].values()) == [1] for x in rows[1:])
     assert rows[1]["digest"] != rows[2]["digest"]
@@ -249,6 +252,9 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
     assert "Summary" in text and str(out) in text and "Traceback" not in text
     if kind == "bert":
         _trackers_hold(out, rows)
+    if secure:  # the plain federation, in process: the same end up to quantization
+        plain = _in_process(tmp_path / "plain", [s for s in sets if s not in secure_sets])
+        assert abs(rows[-1]["accuracy"] - plain[-1]["accuracy"]) <= 0.01 and abs(rows[-1]["loss"] - plain[-1]["loss"]) <= 1e-3, (rows[-1], plain[-1])
     if method == "lora":
         from safetensors.numpy import load_file
 
@@ -258,6 +264,20 @@ def test_simulation_one_backbone_per_worker(tmp_path, kind, method, quant):
         assert json.loads((out / "summary.json").read_text())["payload_bytes"] < sum(
             np.prod(v.shape) * 4 for v in load_file(str(out / "adapter/adapter_model.safetensors")).values()
         )  # what travels each round: B (and no A)
+
+
+def _in_process(out: Path, sets: list[str]) -> list[dict]:
+    """The federation of `sets` run by the same round loop against in-process clients."""
+    from fedprompt.config import load_config
+    from fedprompt.local import LocalClient
+    from fedprompt.server.app import serve
+    from fedprompt.server.localgrid import LocalGrid, client_responder
+
+    cfg = load_config(None, sets)
+    out.mkdir(parents=True)
+    client = LocalClient(cfg, num_partitions=cfg.federation.num_clients, state_dir=out / "clients")
+    serve(LocalGrid({i: client_responder(client, i) for i in range(cfg.federation.num_clients)}), cfg, out, centralized=True)
+    return read_jsonl(out / "metrics.jsonl")
 
 
 def _trackers_hold(out: Path, rows: list[dict]) -> None:
