@@ -92,7 +92,7 @@ def main() -> int:
     if "logit" in args.remedies.split(","):
         summary["min_ratio_logit_adjustment"] = round(min(r["logit adjustment 1"] / r["centralized"] for r in results.values()), 3)
     summary["min_ratio_best"] = round(min(max(r[n] for n, _ in remedies) / r["centralized"] for r in results.values()), 3)
-    title = f"Strong label skew (Dirichlet {args.alpha}{f', {f.rounds} rounds' if args.rounds else ''}): remedies"
+    title = f"{'Strong label' if args.alpha <= 0.1 else 'Label'} skew (Dirichlet {args.alpha}{f', {f.rounds} rounds' if args.rounds else ''}): remedies"
     write_result(out, title=title, markdown="\n".join(lines), summary=summary)
     return 0
 
