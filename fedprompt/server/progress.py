@@ -188,6 +188,12 @@ def _privacy_lines(cfg: Config, s: dict) -> list[tuple[str, str]]:
                 "audit",
                 f"membership-inference AUC {a['mia_auc']:.3f}"
                 + (f", canary exposure {a['canary_exposure']:.2f} bits" if a.get("canary_exposure") is not None else "")
+                + (
+                    f", server names the majority label of {a['server_view']['plain']['majority_hit']:.0%} of clients "
+                    f"from plain updates, {a['server_view']['secure']['majority_hit']:.0%} from the secure mean"
+                    if a.get("server_view")
+                    else ""
+                )
                 + " (audit.json)",
             )
         )
