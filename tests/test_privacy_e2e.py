@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.numpy import load_file
 
 from fedprompt import privacy
 from fedprompt.report import read_jsonl
@@ -42,6 +43,7 @@ def test_sample_and_client_level_dp_simulation_reports_epsilon_and_audit(tmp_pat
         "privacy.clipping=client",
         "audit.canaries=2",
         "audit.references=15",
+        "federation.lora_aggregation=ffa",  # QLoRA with FFA (recommended under DP-SGD): A sent once, kept in the export
     ]
     r = _simulate(sets, out)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -57,6 +59,10 @@ def test_sample_and_client_level_dp_simulation_reports_epsilon_and_audit(tmp_pat
     summary = json.loads((out / "summary.json").read_text())
     assert summary["audit"] == audit
     assert "epsilon (example)" in r.stdout and "epsilon (client)" in r.stdout and "membership-inference AUC" in r.stdout
+    exported = load_file(str(out / "adapter/adapter_model.safetensors"))
+    a = {k for k in exported if ".lora_A." in k}
+    assert a and {k.replace(".lora_A.", ".lora_B.") for k in a} <= set(exported)
+    assert summary["payload_bytes"] < sum(v.size * 4 for v in exported.values())  # what travels each round: B (and no A)
 
 
 def test_unsound_or_unreachable_dp_is_refused_before_anything_starts(tmp_path):
