@@ -117,7 +117,10 @@ def server_seen(out: Path, rounds: int) -> list[dict]:
         "audit.canaries=0",
         "output.plots=false",
     ]
-    dp = [*DP, "train.optimizer=sgd", "train.lr=2.0", "train.batch_size=16", "train.warmup_steps=5"]
+    # The DP config's SGD with momentum. Under Dirichlet 0.1 the head's bias grows past 10x the
+    # initial payload's norm, which client.max_global_norm_factor (a defence against a crafted
+    # global) would refuse in this honest run: off here.
+    dp = [*DP, "train.optimizer=sgd", "train.lr=2.0", "train.batch_size=16", "train.warmup_steps=5", "client.max_global_norm_factor=0"]
     rows = []
     for name, sets in (("no DP", []), ("DP-SGD eps 8", dp)):
         cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml", base + sets)
@@ -139,14 +142,17 @@ def main() -> int:
     ap.add_argument("--server-rounds", type=int, default=8, help="rounds of the server-view runs")
     ap.add_argument("--canaries", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=8)
-    ap.add_argument("--only", default="released,server", help="released, server or both")
+    ap.add_argument("--only", default="released,server", help="released, server or both (a part not run is read from its last run's JSON under --out)")
     args = ap.parse_args()
     quiet_env()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts, summary = [], {}
-    if "released" in args.only:
-        rel = released(out, args.rounds, args.steps, args.canaries, args.repeats)
+    if "released" in args.only or (out / "released.json").is_file():
+        rel = (
+            released(out, args.rounds, args.steps, args.canaries, args.repeats) if "released" in args.only else json.loads((out / "released.json").read_text())
+        )
+        (out / "released.json").write_text(json.dumps(rel, indent=1))
         ceiling = rel[0]["exposure_ceiling"]
         lines = [
             f"| run | exact match | canary exposure, bits of {ceiling:.0f} (mean / max) | MIA AUC | s |",
@@ -166,8 +172,9 @@ def main() -> int:
             exact_match_plain=rel[0]["exact_match"],
             exact_match_dp=rel[1]["exact_match"],
         )
-    if "server" in args.only:
-        srv = server_seen(out, args.server_rounds)
+    if "server" in args.only or (out / "server.json").is_file():
+        srv = server_seen(out, args.server_rounds) if "server" in args.only else json.loads((out / "server.json").read_text())
+        (out / "server.json").write_text(json.dumps(srv, indent=1))
         lines = [
             "| run | accuracy | plain round: majority hit / TV | secure round: majority hit / TV | no update: majority hit / TV |",
             "|---|---|---|---|---|",

@@ -88,7 +88,8 @@ NOTES = {
     "so a canary's code is the model's own next tokens, ranked by their likelihood (random ~1.4 bits). The server: the "
     "audit replays one round from the final adapter and estimates each client's label distribution from the payload it "
     "would hold; DP-SGD bounds what one example changes, not a client's label mix, so only the secure round's mean "
-    "hides it.",
+    "hides it. The 2026-12-07 figures came from two invocations (`--only server` reran the server part after its DP run "
+    "had stopped on the clients' global-norm guard, now off for that run); the seconds are their sum, beside other jobs.",
     "lora_aggregation": "The DP-SGD column uses the non-private runs' optimizer (AdamW, lr 0.003); DP-SGD needs the DP "
     "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations.",
 }
