@@ -45,6 +45,19 @@ def fresh(d: Path) -> Path:
     return d
 
 
+def audited_pair(config: str, base: list[str], dp: list[str], prefix: Path) -> list[tuple[str, list[dict], dict, float]]:
+    """The federation of configs/`config` + `base`, without DP and with `dp`, each run in a fresh
+    PREFIX-plain / PREFIX-dp folder and audited: (name, metrics rows, audit, seconds) each."""
+    out = []
+    for name, sets in (("no DP", []), ("DP-SGD eps 8", dp)):
+        cfg = load_config(ROOT / "configs" / config, base + sets)
+        d = fresh(prefix.with_name(f"{prefix.name}-{'dp' if sets else 'plain'}"))
+        t0 = time.perf_counter()
+        hist = run_federated(cfg, d)
+        out.append((name, hist, run_audit(cfg, d, quiet=True), time.perf_counter() - t0))
+    return out
+
+
 def topic_file(path: Path) -> Path:
     """BBC News as prompt -> topic pairs (JSONL), from the built-in dataset's texts."""
     from fedprompt.config.schema import DataConfig
@@ -90,14 +103,9 @@ def released(out: Path, rounds: int, steps: int, canaries: int, repeats: int) ->
         "output.plots=false",
     ]
     rows = []
-    for name, sets in (("no DP", []), ("DP-SGD eps 8", DP)):
-        cfg = load_config(ROOT / "configs" / "bbc-smollm2-lora.yaml", base + sets)
-        d = fresh(out / ("released-" + ("dp" if sets else "plain")))
-        t0 = time.perf_counter()
-        hist = run_federated(cfg, d)
-        a = run_audit(cfg, d, quiet=True)
+    for name, hist, a, s in audited_pair("bbc-smollm2-lora.yaml", base, DP, out / "released"):
         last = hist[-1]
-        rows.append({"run": name, "exact_match": last.get("exact_match", last.get("accuracy")), "s": time.perf_counter() - t0, **a})
+        rows.append({"run": name, "exact_match": last.get("exact_match", last.get("accuracy")), "s": s, **a})
         print(f"released, {name}: exposure {a['canary_exposure']:.2f} bits mean, AUC {a['mia_auc']:.3f}", flush=True)
     return rows
 
@@ -122,13 +130,8 @@ def server_seen(out: Path, rounds: int) -> list[dict]:
     # global) would refuse in this honest run: off here.
     dp = [*DP, "train.optimizer=sgd", "train.lr=2.0", "train.batch_size=16", "train.warmup_steps=5", "client.max_global_norm_factor=0"]
     rows = []
-    for name, sets in (("no DP", []), ("DP-SGD eps 8", dp)):
-        cfg = load_config(ROOT / "configs" / "bbc-minilm-prompt.yaml", base + sets)
-        d = fresh(out / ("server-" + ("dp" if sets else "plain")))
-        t0 = time.perf_counter()
-        hist = run_federated(cfg, d)
-        a = run_audit(cfg, d, quiet=True)
-        rows.append({"run": name, "accuracy": hist[-1]["accuracy"], "s": time.perf_counter() - t0, **a["server_view"]})
+    for name, hist, a, s in audited_pair("bbc-minilm-prompt.yaml", base, dp, out / "server"):
+        rows.append({"run": name, "accuracy": hist[-1]["accuracy"], "s": s, **a["server_view"]})
         v = a["server_view"]
         print(f"server view, {name}: majority hit plain {v['plain']['majority_hit']:.2f} vs secure {v['secure']['majority_hit']:.2f}", flush=True)
     return rows
