@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
         help="how many partitions the built-in data is cut into (default 1: all of it, e.g. with --set data.path=...)",
     )
     p.add_argument("--insecure", action="store_true", help="connect to an --insecure server (plain HTTP, no client key)")
+    p.add_argument("--ranks", type=int, metavar="N", help="train on N data-parallel ranks (one per GPU, or CPU processes), started once (sets client.ranks)")
     p = sub.add_parser("eval", help="evaluate an exported adapter on the config's test split")
     _common(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="an adapter/ folder written by a run")
@@ -239,7 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in PLAIN:
             PLAIN[args.command](args)
             return 0
-        cfg = load_config(args.config, args.overrides)
+        ranks = getattr(args, "ranks", None)
+        cfg = load_config(args.config, args.overrides + ([f"client.ranks={ranks}"] if ranks is not None else []))
+        if cfg.client.ranks > 1 and args.command not in ("client", "server"):  # the server ignores client.*
+            raise _run_error(
+                f"client.ranks: {cfg.client.ranks} applies to `fedprompt client`; `fedprompt {args.command}` trains in one process per "
+                "worker (a simulation fills the machine with federation.workers); set client.ranks=1"
+            )
         if args.command in ("server", "client"):
             for applies, why in SIMULATION_ONLY:
                 if applies(cfg):

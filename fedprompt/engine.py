@@ -2,13 +2,18 @@
 
 The only importer of deepspeed. The same code runs on CPU and GPU; on CPU nothing is
 JIT-compiled: the optimizer is a plain torch AdamW (DeepSpeed's own Adam compiles ~70 s) and
-the shared-memory communication op (~60 s to build) is skipped, since one process has no peer
-to share memory with.
+the shared-memory communication op (~60 s to build) is skipped: with it off, DeepSpeed's
+all-reduce falls back to torch.distributed over gloo (deepspeed/comm/torch.py, build_shm_op).
+
+Data parallel (a multi-rank client, fedprompt/ranks.py): every rank draws the same seeded
+global batch and trains on its slice batch[rank::world]; the engine averages the ranks'
+gradients, so with equal slices the step is the one-rank step of the whole batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -38,25 +43,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> None:
-    """One single-rank process group per process (gloo on CPU), set up once. Under a
-    distributed launcher (MASTER_PORT set) its environment is used as is; otherwise a private
-    TCP rendezvous on a free loopback port, so nothing leaks into child processes' env."""
+def init_distributed(*, rank: int = 0, world_size: int = 1, port: int = 0, timeout_s: float | None = None) -> None:
+    """This process's group (gloo on CPU, NCCL on GPU), set up once: rank `rank` of
+    `world_size`, meeting on loopback `port` (a multi-rank client, fedprompt/ranks.py;
+    collectives fail after `timeout_s`, None: DeepSpeed's 30 min), or one rank alone on a free
+    port. Under a distributed launcher (MASTER_PORT set) its environment is used as is. Nothing
+    goes into os.environ, so nothing leaks into child processes."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
     on_cpu = get_accelerator().device_name() == "cpu"
-    if on_cpu and os.environ.get("WORLD_SIZE", "1") == "1":
+    if on_cpu:
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is not None:  # one process has no peer to share memory with: skip the JIT build
+        if builder is not None:  # no ~60 s JIT build: gloo carries the (tiny) all-reduces
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
     backend = "gloo" if on_cpu else "nccl"
     os.environ.setdefault("LOCAL_RANK", "0")  # the engine asserts it; alone it launches nothing
+    extra = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     if "MASTER_PORT" in os.environ:
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        deepspeed.init_distributed(dist_backend=backend, verbose=False, **extra)
     else:
         deepspeed.init_distributed(
-            dist_backend=backend, verbose=False, auto_mpi_discovery=False, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+            dist_backend=backend,
+            verbose=False,
+            auto_mpi_discovery=False,
+            init_method=f"tcp://127.0.0.1:{port or _free_port()}",
+            rank=rank,
+            world_size=world_size,
+            **extra,
         )
+
+
+def close_distributed() -> None:
+    """Tear down this process's group (a multi-rank client whose rank died), so that
+    init_distributed can build a new one. DeepSpeed caches the world group: forget it too."""
+    from deepspeed.utils import groups
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    groups._WORLD_GROUP = None
+
+
+def world() -> tuple[int, int]:
+    """(this process's rank, number of ranks) of its training group; (0, 1) alone."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
@@ -73,8 +104,10 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
 
 def ds_config(cfg: Config, *, private: bool = False) -> dict:
     d = cfg.deepspeed
+    # DeepSpeed checks train_batch = micro x accumulation x ranks: each rank's micro-batch is
+    # its slice of the global batch (config/checks.py refuses a batch the ranks do not divide).
     return {
-        "train_micro_batch_size_per_gpu": cfg.train.batch_size,
+        "train_micro_batch_size_per_gpu": max(cfg.train.batch_size // world()[1], 1),
         "gradient_accumulation_steps": d.gradient_accumulation_steps,
         # Under DP-SGD each example's gradient is clipped by Opacus; a clip of the batch sum
         # would act on the non-private gradient that Opacus then replaces: skip the work.
@@ -166,13 +199,14 @@ def train_steps(
     and may be empty (the step then adds noise only), and the loss is a mean of per-example
     losses, so that each example's gradient depends on that example alone."""
     engine.train()
+    rank, ranks = world()
     gas = cfg.deepspeed.gradient_accumulation_steps
     loss_fn = task.example_mean_loss if private else task.loss
     total = 0.0
     for step in range(start_step, start_step + steps):
         step_loss = 0.0
         for _ in range(gas):
-            index = next(stream)
+            index = next(stream)[rank::ranks]  # every rank drew the same global batch
             if not index:  # only a Poisson sample can be empty
                 from fedprompt.privacy import empty_step
 
@@ -195,6 +229,10 @@ def train_steps(
         total += step_loss
         if on_step is not None:
             on_step(StepLog(step + 1, step_loss, engine.get_lr()[0]))
+    if ranks > 1:  # the global batch's loss: the mean of the ranks' equal slices
+        t = torch.tensor([total], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        total = float(t) / ranks
     return total / max(steps, 1)
 
 

@@ -62,6 +62,11 @@ class LocalClient:
         self._initial_at: dict[int, dict[str, torch.Tensor]] = {}  # LoRA: the seeded init at other ranks
         self._shards: dict[int, Shard] = {}
 
+    @property
+    def backbone_loads(self) -> int:
+        """Backbones this client has loaded (this process's; a multi-rank client adds its ranks')."""
+        return BACKBONE_LOADS
+
     def rank_for(self, partition_id: int) -> int | None:
         """The LoRA rank partition `partition_id` trains at: federation.lora_ranks in turn (a
         simulation's mixed ranks), else peft.lora_r; None for a method other than LoRA."""

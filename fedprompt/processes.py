@@ -100,6 +100,12 @@ def spawn(args: list[str], *, log: Path, environ: dict[str, str]) -> subprocess.
         return subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environ, preexec_fn=_die_with_parent)
 
 
+def spawn_piped(args: list[str], *, environ: dict[str, str]) -> subprocess.Popen:
+    """Start `args` with pipes to its stdin and from its stdout (binary, unbuffered), its
+    stderr shared with this process's."""
+    return subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environ, bufsize=0, preexec_fn=_die_with_parent)
+
+
 # Terminal control sequences (colours, cursor moves) that Flower's logs carry: never in our messages.
 _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|[@-Z\\-_])")
 

@@ -176,14 +176,32 @@ def test_readme_walkthrough_matches_its_simulation(tmp_path):
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card and f"test accuracy: {rows[-1]['accuracy']:.4f}" in card
 
 
+def _rank_children(client: subprocess.Popen) -> list[psutil.Process]:
+    return [p for p in psutil.Process(client.pid).children() if "fedprompt.ranks" in " ".join(p.cmdline())]
+
+
 def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
+    """The server SIGKILLed after round 2 resumes from its checkpoint; its clients outlive it.
+    Client 1 trains on 2 ranks (`--ranks 2`): its backbone is loaded once per rank for its
+    whole life, and its rank 1, killed while the server is down, is restarted at the next round."""
     port, out = free_port(), tmp_path / "run"
     common = set_args([f"model.name={tiny_folder('bert')}", *TINY, "federation.rounds=4", "data.partition=iid"])
     server_args = ["server", *common, "--set", f"server.address=127.0.0.1:{port}", "--output", str(out), "--insecure"]
     server = start_fedprompt(server_args, tmp_path / "server1.log")
     clients = [
         start_fedprompt(
-            ["client", *common, "--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2", "--insecure"],
+            [
+                "client",
+                *common,
+                "--server",
+                f"127.0.0.1:{port}",
+                "--partition-id",
+                str(i),
+                "--num-partitions",
+                "2",
+                "--insecure",
+                *(["--ranks", "2"] if i else []),
+            ],
             tmp_path / f"client{i}.log",
             threads=1,
         )
@@ -195,6 +213,8 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
         server.wait()
         before = {r["round"]: r["digest"] for r in metrics_rows(out) if r["round"] > 0}
         assert 2 in before
+        (rank1,) = _rank_children(clients[1])
+        rank1.kill()  # a zombie until its parent, the client, reaps it at the next round
         server = start_fedprompt(server_args, tmp_path / "server2.log")
         assert server.wait(timeout=600) == 0, (tmp_path / "server2.log").read_text()[-3000:]
     finally:
@@ -205,6 +225,12 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     log = (out / "logs" / "run.log").read_text()
     assert f"resuming after round {max(before)} of 4 (global payload {before[max(before)]})" in log
     assert "resuming after round" in (tmp_path / "server2.log").read_text()
+    # Per round, each client's backbone loads so far (all its ranks): 1 and 2, then client 1's
+    # restarted rank makes 3. (A client that reconnected late may miss round 3.)
+    loads = [r["backbone_loads"] for r in rows[1:]]
+    one, two = str(clients[0].pid), str(clients[1].pid)
+    assert [x[two] for x in loads] == [2, 2, 3, 3] and all(x.get(one, 1) == 1 for x in loads) and one in loads[-1], loads
+    assert "rank 1 of 2 exited (killed by SIGKILL); restarting ranks 1..1" in (tmp_path / "client1.log").read_text()
 
 
 def test_simulation_one_backbone_per_worker_under_secure_aggregation(tmp_path):

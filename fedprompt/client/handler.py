@@ -86,7 +86,6 @@ def handle(client, request: Request) -> Reply:
     guard accepts the server's global (client/guard.py: GlobalRefused otherwise)."""
     import torch
 
-    from fedprompt import local
     from fedprompt.client.guard import GlobalRefused, guard_for
 
     if request.kind == Kind.CLAIM:  # no global received, nothing to check or record
@@ -98,8 +97,9 @@ def handle(client, request: Request) -> Reply:
         guard.record(request, None, refused=str(e))
         raise
     tensors = {k: torch.from_numpy(np.array(v)) for k, v in request.tensors.items()}
-    worker = {WORKER_PID: os.getpid(), BACKBONE_LOADS: local.BACKBONE_LOADS}
+    worker = {WORKER_PID: os.getpid(), BACKBONE_LOADS: client.backbone_loads}
     reply = KINDS[request.kind](client, request, tensors, worker)
+    reply.metrics[BACKBONE_LOADS] = client.backbone_loads  # after the work: a multi-rank fit may restart its ranks
     guard.record(request, reply)
     return reply
 

@@ -162,8 +162,8 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
     """`fedprompt client`: load the backbone and this partition once, then serve until stopped.
     Over TLS (client.root_certificates) with this client's key (client.auth_key), unless `insecure`."""
     from fedprompt import security
-    from fedprompt.local import LocalClient
     from fedprompt.processes import split_address
+    from fedprompt.ranks import make_client
 
     superlink = server or cfg.client.server
     split_address(superlink, "--server")
@@ -176,7 +176,7 @@ def run_client(cfg, *, partition_id: int, num_partitions: int, server: str | Non
         from fedprompt.rundir import RunError
 
         raise RunError(f"--partition-id {partition_id} is out of range for --num-partitions {num_partitions}; allowed 0..{num_partitions - 1}")
-    client = LocalClient(cfg, num_partitions=num_partitions)
+    client = make_client(cfg, num_partitions=num_partitions, say=lambda text: None if quiet else print(f"fedprompt client: {text}", flush=True))
     shard = client.shard(partition_id)  # a partition that cannot be made fails here, before Flower starts
     if cfg.privacy.mode in ("sample", "both"):
         from fedprompt import privacy

@@ -93,6 +93,13 @@ def validate(c: Config) -> list[str]:
         f"client.max_global_norm_factor: {c.client.max_global_norm_factor} is out of range; allowed 0 (off) or >= 1 (a multiple of the initial payload's norm)",
     )
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
+    need(1 <= c.client.ranks <= 64, f"client.ranks: {c.client.ranks} is out of range; allowed 1..64")
+    if c.client.ranks > 1:
+        need(
+            c.train.batch_size % c.client.ranks == 0,
+            f"train.batch_size: {c.train.batch_size} is the global batch of client.ranks {c.client.ranks} ranks, which must divide it "
+            f"(each rank trains on an equal slice); use a multiple of {c.client.ranks}",
+        )
     need(f.proximal_mu >= 0, f"federation.proximal_mu: {f.proximal_mu} must be >= 0")
     need(f.server_lr > 0, f"federation.server_lr: {f.server_lr} must be > 0")
     need(0 <= f.server_momentum < 1, f"federation.server_momentum: {f.server_momentum} is out of range; allowed [0, 1)")
@@ -214,6 +221,12 @@ def validate(c: Config) -> list[str]:
             d.gradient_accumulation_steps == 1,
             f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} with "
             f"privacy.mode {pr.mode!r}: a Poisson-sampled batch is one step; raise train.batch_size instead",
+        )
+        need(
+            c.client.ranks == 1,
+            f"client.ranks: {c.client.ranks} with privacy.mode {pr.mode!r}: DP-SGD's noise must be added once for the global "
+            "batch, and each rank would add its own (more noise than the accountant assumes, or less privacy if scaled down); "
+            "use client.ranks 1 (the tiny payload trains fast on one device)",
         )
     if pr.mode in ("client", "both"):
         need(

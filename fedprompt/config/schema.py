@@ -214,6 +214,9 @@ class ClientConfig:
     # A global payload whose L2 norm exceeds this x the norm of the method's seeded initial
     # payload is refused (a crafted global from a compromised server); 0: off.
     max_global_norm_factor: float = 10.0
+    # `fedprompt client` only: run local training as this many data-parallel ranks (one per
+    # GPU, or CPU processes over gloo), started once; train.batch_size is the global batch.
+    ranks: int = 1
 
 
 @dataclass

@@ -1,0 +1,81 @@
+"""Multi-rank clients (fedprompt/ranks.py): N data-parallel ranks give the one-rank update of
+the same global batch; a rank that dies mid-round is an error, never a hang, and the ranks
+restart. Real child processes over gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from fedprompt import payload
+from fedprompt.config import ConfigError
+from fedprompt.local import LocalClient
+from fedprompt.ranks import RankedClient, RankError
+from tests.tiny import tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _relative(a: dict, b: dict, start: dict) -> float:
+    """|a - b| / |a - start| over all tensors: the two updates' difference, relative."""
+    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in a)
+    den = sum(float((a[k].double() - start[k].double()).norm() ** 2) for k in a)
+    return (num / den) ** 0.5
+
+
+def _configs(method: str, **sets):
+    # The tiny llama has no dropout: the ranks' slices then see exactly what one rank sees.
+    base = dict(train__lr=0.05, train__batch_size=4, train__local_steps=3, peft__lora_dropout=0.0) | sets
+    return tiny_config("llama", method, **base), tiny_config("llama", method, client__ranks=2, **base)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix", "lora"])
+def test_two_ranks_give_the_one_rank_update(method):
+    one_cfg, two_cfg = _configs(method)
+    two = RankedClient(two_cfg, ranks=2)
+    try:
+        start = payload.extract(two.state.model)
+        b = two.fit(start, round_num=2)
+        assert two.backbone_loads >= 2 and two.group.loads == 1
+        if method == "lora":  # a rank killed mid-round: an error within seconds, then a restart
+            sent = two.group.send_fit
+
+            def send_then_kill(tensors, **kw):
+                sent(tensors, **kw)
+                os.kill(two.group.children[0].pid, signal.SIGKILL)
+
+            two.group.send_fit = send_then_kill
+            t0 = time.monotonic()
+            with pytest.raises(RankError, match="rank 1 of 2 exited \\(killed by SIGKILL\\)"):
+                two.fit(start, round_num=2)
+            assert time.monotonic() - t0 < 60
+            two.group.send_fit = sent
+            again = two.fit(start, round_num=2)  # the ranks restarted: the same update again
+            assert two.group.loads == 2
+            assert _relative(again.tensors, b.tensors, start) < 1e-5
+    finally:
+        two.close()
+    a = LocalClient(one_cfg).fit(start, round_num=2)
+    assert b.num_examples == a.num_examples
+    assert b.metrics["train_loss"] == pytest.approx(a.metrics["train_loss"], rel=1e-5)
+    assert _relative(b.tensors, a.tensors, start) < 1e-5
+
+
+def test_ranks_refusals():
+    with pytest.raises(ConfigError, match="train.batch_size: 6 is the global batch of client.ranks 4"):
+        tiny_config("bert", client__ranks=4, train__batch_size=6)
+    with pytest.raises(ConfigError, match="client.ranks: 2 with privacy.mode 'sample'"):
+        tiny_config("bert", client__ranks=2, privacy__mode="sample", privacy__noise_multiplier=1.0)
+    with pytest.raises(ConfigError, match="client.ranks: 0 is out of range"):
+        tiny_config("bert", client__ranks=0)
+
+
+@pytest.mark.parametrize("command", ["simulate", "train"])
+def test_ranks_belong_to_fedprompt_client(capsys, tmp_path, command):
+    from tests.test_cli import user_error
+
+    user_error(capsys, [command, "--set", "client.ranks=2", "--output", str(tmp_path / "o")], "client.ranks: 2 applies to `fedprompt client`")
+    user_error(capsys, ["client", "--ranks", "3", "--insecure"], "train.batch_size: 16 is the global batch of client.ranks 3 ranks")
