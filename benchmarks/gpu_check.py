@@ -298,16 +298,26 @@ def federation(env: Env) -> str:
     return f"2 rounds x {n} clients on {workers} worker(s): eval loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}"
 
 
-@register("two-rank", "a 2-rank client (client.ranks=2, one rank per GPU) fits one round")
+@register("two-rank", "a 2-rank client (client.ranks=2, one rank per GPU, NCCL) fits one round: the 1-rank update of the same batch")
 def two_rank(env: Env) -> str:
-    from fedprompt.config.schema import ClientConfig
+    from fedprompt.local import LocalClient
+    from fedprompt.ranks import RankedClient
 
-    if "ranks" not in {f.name for f in dataclasses.fields(ClientConfig)}:
-        raise Skip("multi-rank clients not built (no client.ranks)")
     if env.device == "cuda" and env.gpus < 2:
         raise Skip(f"needs 2 GPUs, {env.gpus} visible")
-    m, moved, acc = _fit(env, env.config("bert", "prompt", "none", "client.ranks=2"))
-    return f"loss {m['train_loss']:.3f}, update norm {moved:.3g}, eval acc {acc:.2f}"
+    sets = ("peft.lora_dropout=0", "train.batch_size=4")  # tiny llama has no dropout: the same update
+    two = RankedClient(env.config("llama", "lora", "none", "client.ranks=2", *sets), ranks=2, state_dir=env.work / "state")
+    try:
+        start = two.initial_payload()
+        b = two.fit(start, round_num=1)
+    finally:
+        two.close()
+    a = LocalClient(env.config("llama", "lora", "none", *sets), state_dir=env.work / "state").fit(start, round_num=1)
+    diff = sum(float((a.tensors[k].double() - b.tensors[k].double()).norm() ** 2) for k in start) ** 0.5
+    moved = sum(float((a.tensors[k].double() - start[k].double()).norm() ** 2) for k in start) ** 0.5
+    if not diff <= 1e-4 * moved:
+        raise AssertionError(f"2 ranks' update differs from 1 rank's by {diff / moved:.2e} (relative)")
+    return f"loss {b.metrics['train_loss']:.3f} (1 rank {a.metrics['train_loss']:.3f}); update difference {diff / moved:.1e} relative"
 
 
 # ---- the runner ----

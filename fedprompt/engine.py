@@ -143,6 +143,12 @@ def make_engine(model: Adapted, cfg: Config, total_steps: int, *, start_step: in
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=opt, lr_scheduler=sched, model_parameters=params, config=ds_config(cfg, private=dp is not None)
     )
+    if dp is not None:
+        # Opacus replaces the gradient with the clipped, noised one, and on several ranks its
+        # DistributedDPOptimizer all-reduces that itself: DeepSpeed's all-reduce of the raw
+        # gradient in backward would be wasted, and a rank whose slice of the Poisson sample is
+        # empty does no backward, so the ranks' collectives would not match.
+        engine.enable_backward_allreduce = False
     return engine
 
 

@@ -93,13 +93,7 @@ class LocalClient:
         return truncate(tensors, rank)
 
     def _use_rank(self, rank: int) -> None:
-        model = self.state.model
-        if rank != model.rank and self._fixed:
-            raise payload.PayloadError(
-                f"payload from the server: LoRA rank {rank}; federation.lora_aggregation 'ffa' keeps every client at one rank, "
-                f"this client's peft.lora_r {model.default_rank}: set it to the federation's"
-            )
-        model.use_rank(rank)
+        self.state.model.use_rank(rank, source="payload from the server")
 
     def shard(self, partition_id: int) -> Shard:
         """Partition `partition_id`: the same partitioner cuts the training and the test split,
@@ -146,11 +140,21 @@ class LocalClient:
             self.state.model.adapter_config(self.state.backbone.path).save_pretrained(d)
             return (Path(d) / "adapter_config.json").read_text(encoding="utf-8")
 
-    def fit(self, tensors: dict[str, torch.Tensor], *, partition_id: int = 0, round_num: int, source: str = "server", proximal_mu: float = 0.0) -> FitResult:
+    def fit(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        partition_id: int = 0,
+        round_num: int,
+        source: str = "server",
+        proximal_mu: float = 0.0,
+        dp_seed: int | None = None,
+    ) -> FitResult:
         """Load the global payload, train `cfg.round_steps` steps with a fresh optimizer (the LR
         schedule continues across rounds), return the updated payload. With `proximal_mu` > 0
-        the loss gains mu/2 * ||w - w_global||^2 (FedProx)."""
-        from fedprompt.engine import batches, make_engine, train_steps
+        the loss gains mu/2 * ||w - w_global||^2 (FedProx). `dp_seed`: DP-SGD's Poisson samples
+        from this secret seed (the ranks of a multi-rank client share it; None: OS entropy)."""
+        from fedprompt.engine import batches, make_engine, train_steps, world
 
         s, cfg, steps = self.state, self.cfg, self.cfg.round_steps
         data = self.shard(partition_id).train
@@ -168,8 +172,9 @@ class LocalClient:
         # update depends on the global payload only, so a resumed run repeats it exactly.
         # (Not under DP: its batches and noise come from the OS entropy pool.)
         round_seed = (cfg.train.seed * 1_000_003 + partition_id) * 10_007 + round_num
-        torch.manual_seed(round_seed)
-        with self._dp(data) as account, s.task.adjusted(self._label_offset(data)):
+        # Dropout: each rank of a multi-rank client its own masks (the batch order is the same).
+        torch.manual_seed(round_seed + 7_919 * world()[0])
+        with self._dp(data, dp_seed) as account, s.task.adjusted(self._label_offset(data)):
             engine = make_engine(s.model, cfg, cfg.federation.rounds * steps, start_step=(round_num - 1) * steps, dp=account.plan)
             stream = account.batches() if private else batches(len(data), cfg.train.batch_size, round_seed)
             t0 = time.perf_counter()
@@ -213,7 +218,7 @@ class LocalClient:
         return self.state_dir / f"ledger-{data_fingerprint(data)}.json"
 
     @contextlib.contextmanager
-    def _dp(self, data):
+    def _dp(self, data, seed: int | None = None):
         """DP-SGD for one round of this partition (a no-op without privacy.mode sample):
         plans sigma and q, refuses a round that would pass the target epsilon, attaches the
         per-example hooks, and records the steps in the client's ledger when the round ends."""
@@ -232,7 +237,7 @@ class LocalClient:
                 f"{ledger.path}); it trains no further"
             )
         with privacy.per_example_gradients(self.state.model):
-            yield _DP(plan, ledger, len(data), p.delta)
+            yield _DP(plan, ledger, len(data), p.delta, seed)
 
     def evaluate(self, tensors: dict[str, torch.Tensor], *, partition_id: int | None = None, source: str = "server") -> tuple[dict[str, float], int]:
         """Metrics of the global payload on partition `partition_id`'s test split (with
@@ -283,11 +288,12 @@ class _DP:
     ledger: object  # privacy.Ledger
     n: int
     delta: float
+    seed: int | None = None
 
     def batches(self):
         from fedprompt.privacy import poisson_batches
 
-        return poisson_batches(self.n, self.plan.q)
+        return poisson_batches(self.n, self.plan.q, self.seed)
 
     def spent(self, steps: int) -> dict:
         """Record this round's steps; the client's epsilon so far (metrics of the reply)."""

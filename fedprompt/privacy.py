@@ -186,10 +186,12 @@ def secure_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little"))
 
 
-def poisson_batches(n: int, q: float) -> Iterator[list[int]]:
+def poisson_batches(n: int, q: float, seed: int | None = None) -> Iterator[list[int]]:
     """Endless Poisson samples of range(n): each example in each batch independently with
-    probability q. Batch sizes vary; an empty batch is a valid (noise-only) step."""
-    g = secure_generator()
+    probability q. Batch sizes vary; an empty batch is a valid (noise-only) step. `seed`: the
+    ranks of a multi-rank client draw the same samples from rank 0's secret seed (None: a
+    fresh one from the OS entropy pool)."""
+    g = secure_generator() if seed is None else torch.Generator().manual_seed(seed)
     while True:
         yield torch.nonzero(torch.rand(n, generator=g) < q).flatten().tolist()
 
@@ -229,12 +231,21 @@ def per_example_gradients(model: nn.Module) -> Iterator[GradSampleModule]:
 
 
 def dp_optimizer(optimizer: torch.optim.Optimizer, cfg: Config, p: SamplePlan) -> DPOptimizer:
-    """The optimizer DeepSpeed will step: Opacus clips, sums, noises and averages first."""
-    return DPOptimizer(
+    """The optimizer DeepSpeed will step: Opacus clips, sums, noises and averages first.
+
+    On N data-parallel ranks (a multi-rank client; every rank holds its slice of one Poisson
+    sample) it is Opacus's DistributedDPOptimizer: each rank clips its own examples, rank 0
+    alone adds the noise N(0, sigma^2 C^2), the sums are all-reduced, and each rank divides by
+    its expected slice (expected batch / N) and by N: (sum of all clipped + one noise) /
+    expected batch, what the accountant assumes of one rank."""
+    from opacus.optimizers import DistributedDPOptimizer
+
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_available() and torch.distributed.is_initialized() else 1
+    return (DistributedDPOptimizer if ranks > 1 else DPOptimizer)(
         optimizer,
         noise_multiplier=p.sigma,
         max_grad_norm=cfg.privacy.max_grad_norm,
-        expected_batch_size=p.expected_batch,
+        expected_batch_size=p.expected_batch // ranks,  # config/checks.py: the ranks divide the batch
         loss_reduction="mean",
         generator=secure_generator(),
     )

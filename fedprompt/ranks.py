@@ -14,8 +14,11 @@ A rank that dies (or any failure while the ranks train) is never a hang: collect
 after RANK_TIMEOUT_S at most (a dead peer's closed socket fails them at once), the request is
 answered with an error naming the rank, and every rank is started afresh before the next one.
 
-DP-SGD with N > 1 is refused (config/checks.py): the noise must be added once for the global
-batch, not once per rank, and that path is not built yet.
+DP-SGD on N ranks: rank 0 draws a secret seed per round and sends it with the request, so
+every rank draws the same Poisson samples and keeps its slice; each rank clips its own
+examples, rank 0 alone adds the noise, and the clipped sums are all-reduced
+(privacy.dp_optimizer): one noise for the global batch, what the accountant assumes. Rank 0
+alone keeps the client's privacy ledger (the children's are throwaway).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import pickle
 import select
 import subprocess
 import sys
+import tempfile
 import time
 
 from fedprompt.errors import UserError
@@ -52,16 +56,21 @@ class Ranks:
 
     def start(self) -> None:
         """Start ranks 1..N-1 (they load their backbones while this process loads its own)."""
+        import torch
+
         from fedprompt import processes
 
-        if self.cfg.model.device != "cpu":
-            import torch
-
-            if torch.cuda.is_available() and torch.cuda.device_count() < self.n:
+        extra = {}
+        if self.cfg.model.device != "cpu" and torch.cuda.is_available():
+            if torch.cuda.device_count() < self.n:
                 raise RankError(f"client.ranks: {self.n} ranks need {self.n} GPUs; {torch.cuda.device_count()} are visible; set client.ranks to at most that")
+        elif "OMP_NUM_THREADS" not in os.environ:  # on CPU the ranks share the cores
+            threads = cpu_threads(self.n)
+            torch.set_num_threads(threads)
+            extra["OMP_NUM_THREADS"] = str(threads)
         self.port = processes.free_port()
         for r in range(1, self.n):
-            child = processes.spawn_piped([sys.executable, "-m", "fedprompt.ranks"], environ=processes.env(LOCAL_RANK=str(r)))
+            child = processes.spawn_piped([sys.executable, "-m", "fedprompt.ranks"], environ=processes.env(LOCAL_RANK=str(r), **extra))
             spec = {"cfg": self.cfg, "num_partitions": self.num_partitions, "rank": r, "world": self.n, "port": self.port}
             self._send(child, spec)
             self.children.append(child)
@@ -130,6 +139,11 @@ class Ranks:
         raise RankError(f"rank {r} of {self.n} did not {what} within {RANK_TIMEOUT_S:.0f} s")
 
 
+def cpu_threads(ranks: int) -> int:
+    """Torch threads of each of `ranks` CPU ranks: this process's cores, shared."""
+    return max(1, len(os.sched_getaffinity(0)) // ranks)
+
+
 def _how(code: int | None) -> str:
     import signal
 
@@ -157,14 +171,16 @@ class RankedClient(LocalClient):
         """Backbones loaded by this client's ranks, this process's included."""
         return super().backbone_loads + self.group.loads
 
-    def fit(self, tensors, *, partition_id: int = 0, round_num: int, source: str = "server", proximal_mu: float = 0.0):
+    def fit(self, tensors, *, partition_id: int = 0, round_num: int, source: str = "server", proximal_mu: float = 0.0, dp_seed: int | None = None):
         g = self.group
-        why = g.dead() or (None if g.joined else "the ranks were stopped by an earlier failure")
+        why = g.dead() or (None if g.joined else "the ranks are stopped (closed, or after a failure)")
         if why:
             g.restart(why)
-        g.send_fit(tensors, partition_id=partition_id, round_num=round_num, proximal_mu=proximal_mu)
+        if dp_seed is None and self.cfg.privacy.mode in ("sample", "both"):
+            dp_seed = int.from_bytes(os.urandom(8), "little")  # the round's Poisson samples, secret to this client
+        g.send_fit(tensors, partition_id=partition_id, round_num=round_num, proximal_mu=proximal_mu, dp_seed=dp_seed)
         try:
-            res = super().fit(tensors, partition_id=partition_id, round_num=round_num, source=source, proximal_mu=proximal_mu)
+            res = super().fit(tensors, partition_id=partition_id, round_num=round_num, source=source, proximal_mu=proximal_mu, dp_seed=dp_seed)
             g.finish()
         except Exception as e:
             why = g.dead()
@@ -199,7 +215,9 @@ def _serve_rank() -> int:
     if torch.cuda.is_available() and spec["cfg"].model.device != "cpu":
         torch.cuda.set_device(rank)
     try:
-        client = LocalClient(spec["cfg"], num_partitions=spec["num_partitions"])
+        # Its privacy ledger is a throwaway: rank 0 records the client's DP steps, once.
+        ledgers = tempfile.TemporaryDirectory(prefix="fedprompt-rank-")
+        client = LocalClient(spec["cfg"], num_partitions=spec["num_partitions"], state_dir=ledgers.name)
         outbox.write(READY)
         engine.init_distributed(rank=rank, world_size=spec["world"], port=spec["port"], timeout_s=RANK_TIMEOUT_S)
         while True:

@@ -231,9 +231,7 @@ def load_adapter(model, folder: str | Path) -> None:
 
     rank = rank_of(tensors)
     if rank is not None and getattr(model, "rank", rank) != rank:  # a mixed-rank federation's export: the global's rank
-        if model.fixed():
-            raise RunError(f"{str(f)!r} holds LoRA rank {rank}, the config's peft.lora_r is {model.rank}; set peft.lora_r={rank}")
-        model.use_rank(rank)
+        model.use_rank(rank, source=repr(str(f)))
     fixed = model.fixed()  # FFA-LoRA's A: in the adapter file, never part of the payload
     payload.load_into(fixed, {k: tensors.pop(k) for k in fixed if k in tensors}, source=str(f))
     payload.load(model, tensors, source=str(f))

@@ -202,10 +202,6 @@ def check_server(address: str, *, root_certificates: str | None) -> str | None:
 
 # What a SuperNode's log says when it can never connect, and what to tell the user.
 NOT_REGISTERED = "it is not registered there"
-# A server registers its clients' keys just after its SuperLink starts: a client refused
-# within this window tries again before giving up.
-# Flower also refuses a key whose previous node still looks online (up to 2 heartbeats of 30 s).
-REGISTRATION_GRACE_S = 75.0
 FATAL = [
     (
         "Failed to activate SuperNode",

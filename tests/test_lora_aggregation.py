@@ -205,6 +205,14 @@ def test_ffa_trains_and_sends_b_only_and_exports_a_complete_adapter(tmp_path, lo
     assert 0 <= run_eval(ffa.cfg, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
     rank2 = federation_config(peft__method="lora", federation__lora_aggregation="svd", peft__lora_r=2)
     assert 0 <= run_eval(rank2, tmp_path / "ffa" / "adapter")["accuracy"] <= 1
+    # Under ffa another rank is refused, with one message wherever the rank came from.
+    from fedprompt.errors import UserError
+
+    ffa2 = federation_config(peft__method="lora", federation__lora_aggregation="ffa", peft__lora_r=2)
+    with pytest.raises(UserError, match="adapter_model.safetensors': LoRA rank 4; federation.lora_aggregation 'ffa' keeps every client at one rank"):
+        run_eval(ffa2, tmp_path / "ffa" / "adapter")
+    with pytest.raises(UserError, match="payload from the server: LoRA rank 2; .* set peft.lora_r=2"):
+        ffa.initial_payload(2)
 
 
 def test_clients_of_any_rank_agree_on_the_seeded_adapter_at_the_globals_rank():

@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from fedprompt import payload
 from fedprompt.config import ConfigError
@@ -67,8 +68,6 @@ def test_two_ranks_give_the_one_rank_update(method):
 def test_ranks_refusals():
     with pytest.raises(ConfigError, match="train.batch_size: 6 is the global batch of client.ranks 4"):
         tiny_config("bert", client__ranks=4, train__batch_size=6)
-    with pytest.raises(ConfigError, match="client.ranks: 2 with privacy.mode 'sample'"):
-        tiny_config("bert", client__ranks=2, privacy__mode="sample", privacy__noise_multiplier=1.0)
     with pytest.raises(ConfigError, match="client.ranks: 0 is out of range"):
         tiny_config("bert", client__ranks=0)
 
@@ -79,3 +78,40 @@ def test_ranks_belong_to_fedprompt_client(capsys, tmp_path, command):
 
     user_error(capsys, [command, "--set", "client.ranks=2", "--output", str(tmp_path / "o")], "client.ranks: 2 applies to `fedprompt client`")
     user_error(capsys, ["client", "--ranks", "3", "--insecure"], "train.batch_size: 16 is the global batch of client.ranks 3 ranks")
+
+
+def test_dp_sgd_on_two_ranks_clips_each_example_and_noises_once(tmp_path):
+    """DP-SGD on 2 ranks, one SGD step from the same Poisson sample (the same secret seed):
+    with almost no noise the update is the 1-rank update (each example clipped the same way);
+    with sigma 1, two fits that differ only in their noise differ by lr x sqrt(2) x sigma x C /
+    B per coordinate: one noise for the global batch (noised on both ranks it would be sqrt(2)
+    times that; not noised, 0)."""
+    sets = dict(
+        privacy__mode="sample",
+        privacy__target_epsilon=0,
+        privacy__max_grad_norm=0.5,
+        privacy__delta=1e-3,
+        train__optimizer="sgd",
+        train__momentum=0.0,
+        train__lr=1.0,
+        train__local_steps=1,
+        train__warmup_steps=0,
+        train__schedule="constant",
+        deepspeed__gradient_clipping=0.0,
+    )
+    quiet_one, quiet_two = _configs("lora", privacy__noise_multiplier=1e-6, **sets)
+    noisy_two = _configs("lora", privacy__noise_multiplier=1.0, **sets)[1]
+    updates = {}
+    for name, cfg in (("quiet", quiet_two), ("noisy", noisy_two)):
+        two = RankedClient(cfg, ranks=2, say=lambda _: None, state_dir=tmp_path / name)
+        try:
+            start = payload.extract(two.state.model)
+            updates[name] = [two.fit(start, round_num=1, dp_seed=12345).tensors for _ in range(1 if name == "quiet" else 2)]
+        finally:
+            two.close()
+    one = LocalClient(quiet_one, state_dir=tmp_path / "one").fit(start, round_num=1, dp_seed=12345).tensors
+    assert _relative(updates["quiet"][0], one, start) < 1e-4
+    a, b = updates["noisy"]
+    diff = torch.cat([(a[k].double() - b[k].double()).flatten() for k in a])
+    expected = 1.0 * 2**0.5 * 1.0 * 0.5 / 4  # lr x sqrt(2) x sigma x C / expected batch
+    assert diff.numel() >= 1000 and diff.std().item() == pytest.approx(expected, rel=0.1)

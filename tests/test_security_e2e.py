@@ -54,7 +54,8 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
     client = lambda pid, extra, log: start_fedprompt(  # noqa: E731
         ["client", *common, *extra, "--server", addr, "--partition-id", str(pid), "--num-partitions", "2"], tmp_path / log, threads=1
     )
-    stranger = client(0, client_tls(certs, "stranger"), "stranger.log")
+    # The stranger's grace: long enough to still be waiting when the registered clients start.
+    stranger = client(0, [*client_tls(certs, "stranger"), *set_args(["client.registration_grace_s=30"])], "stranger.log")
     untrusting = client(
         1, set_args([f"client.root_certificates={tmp_path / 'other' / 'ca.crt'}", f"client.auth_key={certs / 'clients' / 'client-1'}"]), "untrusting.log"
     )
@@ -67,8 +68,8 @@ def test_tls_server_admits_registered_clients_only_and_revocation_takes_effect(t
         assert _wait_exit(plain, 300) == 2, (tmp_path / "plain.log").read_text()[-2000:]
         assert "speaks TLS" in (tmp_path / "plain.log").read_text()
         assert server.poll() is None and all(r["round"] == 0 for r in metrics_rows(out))  # nothing ran without registered clients
-        # The registered clients start while the stranger still waits out its grace (75 s for
-        # a server that may still be registering keys): it must never serve a round meanwhile.
+        # The registered clients start while the stranger still waits out its grace (75 s by
+        # default, for a server that may still be registering keys): it never serves a round.
         good = [client(i, client_tls(certs, f"client-{i}"), f"client{i}.log") for i in range(2)]
         procs += good
         assert _wait_exit(stranger, 300) == 2, (tmp_path / "stranger.log").read_text()[-2000:]

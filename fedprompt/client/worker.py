@@ -82,7 +82,7 @@ class Worker:
                 why = security.fatal_reason(processes.tail(log, 20), key=self.auth_key)
                 if why is not None and security.NOT_REGISTERED in why:
                     refused_since = refused_since or time.monotonic()
-                    if time.monotonic() - refused_since < security.REGISTRATION_GRACE_S:
+                    if time.monotonic() - refused_since < self.client.cfg.client.registration_grace_s:
                         why = None
                 else:
                     refused_since = None

@@ -93,6 +93,7 @@ def validate(c: Config) -> list[str]:
         f"client.max_global_norm_factor: {c.client.max_global_norm_factor} is out of range; allowed 0 (off) or >= 1 (a multiple of the initial payload's norm)",
     )
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
+    need(c.client.registration_grace_s >= 0, f"client.registration_grace_s: {c.client.registration_grace_s} must be >= 0 (seconds)")
     need(1 <= c.client.ranks <= 64, f"client.ranks: {c.client.ranks} is out of range; allowed 1..64")
     if c.client.ranks > 1:
         need(
@@ -221,12 +222,6 @@ def validate(c: Config) -> list[str]:
             d.gradient_accumulation_steps == 1,
             f"deepspeed.gradient_accumulation_steps: {d.gradient_accumulation_steps} with "
             f"privacy.mode {pr.mode!r}: a Poisson-sampled batch is one step; raise train.batch_size instead",
-        )
-        need(
-            c.client.ranks == 1,
-            f"client.ranks: {c.client.ranks} with privacy.mode {pr.mode!r}: DP-SGD's noise must be added once for the global "
-            "batch, and each rank would add its own (more noise than the accountant assumes, or less privacy if scaled down); "
-            "use client.ranks 1 (the tiny payload trains fast on one device)",
         )
     if pr.mode in ("client", "both"):
         need(

@@ -214,6 +214,10 @@ class ClientConfig:
     # A global payload whose L2 norm exceeds this x the norm of the method's seeded initial
     # payload is refused (a crafted global from a compromised server); 0: off.
     max_global_norm_factor: float = 10.0
+    # A client the server refuses as not registered tries again for this long (s) before it
+    # stops: a server registers its keys just after it starts, and Flower refuses a key whose
+    # previous connection still looks online for up to 2 heartbeats of 30 s.
+    registration_grace_s: float = 75.0
     # `fedprompt client` only: run local training as this many data-parallel ranks (one per
     # GPU, or CPU processes over gloo), started once; train.batch_size is the global batch.
     ranks: int = 1

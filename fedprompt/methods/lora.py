@@ -15,8 +15,13 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from fedprompt.errors import UserError
 from fedprompt.methods.base import register, strip_adapter_name
 from fedprompt.methods.peft_wrapped import PeftAdapted
+
+
+class FixedRankError(UserError, ValueError):
+    """A LoRA rank other than the federation's one, under FFA-LoRA."""
 
 
 class LoraAdapted(PeftAdapted):
@@ -38,12 +43,16 @@ class LoraAdapted(PeftAdapted):
                 if isinstance(m, LoraLayer) and adapter in m.lora_A:
                     m.reset_lora_parameters(adapter, True)  # A: kaiming uniform, B: zeros (peft's default)
 
-    def use_rank(self, rank: int) -> None:
-        """Train and evaluate the adapter of rank `rank` from now on (made, seeded, on first use)."""
+    def use_rank(self, rank: int, *, source: str = "LoRA") -> None:
+        """Train and evaluate the adapter of rank `rank` from now on (made, seeded, on first use).
+        `source` names where the rank came from (a server's payload, an adapter file)."""
         if rank == self.rank:
             return
-        if self._fixed:
-            raise ValueError(f"LoRA rank {rank}: federation.lora_aggregation 'ffa' keeps every client at the federation's peft.lora_r {self.default_rank}")
+        if self._fixed:  # FFA-LoRA's A is fixed at one rank: no other rank can be made
+            raise FixedRankError(
+                f"{source}: LoRA rank {rank}; federation.lora_aggregation 'ffa' keeps every client at one rank, and this "
+                f"config's peft.lora_r is {self.default_rank}: set peft.lora_r={rank} (the federation's)"
+            )
         if rank not in self._adapters:
             config = copy.deepcopy(self.peft_model.peft_config["default"])
             config.r = rank
