@@ -91,9 +91,10 @@ NOTES = {
     "would hold; DP-SGD bounds what one example changes, not a client's label mix, so only the secure round's mean "
     "hides it. The 2026-12-07 figures came from two invocations (`--only server` reran the server part after its DP run "
     "had stopped on the clients' global-norm guard, now off for that run); the seconds are their sum, beside other jobs.",
-    "ranks": "On this 2-core machine one rank already uses both cores, so the figure is about the multi-rank "
-    "machinery's cost (a second process, gloo all-reduces, DeepSpeed's parameter broadcast at each engine build), "
-    "not a speedup; a multi-GPU node gives each rank its own device.",
+    "ranks": "On this 2-core machine one rank already has both cores' threads, so 2 ranks win only what one process "
+    "leaves idle (its serial parts: batching, the optimizer step, Python), against the multi-rank machinery's cost (a "
+    "second process, gloo all-reduces, DeepSpeed's parameter broadcast at each engine build); an earlier run of the "
+    "same script the same evening measured 1.05x. A multi-GPU node gives each rank its own device.",
     "lora_aggregation": "The DP-SGD column uses the non-private runs' optimizer (AdamW, lr 0.003); DP-SGD needs the DP "
     "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations.",
 }

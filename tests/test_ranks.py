@@ -99,19 +99,20 @@ def test_dp_sgd_on_two_ranks_clips_each_example_and_noises_once(tmp_path):
         train__schedule="constant",
         deepspeed__gradient_clipping=0.0,
     )
-    quiet_one, quiet_two = _configs("lora", privacy__noise_multiplier=1e-6, **sets)
-    noisy_two = _configs("lora", privacy__noise_multiplier=1.0, **sets)[1]
-    updates = {}
-    for name, cfg in (("quiet", quiet_two), ("noisy", noisy_two)):
-        two = RankedClient(cfg, ranks=2, say=lambda _: None, state_dir=tmp_path / name)
-        try:
-            start = payload.extract(two.state.model)
-            updates[name] = [two.fit(start, round_num=1, dp_seed=12345).tensors for _ in range(1 if name == "quiet" else 2)]
-        finally:
-            two.close()
-    one = LocalClient(quiet_one, state_dir=tmp_path / "one").fit(start, round_num=1, dp_seed=12345).tensors
-    assert _relative(updates["quiet"][0], one, start) < 1e-4
-    a, b = updates["noisy"]
+    one_cfg, two_cfg = _configs("lora", privacy__noise_multiplier=1.0, **sets)
+    two = RankedClient(two_cfg, ranks=2, say=lambda _: None, state_dir=tmp_path / "two")
+    try:
+        start = payload.extract(two.state.model)
+        # Rank 0 alone adds the noise: its sigma is the client's (the child's config is unused).
+        two.cfg.privacy.noise_multiplier = 1e-6
+        quiet = two.fit(start, round_num=1, dp_seed=12345).tensors
+        two.cfg.privacy.noise_multiplier = 1.0
+        a, b = (two.fit(start, round_num=1, dp_seed=12345).tensors for _ in range(2))
+    finally:
+        two.close()
+    one_cfg.privacy.noise_multiplier = 1e-6
+    one = LocalClient(one_cfg, state_dir=tmp_path / "one").fit(start, round_num=1, dp_seed=12345).tensors
+    assert _relative(quiet, one, start) < 1e-4
     diff = torch.cat([(a[k].double() - b[k].double()).flatten() for k in a])
     expected = 1.0 * 2**0.5 * 1.0 * 0.5 / 4  # lr x sqrt(2) x sigma x C / expected batch
     assert diff.numel() >= 1000 and diff.std().item() == pytest.approx(expected, rel=0.1)
