@@ -48,7 +48,7 @@ SECTIONS = [  # (name, script and its arguments): the order of RESULTS.md
 # (section, summary key, "<=" or ">=", bound, what): the targets of the benchmark issue.
 TARGETS = [
     ("engine", "ratio", "<=", 1.05, "DeepSpeed engine step / plain torch step"),
-    ("sim_overhead", "ratio", "<=", 1.10, "simulation rounds / pure compute of the same steps"),
+    ("sim_overhead", "ratio", "<=", 1.05, "simulation rounds / pure compute of the same steps (median of 3 alternating pairs)"),
     ("deploy_overhead", "ratio", "<=", 1.25, "deployment rounds (TLS, 2 clients) / pure compute"),
     ("deploy_overhead", "backbone_loads_max", "<=", 1, "backbone loads per client lifetime"),
     ("template", "ratio_per_round", ">=", 3.0, "template pattern s per round / fedprompt s per round"),
