@@ -226,10 +226,12 @@ def test_server_killed_with_sigkill_resumes_from_its_checkpoint(tmp_path):
     assert f"resuming after round {max(before)} of 4 (global payload {before[max(before)]})" in log
     assert "resuming after round" in (tmp_path / "server2.log").read_text()
     # Per round, each client's backbone loads so far (all its ranks): 1 and 2, then client 1's
-    # restarted rank makes 3. (A client that reconnected late may miss round 3.)
-    loads = [r["backbone_loads"] for r in rows[1:]]
+    # restarted rank makes 3. (A client that reconnected late after the resume misses a round.)
     one, two = str(clients[0].pid), str(clients[1].pid)
-    assert [x[two] for x in loads] == [2, 2, 3, 3] and all(x.get(one, 1) == 1 for x in loads) and one in loads[-1], loads
+    seen = [(r["round"], r["backbone_loads"][two]) for r in rows[1:] if two in r["backbone_loads"]]
+    assert all(n == (2 if rnd in before else 3) for rnd, n in seen), seen
+    assert any(rnd in before for rnd, _ in seen) and any(rnd not in before for rnd, _ in seen), seen
+    assert all(r["backbone_loads"].get(one, 1) == 1 for r in rows[1:]), rows
     assert "rank 1 of 2 exited (killed by SIGKILL); restarting ranks 1..1" in (tmp_path / "client1.log").read_text()
 
 
