@@ -4,8 +4,10 @@ evaluation) share these."""
 
 from __future__ import annotations
 
+import contextvars
 import time
 
+import flwr.superlink.grid.http_grid as _http_grid
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -18,19 +20,53 @@ class FederationError(RuntimeError):
     """The federation cannot go on (no usable update in a round, no client ever connected)."""
 
 
+# The deadline (time.monotonic()) of the exchange under way in this thread, or None.
+_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("fedprompt_pull_deadline", default=None)
+_flower_pull_objects = _http_grid.pull_objects
+
+
+def _pull_objects_by_deadline(*args, **kwargs):
+    """Flower 1.42's HttpGrid.pull_messages pulls a reply's objects with retries for up to
+    PULL_MAX_TIME (7200 s): a reply whose sender stopped mid-upload (a client revoked, killed
+    or cut off) blocks that one call until the SuperLink drops the push session
+    (OBJECT_PUSH_SESSION_TTL_SECONDS, 180 s), whatever the round's deadline. Bounded by the
+    exchange's deadline instead, the pull gives up in time and Flower turns that reply into an
+    error reply ("objects are unavailable"), which the round counts as that client's failure."""
+    end = _DEADLINE.get()
+    if end is not None:
+        kwargs["max_time"] = max(end - time.monotonic(), 1.0)
+    return _flower_pull_objects(*args, **kwargs)
+
+
+_http_grid.pull_objects = _pull_objects_by_deadline
+
+
 def exchange(grid: Grid, messages: list[Message], timeout: float | None, poll: float = 0.1) -> list[Message]:
-    """Push `messages`, then pull replies until all are in or `timeout` seconds passed.
+    """Push `messages`, then pull replies until all are in or `timeout` seconds passed (a
+    reply still uploading at the deadline comes back as an error reply, not a stall).
     Flower's HTTP Grid.send_and_receive sleeps 3 s between pulls, which adds up to 3 s to
     every exchange of a deployment round; this polls every `poll` seconds instead."""
-    pending = set(grid.push_messages(messages))
+    ids = list(grid.push_messages(messages))
+    to = {i: m.metadata.dst_node_id for i, m in zip(ids, messages, strict=True)}
+    pending = set(ids)
     end = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
-    while pending and (end is None or time.monotonic() < end):
-        got = list(grid.pull_messages(pending))
-        replies += got
-        pending -= {m.metadata.reply_to_message_id for m in got}
-        if pending:
-            time.sleep(poll)
+    token = _DEADLINE.set(end)
+    try:
+        while pending and (end is None or time.monotonic() < end):
+            got = list(grid.pull_messages(pending))
+            for m in got:
+                if m.has_error() and m.metadata.reply_to_message_id in to:
+                    # An error Flower made up on the server side (a reply whose upload never
+                    # completed) names the server's own node as its sender: name the client.
+                    # Metadata has no setter for it; its fields live in __dict__ (Flower 1.42).
+                    m.metadata.__dict__["_src_node_id"] = to[m.metadata.reply_to_message_id]
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if pending:
+                time.sleep(poll)
+    finally:
+        _DEADLINE.reset(token)
     return replies
 
 
