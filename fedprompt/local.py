@@ -56,6 +56,9 @@ class LocalClient:
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(cfg)
         self.state = (setup_fn or setup)(cfg, data=load_task_data(cfg.data))
         BACKBONE_LOADS += 1
+        # Importing DeepSpeed takes ~1 s: pay it with the backbone load, not in the first round.
+        import fedprompt.engine  # noqa: F401
+
         self.manifest = payload.manifest_of(self.state.model)
         self._initial = payload.extract(self.state.model)  # the seeded init, before any round
         self._fixed = payload.extract_fixed(self.state.model)  # never trained (FFA-LoRA's A)

@@ -360,3 +360,13 @@ def test_federation_checks_are_collected_and_named():
         assert needle in text
     cfg = load_config(None, ["train.local_steps=30"])
     assert cfg.round_steps == 30 and load_config(None, ["federation.local_steps=7"]).round_steps == 7
+
+
+def test_the_inprocess_engine_is_one_worker():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["federation.engine=inprocess", "federation.workers=2"])
+    assert "federation.engine inprocess runs one worker" in str(e.value) and "federation.workers" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["federation.engine=ray"])
+    assert "federation.engine" in str(e.value) and "inprocess" in str(e.value)
+    assert load_config(None, ["federation.engine=inprocess"]).federation.engine == "inprocess"

@@ -43,6 +43,7 @@ def test_200_virtual_clients_10_percent_per_round_memory_flat(tmp_path):
         "federation.local_steps=2",  # the config's 10 steps x 20 clients cost 30 s a round; memory is what is measured
         "federation.min_clients=20",
         "data.partition=iid",
+        "federation.engine=flower",  # Ray workers serving 200 virtual clients: what this test watches
     ]
     env = dict(os.environ, OMP_NUM_THREADS="2")
     with open(tmp_path / "sim.log", "wb") as log:

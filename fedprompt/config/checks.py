@@ -93,6 +93,10 @@ def validate(c: Config) -> list[str]:
         f"client.max_global_norm_factor: {c.client.max_global_norm_factor} is out of range; allowed 0 (off) or >= 1 (a multiple of the initial payload's norm)",
     )
     need(f.workers >= 1, f"federation.workers: {f.workers} must be >= 1")
+    need(
+        f.engine != "inprocess" or f.workers == 1,
+        f"federation.engine inprocess runs one worker, this process; federation.workers is {f.workers}: set it to 1, or use federation.engine flower",
+    )
     need(c.client.registration_grace_s >= 0, f"client.registration_grace_s: {c.client.registration_grace_s} must be >= 0 (seconds)")
     need(1 <= c.client.ranks <= 64, f"client.ranks: {c.client.ranks} is out of range; allowed 1..64")
     if c.client.ranks > 1:

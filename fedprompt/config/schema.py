@@ -115,6 +115,11 @@ class FederationConfig:
     # client at peft.lora_r. (A deployment client sets its own peft.lora_r instead.)
     lora_ranks: list[int] = field(default_factory=list)
     workers: int = 1  # simulation: worker processes, each holding one backbone
+    # Simulation engine. flower: Flower's (a SuperLink and Ray workers, one per
+    # federation.workers). inprocess: one worker, this process: the same round loop, client code,
+    # messages and outputs, without the SuperLink, Ray and their daemons (on 2 cores they slow
+    # the training ~10%, docs/sim-engines.md). Needs federation.workers 1.
+    engine: Literal["flower", "inprocess"] = "flower"
     # Secure aggregation (Flower's SecAgg+, server/secagg.py): the server unmasks only the
     # weighted mean of a round's updates, never one client's. Each client masks its update
     # (local - global), each coordinate quantized to quantization_range levels over

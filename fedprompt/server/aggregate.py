@@ -13,10 +13,16 @@ from fedprompt.server import robust
 from fedprompt.server.strategies import STRATEGIES, client_dp, restore_strategy, strategy_state
 from fedprompt.wire import from_record, to_record
 
+LOG_FILE = None  # an open text file: the in-process engine's run log (else stdout, the ServerApp's)
+
 
 def log(text: str) -> None:
     """One line of the server's log."""
-    print(f"fedprompt server: {text}", flush=True)
+    if LOG_FILE is not None:
+        LOG_FILE.write(f"fedprompt server: {text}\n")
+        LOG_FILE.flush()
+    else:
+        print(f"fedprompt server: {text}", flush=True)
 
 
 def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, good: list[Message], manifest: payload.Manifest) -> tuple[dict, dict, bool]:

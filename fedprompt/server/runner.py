@@ -25,8 +25,9 @@ from fedprompt.rundir import RunError, prepare_output
 from fedprompt.server.app import STATUS
 from fedprompt.server.progress import follow, summarise
 
-# Keys a resumed run may change: how long it runs, where it listens, where it writes.
-RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout", "server.", "client.", "output.")
+# Keys a resumed run may change: how long it runs, where it listens, where it writes, which
+# simulation engine carries its messages (both compute the same rounds).
+RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout", "federation.engine", "server.", "client.", "output.")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -238,6 +239,29 @@ def _run(cfg: Config, out: Path, *, simulation: bool, host: str, port: int, quie
         processes.stop(link)
         processes.reap()
         shutil.rmtree(home, ignore_errors=True)
+    return _finish_run(cfg, out, rows, watch, simulation=simulation, quiet=quiet, t0=t0)
+
+
+def _run_inprocess(cfg: Config, out: Path, *, quiet: bool) -> dict:
+    """The simulation in this process (federation.engine inprocess, server/inprocess.py)."""
+    from fedprompt.server import inprocess
+
+    t0 = time.perf_counter()
+    watch = _Watchers(cfg, out)
+    ok = False
+    log = out / "logs" / "run.log"
+    try:
+        with inprocess.running(out, log) as run:
+            rows = follow(out, run, cfg, log, quiet=quiet, on_row=watch.row)
+        ok = True
+    finally:
+        if not ok:
+            watch.finish(ok=False)
+    return _finish_run(cfg, out, rows, watch, simulation=True, quiet=quiet, t0=t0)
+
+
+def _finish_run(cfg: Config, out: Path, rows: list[dict], watch: _Watchers, *, simulation: bool, quiet: bool, t0: float) -> dict:
+    """The run's summary (a private simulation's audit added), the trackers ended, printed."""
     result = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     if simulation and (cfg.privacy.mode != "none" or cfg.audit.canaries):
         # Every private simulation reports what an attacker holding its adapter learns.
@@ -261,12 +285,15 @@ def run_simulate(cfg: Config, output: str | Path, *, overwrite: bool = False, qu
         per_round = max(int(f.num_clients * f.fraction_fit), 1)
         print(
             f"fedprompt simulate: {f.num_clients} virtual clients ({cfg.data.partition} partitions) on "
-            f"{placement(cfg)}, {per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
+            f"{'this process (federation.engine inprocess)' if f.engine == 'inprocess' else placement(cfg)}, "
+            f"{per_round} per round, {f.rounds} rounds x {cfg.round_steps} local steps; "
             f"{cfg.model.name} ({cfg.model.quantization}) + {cfg.peft.method}{_lora(cfg)}, {f.strategy}{_secure(cfg)}"
             + (f"; resuming after round {after}" if after else "")
         )
     for line in sampling_warnings(cfg, f.num_clients):
         print(f"fedprompt simulate: warning: {line}", file=sys.stderr, flush=True)
+    if f.engine == "inprocess":
+        return _run_inprocess(cfg, out, quiet=quiet)
     return _run(cfg, out, simulation=True, host="127.0.0.1", port=processes.free_port(), quiet=quiet)
 
 
