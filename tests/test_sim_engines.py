@@ -42,6 +42,7 @@ def test_the_inprocess_engine_computes_what_flowers_engine_computes(tmp_path):
     the round loop's lines and Flower's log in logs/run.log, off the terminal."""
     flower = _simulate(tmp_path / "flower", "flower")
     inproc = _simulate(tmp_path / "inprocess", "inprocess")
+    assert "1 worker(s), each" in flower.stdout  # Flower's engine: a Ray worker
     assert "this process (federation.engine inprocess)" in inproc.stdout and "Summary" in inproc.stdout
     assert "INFO" not in inproc.stdout + inproc.stderr and "configure_train" in (tmp_path / "inprocess/logs/run.log").read_text()
     a, b = read_jsonl(tmp_path / "flower/metrics.jsonl"), read_jsonl(tmp_path / "inprocess/metrics.jsonl")
