@@ -36,6 +36,7 @@ SECTIONS = [  # (name, script and its arguments): the order of RESULTS.md
     ("memory", "memory.py"),
     ("learning", "learning.py"),
     ("lora_aggregation", "lora_aggregation.py"),
+    ("lora_aggregation_dp", "lora_aggregation.py --dp"),
     ("skew", "skew.py"),
     ("skew_converged", "skew.py --rounds 20 --remedies logit,both --methods prefix"),
     ("moderate_converged", "skew.py --alpha 0.5 --rounds 20 --remedies fedavg,both --methods prefix,lora"),
@@ -96,7 +97,8 @@ NOTES = {
     "second process, gloo all-reduces, DeepSpeed's parameter broadcast at each engine build); an earlier run of the "
     "same script the same evening measured 1.05x. A multi-GPU node gives each rank its own device.",
     "lora_aggregation": "The DP-SGD column uses the non-private runs' optimizer (AdamW, lr 0.003); DP-SGD needs the DP "
-    "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations.",
+    "config's SGD with momentum (README, Differential privacy), so that column says little about the aggregations: the "
+    "next section measures it with SGD and a probed learning rate.",
 }
 VERSIONS = ["torch", "transformers", "peft", "accelerate", "deepspeed", "bitsandbytes", "opacus", "flwr", "flwr-datasets"]
 

@@ -47,13 +47,16 @@ class Rounds:
 
 
 def _grid(out: Path):
-    """The virtual clients as nodes 1..num_clients, node i+1 serving partition i."""
-    from fedprompt.client.handler import client_for
+    """The virtual clients as nodes 1..num_clients, node i+1 serving partition i, all served
+    by one LocalClient of this run (not client/handler's per-process cache: a second run in
+    this process must keep its privacy ledgers in its own run directory, as a worker does)."""
     from fedprompt.config import load_config
+    from fedprompt.local import LocalClient
     from fedprompt.server.localgrid import LocalGrid, client_responder
 
-    n = load_config(out / "config.yaml").federation.num_clients
-    client = client_for(out / "config.yaml", n)
+    cfg = load_config(out / "config.yaml")
+    n = cfg.federation.num_clients
+    client = LocalClient(cfg, num_partitions=n, state_dir=cfg.client.state_dir or out / "clients")
     return LocalGrid({pid + 1: client_responder(client, pid) for pid in range(n)}, keep_sent=False)
 
 
