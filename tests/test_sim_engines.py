@@ -4,6 +4,7 @@ process) compute the same federation."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +13,27 @@ import pytest
 from safetensors.numpy import load_file
 
 from fedprompt.report import read_jsonl
-from tests.helpers import TINY, set_args
+from tests.helpers import TINY, metrics_rows, set_args, start_fedprompt, stop_all, wait_for_round
 from tests.tiny import tiny_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def _simulate(out: Path, engine: str) -> subprocess.CompletedProcess:
-    sets = [
+def _sets(engine: str, rounds: int = 2) -> list[str]:
+    return [
         f"model.name={tiny_folder('bert')}",
         *TINY,
         "data.partition=iid",
         "federation.num_clients=3",
         "federation.fraction_fit=1.0",  # every client every round: the same updates on both engines
-        "federation.rounds=2",
+        f"federation.rounds={rounds}",
         f"federation.engine={engine}",
     ]
+
+
+def _simulate(out: Path, engine: str, rounds: int = 2) -> subprocess.CompletedProcess:
+    sets = _sets(engine, rounds)
     r = subprocess.run(
         [sys.executable, "-m", "fedprompt", "simulate", *set_args(sets), "--output", str(out)], capture_output=True, text=True, timeout=900, cwd=ROOT
     )
@@ -59,3 +64,22 @@ def test_the_inprocess_engine_computes_what_flowers_engine_computes(tmp_path):
         assert fb[k] == pytest.approx(fa[k], rel=1e-4, abs=1e-6), k
     for f in ("summary.json", "checkpoint.safetensors", "adapter/adapter_config.json"):
         assert (tmp_path / "inprocess" / f).exists(), f
+
+
+def test_an_interrupted_inprocess_run_exits_130_and_resumes(tmp_path):
+    """Ctrl-C mid-run: exit 130 at once with one line (no C++ abort from the round loop's
+    thread), the last completed round kept; the same command resumes after it."""
+    out = tmp_path / "run"
+    p = start_fedprompt(["simulate", *set_args(_sets("inprocess", rounds=200)), "--output", str(out)], tmp_path / "sim.log")
+    try:
+        wait_for_round(out, 2, [p], timeout=300)
+        p.send_signal(signal.SIGINT)
+        assert p.wait(timeout=30) == 130
+    finally:
+        stop_all([p])
+    log = (tmp_path / "sim.log").read_text()
+    assert "fedprompt: interrupted" in log and "terminate called" not in log and "Traceback" not in log
+    done = metrics_rows(out)[-1]["round"]
+    r = _simulate(out, "inprocess", rounds=done + 1)
+    assert f"resuming after round {done}" in r.stdout
+    assert [x["round"] for x in metrics_rows(out)] == list(range(done + 2))

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +46,19 @@ class Rounds:
 
     def poll(self) -> int | None:
         return None if self._thread.is_alive() else (0 if self.error is None else 1)
+
+
+def interrupted(run: Rounds) -> None:
+    """Ctrl-C while the rounds run: exit now with the CLI's interrupted status (130). A
+    thread cannot be stopped mid-step, and a normal exit with it still inside torch aborts
+    the process ("terminate called without an active exception") as C++ destructors run
+    under it. Nothing is lost: the checkpoint and metrics rows are written by atomic renames,
+    and the run resumes from the last completed round."""
+    if run.poll() is not None:
+        raise KeyboardInterrupt
+    print("fedprompt: interrupted", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
 
 
 def _grid(out: Path):

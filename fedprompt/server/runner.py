@@ -252,7 +252,11 @@ def _run_inprocess(cfg: Config, out: Path, *, quiet: bool) -> dict:
     log = out / "logs" / "run.log"
     try:
         with inprocess.running(out, log) as run:
-            rows = follow(out, run, cfg, log, quiet=quiet, on_row=watch.row)
+            try:
+                rows = follow(out, run, cfg, log, quiet=quiet, on_row=watch.row)
+            except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+                watch.finish(ok=False)
+                inprocess.interrupted(run)
         ok = True
     finally:
         if not ok:
