@@ -43,7 +43,7 @@ def test_sample_and_client_level_dp_simulation_reports_epsilon_and_audit(tmp_pat
         "privacy.clipping=client",
         "audit.canaries=2",
         "audit.references=15",
-        "federation.lora_aggregation=ffa",  # QLoRA with FFA (recommended under DP-SGD): A sent once, kept in the export
+        "federation.lora_aggregation=ffa",  # QLoRA with FFA under DP-SGD: A sent once, kept in the export
     ]
     r = _simulate(sets, out)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
