@@ -3,6 +3,8 @@ Krum's choice, the strategy's aggregate, and the rollback of a non-finite result
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 from flwr.app import Message
 
@@ -18,11 +20,7 @@ LOG_FILE = None  # an open text file: the in-process engine's run log (else stdo
 
 def log(text: str) -> None:
     """One line of the server's log."""
-    if LOG_FILE is not None:
-        LOG_FILE.write(f"fedprompt server: {text}\n")
-        LOG_FILE.flush()
-    else:
-        print(f"fedprompt server: {text}", flush=True)
+    print(f"fedprompt server: {text}", file=LOG_FILE or sys.stdout, flush=True)
 
 
 def aggregate(cfg: Config, strategy, rnd: int, state: checkpoint.ServerState, good: list[Message], manifest: payload.Manifest) -> tuple[dict, dict, bool]:

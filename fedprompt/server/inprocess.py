@@ -48,14 +48,12 @@ class Rounds:
         return None if self._thread.is_alive() else (0 if self.error is None else 1)
 
 
-def interrupted(run: Rounds) -> None:
+def exit_interrupted() -> None:
     """Ctrl-C while the rounds run: exit now with the CLI's interrupted status (130). A
     thread cannot be stopped mid-step, and a normal exit with it still inside torch aborts
     the process ("terminate called without an active exception") as C++ destructors run
     under it. Nothing is lost: the checkpoint and metrics rows are written by atomic renames,
     and the run resumes from the last completed round."""
-    if run.poll() is not None:
-        raise KeyboardInterrupt
     print("fedprompt: interrupted", file=sys.stderr, flush=True)
     sys.stdout.flush()
     os._exit(130)

@@ -255,8 +255,10 @@ def _run_inprocess(cfg: Config, out: Path, *, quiet: bool) -> dict:
             try:
                 rows = follow(out, run, cfg, log, quiet=quiet, on_row=watch.row)
             except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+                if run.poll() is not None:  # the rounds had ended: the CLI's usual way out
+                    raise
                 watch.finish(ok=False)
-                inprocess.interrupted(run)
+                inprocess.exit_interrupted()
         ok = True
     finally:
         if not ok:
